@@ -1,0 +1,248 @@
+"""CouchGateway: the only module that speaks HTTP to CouchDB (through ibmcloudant and requests).
+
+Every error is mapped once, here, into `couchsync.errors` (`translate_errors`). One pooled session
+serves all threads; quick retries of a single request (connection errors, 429, 5xx) are urllib3's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from ibm_cloud_sdk_core import ApiException
+from ibm_cloud_sdk_core.authenticators import BasicAuthenticator, NoAuthAuthenticator
+from ibmcloudant.cloudant_v1 import CloudantV1
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from couchsync.config import CouchSettings
+from couchsync.errors import (
+    AccessDenied, CouchError, CouchUnavailable, DocumentConflict, NotFound)
+
+logger = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The outcome of one document of a bulk write: a new revision, or CouchDB's error and reason."""
+
+    doc_id: str
+    rev: str | None = None
+    error: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def conflict(self) -> bool:
+        return self.error == "conflict"
+
+
+def _error_for(status: int, message: str, db: str | None, doc_id: str | None) -> CouchError:
+    if status in (401, 403):
+        return AccessDenied(f"access denied: {message}", db=db, doc_id=doc_id, status=status)
+    if status == 404:
+        return NotFound(f"not found: {message}", db=db, doc_id=doc_id, status=status)
+    if status == 409:
+        return DocumentConflict("document update conflict", db=db, doc_id=doc_id, status=status)
+    if status == 429 or status >= 500:
+        return CouchUnavailable(f"CouchDB answered {status}: {message}", db=db, doc_id=doc_id,
+                                status=status)
+    return CouchError(f"CouchDB answered {status}: {message}", db=db, doc_id=doc_id, status=status)
+
+
+@contextmanager
+def translate_errors(db: str | None = None, doc_id: str | None = None) -> Iterator[None]:
+    """Map ibmcloudant and requests errors into couchsync's, naming the database and document."""
+    try:
+        yield
+    except ApiException as exc:
+        raise _error_for(exc.status_code, exc.message or "", db, doc_id) from exc
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        # requests' messages name the host and path only: the credentials travel in a header.
+        raise CouchUnavailable(f"CouchDB unreachable: {type(exc).__name__}", db=db, doc_id=doc_id) from exc
+    except requests.RequestException as exc:
+        raise CouchError(f"CouchDB request failed: {type(exc).__name__}", db=db, doc_id=doc_id) from exc
+
+
+def _session(settings: CouchSettings) -> requests.Session:
+    retry = Retry(total=settings.http_retries, connect=settings.http_retries, read=settings.http_retries,
+                  backoff_factor=0.2, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                  raise_on_status=False, respect_retry_after_header=True)
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.pool_size, max_retries=retry)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class CouchGateway:
+    """Reads and writes documents; database names are plain (`alice-acme/io-cozy-contacts`)."""
+
+    def __init__(self, settings: CouchSettings) -> None:
+        if settings.username and settings.password is not None:
+            authenticator: Any = BasicAuthenticator(settings.username, settings.password.value)
+        else:
+            authenticator = NoAuthAuthenticator()
+        self._service = CloudantV1(authenticator=authenticator)
+        self._service.set_service_url(settings.url)
+        self._service.set_http_client(_session(settings))
+        self._service.set_http_config({"timeout": settings.timeout})
+        self.url = settings.url
+
+    def __enter__(self) -> CouchGateway:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the pooled connections."""
+        self._service.get_http_client().close()
+
+    def server_info(self) -> Doc:
+        """`GET /`: the server's welcome document."""
+        with translate_errors():
+            return self._service.get_server_information().get_result()  # type: ignore[no-any-return]
+
+    def session_user(self) -> Doc:
+        """`GET /_session`'s userCtx: who the gateway is to CouchDB."""
+        with translate_errors(db="_session"):
+            result = self._service.get_session_information().get_result()
+        return result.get("userCtx") or {}  # type: ignore[no-any-return]
+
+    def database_exists(self, db: str) -> bool:
+        """Whether the database exists."""
+        try:
+            with translate_errors(db):
+                self._service.head_database(db)
+        except NotFound:
+            return False
+        return True
+
+    def create_database(self, db: str) -> None:
+        """Create the database; one that already exists is fine (needs server admin rights)."""
+        try:
+            with translate_errors(db):
+                self._service.put_database(db)
+        except CouchError as exc:
+            if exc.status != 412:
+                raise
+
+    def get(self, db: str, doc_id: str) -> Doc | None:
+        """The document, or None when it (or its database) does not exist or is deleted."""
+        try:
+            with translate_errors(db, doc_id):
+                return self._service.get_document(db, doc_id).get_result()  # type: ignore[no-any-return]
+        except NotFound:
+            return None
+
+    def get_many(self, db: str, doc_ids: Sequence[str]) -> dict[str, Doc]:
+        """The documents with these ids, tombstones included (with `_deleted` and their body)."""
+        if not doc_ids:
+            return {}
+        try:
+            with translate_errors(db):
+                rows = self._service.post_all_docs(db, keys=list(doc_ids), include_docs=True).get_result()["rows"]
+        except NotFound:
+            return {}
+        found: dict[str, Doc] = {}
+        for row in rows:
+            if row.get("doc"):
+                found[row["id"]] = row["doc"]
+            elif (row.get("value") or {}).get("deleted"):
+                found[row["id"]] = self._tombstone(db, row["id"], row["value"]["rev"])
+        return found
+
+    def _tombstone(self, db: str, doc_id: str, rev: str) -> Doc:
+        with translate_errors(db, doc_id):
+            doc: Doc = self._service.get_document(db, doc_id, rev=rev).get_result()
+        doc["_deleted"] = True
+        return doc
+
+    def view(self, db: str, ddoc: str, view: str, keys: Sequence[Any]) -> list[Doc]:
+        """The distinct documents a view emits for these keys; none when the database is missing.
+
+        Raises:
+            NotFound: the database exists but the design document or view does not.
+        """
+        if not keys:
+            return []
+        try:
+            with translate_errors(db, f"_design/{ddoc}"):
+                rows = self._service.post_view(db, ddoc, view, keys=list(keys),
+                                               include_docs=True).get_result()["rows"]
+        except NotFound:
+            if not self.database_exists(db):
+                return []
+            raise
+        docs = {row["id"]: row["doc"] for row in rows if row.get("doc")}
+        return list(docs.values())
+
+    def find(self, db: str, selector: Doc, *, page_size: int = 1000,
+             fields: Sequence[str] | None = None) -> Iterator[Doc]:
+        """Every document matching a Mango selector, page by page.
+
+        Pages follow CouchDB's bookmark; a server that returns none (PouchDB Server) is paged with
+        `skip` instead, so that no page is silently dropped.
+        """
+        bookmark: str | None = None
+        skip = 0
+        while True:
+            with translate_errors(db):
+                page = self._service.post_find(db, selector, limit=page_size, bookmark=bookmark,
+                                               skip=None if bookmark else skip or None,
+                                               fields=list(fields) if fields else None).get_result()
+            docs = page.get("docs") or []
+            yield from docs
+            if len(docs) < page_size:
+                return
+            bookmark = page.get("bookmark") or None
+            if bookmark is None:
+                skip += len(docs)
+
+    def bulk_write(self, db: str, docs: Sequence[Doc], *, create_database: bool = True) -> list[WriteResult]:
+        """Write documents in one `_bulk_docs`; one result per document, in order.
+
+        A missing database is created first when `create_database` (the sync identity is an admin).
+        """
+        if not docs:
+            return []
+        try:
+            with translate_errors(db):
+                rows = self._service.post_bulk_docs(db, {"docs": list(docs)}).get_result()
+        except NotFound:
+            if not create_database:
+                raise
+            self.create_database(db)
+            return self.bulk_write(db, docs, create_database=False)
+        return [WriteResult(doc_id=row.get("id", doc.get("_id", "")), rev=row.get("rev"),
+                            error=row.get("error"), reason=row.get("reason"))
+                for row, doc in zip(rows, docs)]
+
+    def get_design(self, db: str, name: str) -> Doc | None:
+        """`_design/<name>`, or None when it or its database does not exist."""
+        try:
+            with translate_errors(db, f"_design/{name}"):
+                return self._service.get_design_document(db, name).get_result()  # type: ignore[no-any-return]
+        except NotFound:
+            return None
+
+    def put_design(self, db: str, name: str, body: Doc) -> str:
+        """Put `_design/<name>`; returns the new revision."""
+        with translate_errors(db, f"_design/{name}"):
+            result = self._service.put_design_document(db, name, body).get_result()
+        return str(result["rev"])
+
+    def ensure_index(self, db: str, name: str, fields: Sequence[str]) -> None:
+        """Create a Mango JSON index `name` (in `_design/<name>`) unless it exists."""
+        with translate_errors(db, f"_design/{name}"):
+            self._service.post_index(db, {"fields": list(fields)}, ddoc=name, name=name, type="json")

@@ -1,0 +1,158 @@
+"""The managed-document vocabulary: stable ids, database names, the twakeDirectory tag, matching.
+
+Pure functions over plain dicts (documents as CouchDB returns them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+TAG = "twakeDirectory"
+GROUPS = "io.cozy.contacts.groups"
+CONTACTS = "io.cozy.contacts"
+SETTINGS = "io.cozy.settings"
+SETTINGS_DOC_ID = "io.cozy.settings.instance"
+SORT_INDEX = "byFamilyNameGivenNameEmailCozyUrl"
+
+Doc = dict[str, Any]
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\u0000".join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+def managed_group_id(organization_id: str, group_id: str) -> str:
+    """The group's id in every instance: b2b-group-<sha256(org NUL group)[:32]>."""
+    return f"b2b-group-{_digest(organization_id.strip(), group_id.strip())}"
+
+
+def managed_contact_id(organization_id: str, email: str) -> str:
+    """The id couchsync gives a contact it creates.
+
+    Derived, not random, so that two workers creating the same member's contact at once collide
+    on one id (a 409, re-planned) instead of leaving two contacts behind.
+    """
+    return f"b2b-contact-{_digest(organization_id.strip(), email.strip().lower())}"
+
+
+def database_name(prefix: str, doctype: str) -> str:
+    """`lower(prefix/doctype)` with `.` and `:` replaced by `-` (the stack's naming)."""
+    return f"{prefix}/{doctype}".lower().replace(".", "-").replace(":", "-")
+
+
+def is_managed(doc: Doc | None) -> bool:
+    """Whether couchsync owns this document (twakeDirectory.managed is true)."""
+    tag = doc.get(TAG) if doc else None
+    return isinstance(tag, dict) and tag.get("managed") is True
+
+
+def is_live(doc: Doc | None) -> bool:
+    """Whether the document exists and is not a deletion tombstone."""
+    return doc is not None and not doc.get("_deleted")
+
+
+def host_of(url_or_fqdn: str | None) -> str | None:
+    """The lower-case host of a URL or a bare FQDN (`bob.acme.twake.app`)."""
+    if not url_or_fqdn or not url_or_fqdn.strip():
+        return None
+    text = url_or_fqdn.strip()
+    parsed = urlsplit(text if "://" in text else f"//{text}")
+    return parsed.hostname.lower() if parsed.hostname else None
+
+
+def cozy_url(workplace_fqdn: str | None) -> str | None:
+    """`https://` + the host of a workplace FQDN."""
+    host = host_of(workplace_fqdn)
+    return f"https://{host}" if host else None
+
+
+def emails_of(contact: Doc) -> set[str]:
+    """Every email address of a contact, lower-cased, the managed one included."""
+    found = {entry.get("address", "").strip().lower()
+             for entry in contact.get("email") or () if isinstance(entry, dict)}
+    tag = contact.get(TAG)
+    if isinstance(tag, dict) and isinstance(tag.get("email"), str):
+        found.add(tag["email"].strip().lower())
+    return found - {""}
+
+
+def cozy_hosts_of(contact: Doc) -> set[str]:
+    """The hosts of a contact's Cozy URLs."""
+    hosts = {host_of(entry.get("url")) for entry in contact.get("cozy") or () if isinstance(entry, dict)}
+    return {host for host in hosts if host}
+
+
+def group_ids_of(contact: Doc) -> list[str]:
+    """The ids of the groups a contact's relationships name, in their order."""
+    data = ((contact.get("relationships") or {}).get("groups") or {}).get("data") or []
+    return [item["_id"] for item in data if isinstance(item, dict) and "_id" in item]
+
+
+def with_group(contact: Doc, group_id: str, member: bool) -> Doc:
+    """A copy of the contact with its relationship to one group added or removed; others kept."""
+    relationships = dict(contact.get("relationships") or {})
+    groups = dict(relationships.get("groups") or {})
+    data = [item for item in groups.get("data") or []
+            if not (isinstance(item, dict) and item.get("_id") == group_id)]
+    if member:
+        data.append({"_id": group_id, "_type": GROUPS})
+    groups["data"] = data
+    relationships["groups"] = groups
+    return {**contact, "relationships": relationships}
+
+
+def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
+                group_ids: Iterable[str] = ()) -> list[list[str]]:
+    """Keys of the contacts database's `couchsync/lookup` view for these emails, hosts and groups."""
+    keys = [["email", email.strip().lower()] for email in emails]
+    keys += [["cozy", host] for host in hosts if host]
+    keys += [["group", group_id] for group_id in group_ids]
+    unique = {tuple(key): key for key in keys}
+    return list(unique.values())
+
+
+@dataclass(frozen=True, slots=True)
+class ContactMatch:
+    """The outcome of matching a member against an instance's contacts."""
+
+    contact: Doc | None = None
+    refusal: str | None = None
+
+
+def is_reusable(contact: Doc, organization_id: str) -> bool:
+    """A contact couchsync may take over: managed for this organization, or external and unmanaged."""
+    tag = contact.get(TAG)
+    if is_managed(contact):
+        return isinstance(tag, dict) and tag.get("organizationId") == organization_id
+    return tag is None and (contact.get("metadata") or {}).get("external") is True
+
+
+def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc],
+                  organization_id: str) -> ContactMatch:
+    """The contact to use for a member: by email first, then by Cozy URL; never a guess.
+
+    No candidate gives an empty match (create one); a single reusable candidate is the match;
+    candidates that may not be reused, or two reusable ones, give a refusal with the reason.
+    """
+    live = [contact for contact in contacts if is_live(contact)]
+    wanted = email.strip().lower()
+    candidates = [contact for contact in live if wanted in emails_of(contact)]
+    how = "email"
+    host = host_of(workplace_fqdn)
+    if not candidates and host:
+        candidates = [contact for contact in live if host in cozy_hosts_of(contact)]
+        how = "Cozy URL"
+    if not candidates:
+        return ContactMatch()
+    reusable = [contact for contact in candidates if is_reusable(contact, organization_id)]
+    if len(reusable) == 1:
+        return ContactMatch(contact=reusable[0])
+    ids = ", ".join(sorted(contact["_id"] for contact in candidates))
+    if reusable:
+        return ContactMatch(refusal=f"{len(reusable)} contacts match {wanted} by {how} ({ids})")
+    return ContactMatch(refusal=f"contact {ids} has the {how} of {wanted} and is neither "
+                                "managed nor external")

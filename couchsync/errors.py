@@ -1,0 +1,90 @@
+"""The one exception hierarchy of couchsync; each class says how it is handled.
+
+    CouchsyncError
+    ├── ConfigError             bad or missing setting                      exit 78 (EX_CONFIG)
+    ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
+    ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
+    ├── CouchError              carries the database and document id, never credentials
+    │   ├── CouchUnavailable    connection error, timeout, 5xx, 429         retryable
+    │   ├── DocumentConflict    409 still there after re-read and re-plan   retryable
+    │   ├── NotFound            404 on a database or document
+    │   └── AccessDenied        401/403, a validate_doc_update refusal included
+    └── BrokerUnavailable       AMQP connection or channel lost             retryable
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CouchsyncError(Exception):
+    """Base class of every error couchsync raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+    exit_code: ClassVar[int] = 1
+
+
+class ConfigError(CouchsyncError):
+    """A setting is missing or malformed."""
+
+    exit_code = 78
+
+
+class InvalidEvent(CouchsyncError):
+    """A message that can never be applied: the reason says which event, which field and why."""
+
+    exit_code = 65  # EX_DATAERR
+
+    def __init__(self, reason: str, *, routing_key: str | None = None) -> None:
+        super().__init__(f"{routing_key}: {reason}" if routing_key else reason)
+        self.reason = reason
+        self.routing_key = routing_key
+
+
+class UnknownOrganization(CouchsyncError):
+    """No usable instance belongs to the organization named by an event."""
+
+    exit_code = 65
+
+
+class CouchError(CouchsyncError):
+    """A CouchDB request failed; names the database and document, never the credentials."""
+
+    def __init__(self, message: str, *, db: str | None = None, doc_id: str | None = None,
+                 status: int | None = None) -> None:
+        where = "/".join(part for part in (db, doc_id) if part)
+        super().__init__(f"{message} ({where})" if where else message)
+        self.db = db
+        self.doc_id = doc_id
+        self.status = status
+
+
+class CouchUnavailable(CouchError):
+    """CouchDB did not answer usefully: connection error, timeout, 5xx or 429."""
+
+    retryable = True
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class DocumentConflict(CouchError):
+    """A 409 that re-reading and re-planning did not resolve."""
+
+    retryable = True
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class NotFound(CouchError):
+    """A database or document does not exist."""
+
+
+class AccessDenied(CouchError):
+    """CouchDB refused the credentials or the write (401/403, validate_doc_update included)."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class BrokerUnavailable(CouchsyncError):
+    """The AMQP connection or channel was lost."""
+
+    retryable = True
+    exit_code = 69

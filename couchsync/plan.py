@@ -1,0 +1,266 @@
+"""The pure core: (event, what one instance holds) → the writes to make there, and the refusals.
+
+A managed group's document is the instance's memory of the directory. Beside the group's fields it
+keeps, in `twakeDirectory`, the stamp (see `couchsync.events`) of the newest event that set each of
+them, and one entry per member email: the stamp of the newest addition or removal, and which it was.
+Every event is merged into that memory register by register, the newer stamp winning, so merging is
+idempotent and order-independent; a deleted group stays a CouchDB tombstone that keeps the memory, so a
+late event cannot bring back what a newer one removed. Contacts' group relationships are then a
+projection of that memory. Nothing here does I/O, reads a clock or logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from couchsync.documents import (
+    CONTACTS, GROUPS, SORT_INDEX, TAG, Doc, cozy_hosts_of, cozy_url, group_ids_of, host_of,
+    is_live, is_managed, lookup_keys, managed_contact_id, managed_group_id, match_contact, with_group)
+from couchsync.events import GroupEvent, GroupEventKind, Member
+
+GROUP_VALUES = ("name", "description", "color", "createdAt")
+EXISTS = "exists"    # stamp key of the group's existence register
+CLEARED = "cleared"  # stamp of the newest deletion: memberships older than it are void
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Put this document (with its current `_rev`, if any) into the instance's database of `doctype`."""
+
+    doctype: str
+    doc: Doc
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A change couchsync will not make, and why."""
+
+    doc_id: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The writes and refusals for one event in one instance."""
+
+    writes: tuple[Write, ...] = ()
+    refusals: tuple[Refusal, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """What planning needs of one instance: its owner, the group's document, the contacts looked up."""
+
+    domain: str
+    owner_email: str | None = None
+    group: Doc | None = None
+    contacts: tuple[Doc, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """A managed group's memory (see the module docstring)."""
+
+    organization_id: str
+    external_id: str
+    alive: bool = False
+    values: dict[str, str] = field(default_factory=dict)
+    stamps: dict[str, str] = field(default_factory=dict)
+    members: dict[str, tuple[str, bool]] = field(default_factory=dict)
+
+    @classmethod
+    def from_doc(cls, doc: Doc | None, organization_id: str, external_id: str) -> GroupState:
+        """The state a group document holds; an empty one for no document or an unmanaged tombstone."""
+        if doc is None or not is_managed(doc):
+            return cls(organization_id, external_id)
+        tag = doc[TAG]
+        return cls(organization_id, external_id, alive=is_live(doc),
+                   values={key: doc[key] for key in GROUP_VALUES if isinstance(doc.get(key), str)},
+                   stamps=dict(tag.get("stamps") or {}),
+                   members={email: (entry[0], bool(entry[1]))
+                            for email, entry in (tag.get("members") or {}).items()})
+
+    def membership(self, email: str) -> bool | None:
+        """Whether the email is a member now; None when no event ever named it."""
+        entry = self.members.get(email.strip().lower())
+        if entry is None:
+            return None
+        stamp, present = entry
+        return present and stamp > self.stamps.get(CLEARED, "")
+
+    def merged(self, event: GroupEvent) -> GroupState:
+        """This state with one event merged in: each register keeps the newer stamp."""
+        stamp = event.stamp
+        stamps, values, members = dict(self.stamps), dict(self.values), dict(self.members)
+        alive = self.alive
+        kind = event.kind
+        if kind in (GroupEventKind.CREATED, GroupEventKind.DELETED) and stamp > stamps.get(EXISTS, ""):
+            stamps[EXISTS], alive = stamp, kind is GroupEventKind.CREATED
+        if kind is GroupEventKind.DELETED and stamp > stamps.get(CLEARED, ""):
+            stamps[CLEARED] = stamp
+        for name, value in event.fields:
+            if stamp > stamps.get(name, ""):
+                stamps[name], values[name] = stamp, value
+        present = kind is not GroupEventKind.MEMBERS_REMOVED
+        for member in event.members:
+            email = member.email.lower()
+            if stamp > members.get(email, ("", False))[0]:
+                members[email] = (stamp, present)
+        return replace(self, alive=alive, values=values, stamps=stamps, members=members)
+
+    def to_doc(self, base: Doc | None) -> Doc:
+        """The group document for this state, on top of the current one (`_rev` and foreign fields kept)."""
+        doc: Doc = {key: value for key, value in (base or {}).items()
+                    if key not in GROUP_VALUES and key != TAG and key != "_deleted"}
+        doc["_id"] = managed_group_id(self.organization_id, self.external_id)
+        doc.update(self.values)
+        doc[TAG] = {"managed": True, "kind": "group", "organizationId": self.organization_id,
+                    "externalId": self.external_id, "stamps": dict(sorted(self.stamps.items())),
+                    "members": {email: [stamp, present]
+                                for email, (stamp, present) in sorted(self.members.items())}}
+        if not self.alive:
+            doc["_deleted"] = True  # a tombstone that keeps the memory
+        return doc
+
+
+def changed(new: Doc, old: Doc | None) -> bool:
+    """Whether writing `new` over `old` would change anything but the revision."""
+    if old is None:
+        return True
+    return {k: v for k, v in new.items() if k != "_rev"} != {k: v for k, v in old.items() if k != "_rev"}
+
+
+def plan_group_event(event: GroupEvent, view: InstanceView) -> Plan:
+    """The writes that bring one instance up to date with a b2b.group.* event."""
+    group_id = managed_group_id(event.organization_id, event.group_id)
+    if is_live(view.group) and not is_managed(view.group):
+        return Plan(refusals=(Refusal(group_id, "an unmanaged document has the managed group id"),))
+    before = GroupState.from_doc(view.group, event.organization_id, event.group_id)
+    after = before.merged(event)
+    writes: list[Write] = []
+    group_doc = after.to_doc(view.group)
+    if changed(group_doc, view.group):
+        writes.append(Write(GROUPS, group_doc, _group_summary(before, after)))
+    contacts, refusals = _plan_contacts(event, group_id, after, view)
+    return Plan(tuple(writes + contacts), tuple(refusals))
+
+
+def _group_summary(before: GroupState, after: GroupState) -> str:
+    if after.alive and not before.alive:
+        return "create group"
+    if before.alive and not after.alive:
+        return "delete group"
+    return "update group" if after.alive else "remember group"
+
+
+def _plan_contacts(event: GroupEvent, group_id: str, after: GroupState,
+                   view: InstanceView) -> tuple[list[Write], list[Refusal]]:
+    contacts = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
+    planned: dict[str, Doc] = dict(contacts)
+    refusals: list[Refusal] = []
+    if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
+        for member in event.members:
+            if _is_owner(member.email, member.workplace_fqdn, view):
+                continue
+            match = match_contact(member.email, member.workplace_fqdn, planned.values(),
+                                  event.organization_id)
+            if match.refusal:
+                refusals.append(Refusal(None, match.refusal))
+                continue
+            doc = upsert_contact(match.contact, member, event.organization_id, event.stamp)
+            planned[doc["_id"]] = doc
+    for contact_id, doc in planned.items():
+        planned[contact_id] = _project(doc, group_id, after, view)
+    writes = [Write(CONTACTS, doc, "create contact" if contact_id not in contacts else "update contact")
+              for contact_id, doc in planned.items() if changed(doc, contacts.get(contact_id))]
+    return writes, refusals
+
+
+def _is_owner(email: str | None, workplace_fqdn: str | None, view: InstanceView) -> bool:
+    """Whether the person owns this instance (a member is never added to their own instance)."""
+    if host_of(workplace_fqdn) == view.domain.lower():
+        return True
+    return bool(email and view.owner_email and email.strip().lower() == view.owner_email.strip().lower())
+
+
+def _project(contact: Doc, group_id: str, after: GroupState, view: InstanceView) -> Doc:
+    """The contact with its relationship to the group as the group's memory says, if it says."""
+    tag = contact.get(TAG)
+    if not is_managed(contact) or tag.get("organizationId") != after.organization_id:
+        return contact
+    email = tag.get("email") or ""
+    if _is_owner(email, None, view) or view.domain.lower() in cozy_hosts_of(contact):
+        return contact
+    wanted = after.membership(email) if after.alive else False
+    if wanted is None or (group_id in group_ids_of(contact)) == wanted:
+        return contact
+    return with_group(contact, group_id, wanted)
+
+
+def display_name(member: Member) -> str:
+    """`name`, else `firstName lastName`, else `username`, else the email's local part."""
+    if member.name and member.name.strip():
+        return member.name.strip()
+    full = " ".join(part.strip() for part in (member.first_name, member.last_name) if part and part.strip())
+    if full:
+        return full
+    if member.username and member.username.strip():
+        return member.username.strip()
+    return member.email.split("@", 1)[0]
+
+
+def upsert_contact(contact: Doc | None, member: Member, organization_id: str, stamp: str) -> Doc:
+    """The member's managed contact: a new one, an adopted external one, or a newer profile.
+
+    Only the fields couchsync owns change; a profile older than the one applied is left alone.
+    """
+    if contact is not None and is_managed(contact) and stamp <= contact[TAG].get("stamp", ""):
+        return contact
+    doc: Doc = dict(contact) if contact else {
+        "_id": managed_contact_id(organization_id, member.email),
+        "relationships": {"groups": {"data": []}},
+    }
+    name = display_name(member)
+    url = cozy_url(member.workplace_fqdn)
+    doc["fullname"] = doc["displayName"] = name
+    doc["email"] = _with_entry(doc.get("email"), "address", member.email, lower=True)
+    if url:
+        doc["cozy"] = _with_entry(doc.get("cozy"), "url", url, lower=True)
+    doc["metadata"] = {**(doc.get("metadata") or {}), "external": True}
+    doc["trustedForSharing"] = True
+    # The stack's own b2b contacts index by Cozy URL (the spec's example); without one, by email.
+    doc["indexes"] = {**(doc.get("indexes") or {}), SORT_INDEX: url or member.email.lower()}
+    doc[TAG] = {"managed": True, "kind": "contact", "organizationId": organization_id,
+                "username": member.username, "email": member.email, "workplaceFqdn": member.workplace_fqdn,
+                "stamp": stamp}
+    return doc
+
+
+def _with_entry(entries: Any, key: str, value: str, *, lower: bool) -> list[dict[str, Any]]:
+    """The list of `{key: ..., "primary": ...}` entries with `value` in it (first = primary)."""
+    current = [dict(entry) for entry in entries or () if isinstance(entry, dict)]
+    norm = (lambda text: str(text or "").strip().lower()) if lower else (lambda text: text)
+    if any(norm(entry.get(key)) == norm(value) for entry in current):
+        return current
+    return current + [{key: value, "primary": not current}]
+
+
+def lookup_keys_for(event: GroupEvent, group_doc: Doc | None) -> list[list[str]]:
+    """The `couchsync/lookup` keys of the contacts an event may change in an instance.
+
+    The event's members always; when the group may come to life or die, also every contact related
+    to it and every member its memory names, whose relationships follow its existence.
+    """
+    emails = [member.email for member in event.members]
+    hosts = [host_of(member.workplace_fqdn) for member in event.members]
+    groups: list[str] = []
+    state = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
+    if event.kind is GroupEventKind.DELETED and is_live(group_doc):
+        groups.append(managed_group_id(event.organization_id, event.group_id))
+    if event.kind is GroupEventKind.CREATED and not state.alive:
+        emails += list(state.members)
+    if event.kind is GroupEventKind.UPDATED:
+        return []
+    return lookup_keys(emails, hosts, groups)

@@ -1,0 +1,184 @@
+"""The use cases: apply an event to every instance of its organization (read → plan → write).
+
+Instances are handled concurrently (bounded by `SyncSettings.concurrency`), each on its own: a
+failure in one is reported with the instance and does not stop the others. A 409 makes the instance
+be read and planned again, since the plan merges rather than overwrites.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from couchsync import design_docs
+from couchsync.config import SyncSettings
+from couchsync.couch import CouchGateway, WriteResult
+from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW, DesignDocs
+from couchsync.documents import CONTACTS, GROUPS, Doc, managed_group_id
+from couchsync.errors import (
+    AccessDenied, CouchError, CouchsyncError, DocumentConflict, InvalidEvent, NotFound, UnknownOrganization)
+from couchsync.events import Event, GroupEvent
+from couchsync.instances import Instance, InstanceDirectory
+from couchsync.plan import InstanceView, Plan, lookup_keys_for, plan_group_event
+
+logger = logging.getLogger(__name__)
+
+OWNER_CACHE_SECONDS = 600  # an instance's owner email changes rarely; re-read it every 10 minutes
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceReport:
+    """What one event did in one instance."""
+
+    domain: str
+    writes: int = 0
+    refusals: tuple[str, ...] = ()
+    error: str | None = None
+    retryable: bool = False
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EventReport:
+    """What one event did in every instance of its organization."""
+
+    routing_key: str
+    organization_id: str
+    subject: str
+    instances: tuple[InstanceReport, ...]
+    seconds: float
+
+    @property
+    def writes(self) -> int:
+        return sum(report.writes for report in self.instances)
+
+    @property
+    def refusals(self) -> list[tuple[str, str]]:
+        return [(report.domain, reason) for report in self.instances for reason in report.refusals]
+
+    @property
+    def failures(self) -> list[InstanceReport]:
+        return [report for report in self.instances if report.error is not None]
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying the event again may help: some instance failed, and only for passing reasons."""
+        return bool(self.failures) and all(report.retryable for report in self.failures)
+
+
+class Synchronizer:
+    """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
+
+    def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
+                 settings: SyncSettings) -> None:
+        self._couch = couch
+        self._directory = directory
+        self._design = design
+        self._settings = settings
+        self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="couchsync-instance")
+        self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=OWNER_CACHE_SECONDS)
+        self._owners_lock = threading.Lock()
+
+    def __enter__(self) -> Synchronizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the instance threads."""
+        self._pool.shutdown(wait=True)
+
+    def apply(self, event: Event) -> EventReport:
+        """Apply an event to every instance of its organization.
+
+        Raises:
+            UnknownOrganization: the organization has no usable instance.
+            InvalidEvent: an event this version does not handle.
+            CouchError: the global database could not be read.
+        """
+        if not isinstance(event, GroupEvent):
+            raise InvalidEvent("not handled by this version of couchsync", routing_key=event.routing_key)
+        started = time.monotonic()
+        instances = self._directory.instances_of(event.organization_id)
+        if not instances:
+            raise UnknownOrganization(f"organization {event.organization_id!r} has no instance")
+        reports = tuple(self._pool.map(lambda instance: self._apply_to_instance(event, instance), instances))
+        report = EventReport(event.routing_key, event.organization_id, event.group_id, reports,
+                             time.monotonic() - started)
+        logger.info("%s %s/%s: %d instances, %d writes, %d refusals, %d failed in %.3fs",
+                    event.routing_key, event.organization_id, event.group_id, len(reports),
+                    report.writes, len(report.refusals), len(report.failures), report.seconds)
+        return report
+
+    def _apply_to_instance(self, event: GroupEvent, instance: Instance) -> InstanceReport:
+        writes = 0
+        refusals: list[str] = []
+        try:
+            for attempt in range(1, self._settings.max_attempts + 1):
+                plan = plan_group_event(event, self._read(event, instance))
+                results = self._write(instance, plan)
+                writes += sum(1 for result in results if result.ok)
+                if not any(result.conflict for result in results):
+                    refusals += [refusal.reason for refusal in plan.refusals]
+                    refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
+                                 if not r.ok and r.error == "forbidden"]
+                    _raise_unexpected(instance, results)
+                    return InstanceReport(instance.domain, writes, tuple(refusals), attempts=attempt)
+                logger.debug("conflict in %s, planning %s again", instance.domain, event.routing_key)
+            raise DocumentConflict(f"still conflicting after {self._settings.max_attempts} attempts",
+                                   db=instance.prefix)
+        except CouchsyncError as exc:
+            logger.warning("%s failed in %s: %s", event.routing_key, instance.domain, exc)
+            return InstanceReport(instance.domain, writes, tuple(refusals), error=str(exc),
+                                  retryable=exc.retryable)
+
+    def _read(self, event: GroupEvent, instance: Instance) -> InstanceView:
+        group_id = managed_group_id(event.organization_id, event.group_id)
+        group = self._couch.get_many(instance.database(GROUPS), [group_id]).get(group_id)
+        keys = lookup_keys_for(event, group)
+        if not keys:
+            return InstanceView(instance.domain, group=group)
+        contacts = self._lookup(instance.database(CONTACTS), keys)
+        return InstanceView(instance.domain, self._owner_email(instance), group, tuple(contacts))
+
+    def _lookup(self, db: str, keys: Sequence[list[str]]) -> list[Doc]:
+        try:
+            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+        except NotFound:
+            # The database exists without our view (a new instance): install it, once.
+            design_docs.ensure(self._couch, db, LOOKUP_DDOC, self._design.lookup)
+            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+
+    def _owner_email(self, instance: Instance) -> str | None:
+        with self._owners_lock:
+            if instance.domain in self._owners:
+                return self._owners[instance.domain]
+        email = self._directory.owner_email(instance)
+        with self._owners_lock:
+            self._owners[instance.domain] = email
+        return email
+
+    def _write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
+        """Groups first, then contacts; contacts wait when a group write conflicted (re-planned)."""
+        groups = [write.doc for write in plan.writes if write.doctype == GROUPS]
+        results = self._couch.bulk_write(instance.database(GROUPS), groups)
+        if any(result.conflict for result in results):
+            return results
+        contacts = [write.doc for write in plan.writes if write.doctype == CONTACTS]
+        return results + self._couch.bulk_write(instance.database(CONTACTS), contacts)
+
+
+def _raise_unexpected(instance: Instance, results: Sequence[WriteResult]) -> None:
+    """Raise for a per-document error that is neither a conflict nor a validation refusal."""
+    for result in results:
+        if not result.ok and result.error not in ("conflict", "forbidden"):
+            error = AccessDenied if result.error == "unauthorized" else CouchError
+            raise error(f"not written: {result.error}: {result.reason}", db=instance.prefix,
+                        doc_id=result.doc_id)
