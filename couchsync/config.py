@@ -42,6 +42,7 @@ class CouchSettings:
     timeout: float = DEFAULT_TIMEOUT
     pool_size: int = DEFAULT_CONCURRENCY
     http_retries: int = DEFAULT_HTTP_RETRIES
+    http_backoff: float = 0.2  # seconds before the first quick retry, doubling after
 
 
 @dataclass(frozen=True, slots=True)

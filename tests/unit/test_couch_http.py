@@ -1,0 +1,139 @@
+"""HTTP edge cases of the gateway, with `responses`: the error mapping and the retry counts."""
+
+import json
+
+import pytest
+import requests
+import responses
+
+from couchsync.config import CouchSettings, Secret
+from couchsync.couch import CouchGateway
+from couchsync.errors import AccessDenied, CouchUnavailable, DocumentConflict, NotFound
+
+URL = "http://couch.test:5984"
+DB = "alice-acme-twake-app/io-cozy-contacts"
+DB_PATH = f"{URL}/alice-acme-twake-app%2Fio-cozy-contacts"
+
+
+@pytest.fixture
+def couch():
+    settings = CouchSettings(URL, "couchsync", Secret("pw-never-shown"), timeout=2, http_retries=3,
+                             http_backoff=0)
+    with CouchGateway(settings) as gateway:
+        yield gateway
+
+
+@responses.activate
+def test_a_5xx_is_retried_then_succeeds(couch):
+    doc = responses.get(f"{DB_PATH}/c1", status=503, json={"error": "unavailable"})
+    responses.get(f"{DB_PATH}/c1", json={"_id": "c1", "_rev": "1-a"})
+    assert couch.get(DB, "c1") == {"_id": "c1", "_rev": "1-a"}
+    assert doc.call_count == 1 and len(responses.calls) == 2
+
+
+@responses.activate
+def test_a_persistent_5xx_becomes_couch_unavailable_after_the_retries(couch):
+    responses.post(f"{DB_PATH}/_bulk_docs", status=500, json={"error": "internal"})
+    with pytest.raises(CouchUnavailable) as caught:
+        couch.bulk_write(DB, [{"_id": "c1"}])
+    assert len(responses.calls) == 4  # the request and three retries
+    assert caught.value.retryable and caught.value.db == DB
+
+
+@responses.activate
+def test_429_is_retried_like_a_5xx(couch):
+    responses.get(f"{DB_PATH}/c1", status=429, json={"error": "too_many_requests"})
+    with pytest.raises(CouchUnavailable):
+        couch.get(DB, "c1")
+    assert len(responses.calls) == 4
+
+
+@responses.activate
+def test_a_timeout_becomes_couch_unavailable_without_the_password(couch):
+    responses.get(f"{DB_PATH}/c1", body=requests.exceptions.ReadTimeout("read timed out"))
+    with pytest.raises(CouchUnavailable) as caught:
+        couch.get(DB, "c1")
+    assert "pw-never-shown" not in str(caught.value) and caught.value.doc_id == "c1"
+
+
+@responses.activate
+def test_a_connection_error_becomes_couch_unavailable(couch):
+    responses.get(f"{URL}/", body=requests.exceptions.ConnectionError("refused"))
+    with pytest.raises(CouchUnavailable):
+        couch.server_info()
+
+
+@responses.activate
+def test_401_becomes_access_denied_and_is_not_retried(couch):
+    responses.post(f"{DB_PATH}/_bulk_docs", status=401, json={"error": "unauthorized", "reason": "Name or password is incorrect."})
+    with pytest.raises(AccessDenied) as caught:
+        couch.bulk_write(DB, [{"_id": "c1"}])
+    assert len(responses.calls) == 1 and not caught.value.retryable
+    assert "pw-never-shown" not in str(caught.value)
+
+
+@responses.activate
+def test_409_on_a_design_document_becomes_document_conflict(couch):
+    responses.put(f"{DB_PATH}/_design/couchsync", status=409, json={"error": "conflict"})
+    with pytest.raises(DocumentConflict) as caught:
+        couch.put_design(DB, "couchsync", {"views": {}})
+    assert caught.value.retryable and caught.value.doc_id == "_design/couchsync"
+
+
+@responses.activate
+def test_bulk_write_gives_one_result_per_document_conflicts_and_refusals_included(couch):
+    responses.post(f"{DB_PATH}/_bulk_docs", json=[
+        {"id": "a", "rev": "2-x"},
+        {"id": "b", "error": "conflict", "reason": "Document update conflict."},
+        {"id": "c", "error": "forbidden", "reason": "managed documents are the directory's"}])
+    results = couch.bulk_write(DB, [{"_id": "a"}, {"_id": "b"}, {"_id": "c"}])
+    assert [(r.doc_id, r.ok, r.conflict) for r in results] == [("a", True, False), ("b", False, True),
+                                                               ("c", False, False)]
+    assert results[2].error == "forbidden"
+
+
+@responses.activate
+def test_bulk_write_creates_a_missing_database_once(couch):
+    responses.post(f"{DB_PATH}/_bulk_docs", status=404, json={"error": "not_found", "reason": "Database does not exist."})
+    responses.put(DB_PATH, status=201, json={"ok": True})
+    responses.post(f"{DB_PATH}/_bulk_docs", json=[{"id": "a", "rev": "1-x"}])
+    assert couch.bulk_write(DB, [{"_id": "a"}])[0].ok
+    assert [call.request.method for call in responses.calls] == ["POST", "PUT", "POST"]
+
+
+@responses.activate
+def test_find_follows_bookmarks(couch):
+    pages = [{"docs": [{"_id": "1"}, {"_id": "2"}], "bookmark": "b1"},
+             {"docs": [{"_id": "3"}, {"_id": "4"}], "bookmark": "b2"},
+             {"docs": [{"_id": "5"}], "bookmark": "b3"}]
+    for page in pages:
+        responses.post(f"{DB_PATH}/_find", json=page)
+    assert [d["_id"] for d in couch.find(DB, {"x": 1}, page_size=2)] == ["1", "2", "3", "4", "5"]
+    sent = [json.loads(call.request.body) for call in responses.calls]
+    assert [body.get("bookmark") for body in sent] == [None, "b1", "b2"]
+    assert all("skip" not in body for body in sent)
+
+
+@responses.activate
+def test_find_falls_back_to_skip_when_the_server_returns_no_bookmark(couch):
+    for page in ([{"_id": "1"}, {"_id": "2"}], [{"_id": "3"}, {"_id": "4"}], []):
+        responses.post(f"{DB_PATH}/_find", json={"docs": page})
+    assert [d["_id"] for d in couch.find(DB, {"x": 1}, page_size=2)] == ["1", "2", "3", "4"]
+    assert [json.loads(call.request.body).get("skip") for call in responses.calls] == [None, 2, 4]
+
+
+@responses.activate
+def test_a_missing_document_or_database_reads_as_none_and_view_as_empty(couch):
+    responses.get(f"{DB_PATH}/c1", status=404, json={"error": "not_found", "reason": "missing"})
+    responses.post(f"{DB_PATH}/_design/couchsync/_view/lookup", status=404, json={"error": "not_found"})
+    responses.head(DB_PATH, status=404)
+    assert couch.get(DB, "c1") is None
+    assert couch.view(DB, "couchsync", "lookup", [["email", "x"]]) == []
+
+
+@responses.activate
+def test_a_missing_view_in_an_existing_database_is_not_found(couch):
+    responses.post(f"{DB_PATH}/_design/couchsync/_view/lookup", status=404, json={"error": "not_found"})
+    responses.head(DB_PATH, status=200)
+    with pytest.raises(NotFound):
+        couch.view(DB, "couchsync", "lookup", [["email", "x"]])
