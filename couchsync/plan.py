@@ -26,7 +26,10 @@ CLEARED = "cleared"  # stamp of the newest deletion: memberships older than it a
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """Put this document (with its current `_rev`, if any) into the instance's database of `doctype`."""
+    """Put this document (with its current `_rev`, if any) into the instance's database of `doctype`.
+
+    A plan's writes are in the order they must reach CouchDB.
+    """
 
     doctype: str
     doc: Doc
@@ -139,12 +142,13 @@ def plan_group_event(event: GroupEvent, view: InstanceView) -> Plan:
         return Plan(refusals=(Refusal(group_id, "an unmanaged document has the managed group id"),))
     before = GroupState.from_doc(view.group, event.organization_id, event.group_id)
     after = before.merged(event)
-    writes: list[Write] = []
     group_doc = after.to_doc(view.group)
-    if changed(group_doc, view.group):
-        writes.append(Write(GROUPS, group_doc, _group_summary(before, after)))
+    group = [Write(GROUPS, group_doc, _group_summary(before, after))] if changed(group_doc, view.group) else []
     contacts, refusals = _plan_contacts(event, group_id, after, view)
-    return Plan(tuple(writes + contacts), tuple(refusals))
+    # Writes go in this order. A living group is written before the contacts that point to it; a
+    # dying one after they let go of it, so that a crash in between leaves no dangling relationship.
+    writes = group + contacts if after.alive else contacts + group
+    return Plan(tuple(writes), tuple(refusals))
 
 
 def _group_summary(before: GroupState, after: GroupState) -> str:
@@ -257,7 +261,8 @@ def lookup_keys_for(event: GroupEvent, group_doc: Doc | None) -> list[list[str]]
     hosts = [host_of(member.workplace_fqdn) for member in event.members]
     groups: list[str] = []
     state = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
-    if event.kind is GroupEventKind.DELETED and is_live(group_doc):
+    if event.kind is GroupEventKind.DELETED:
+        # Even over a tombstone: a deletion interrupted before its contacts were written is finished.
         groups.append(managed_group_id(event.organization_id, event.group_id))
     if event.kind is GroupEventKind.CREATED and not state.alive:
         emails += list(state.members)

@@ -7,6 +7,7 @@ be read and planned again, since the plan merges rather than overwrites.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -166,13 +167,13 @@ class Synchronizer:
         return email
 
     def _write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
-        """Groups first, then contacts; contacts wait when a group write conflicted (re-planned)."""
-        groups = [write.doc for write in plan.writes if write.doctype == GROUPS]
-        results = self._couch.bulk_write(instance.database(GROUPS), groups)
-        if any(result.conflict for result in results):
-            return results
-        contacts = [write.doc for write in plan.writes if write.doctype == CONTACTS]
-        return results + self._couch.bulk_write(instance.database(CONTACTS), contacts)
+        """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""
+        results: list[WriteResult] = []
+        for doctype, writes in itertools.groupby(plan.writes, key=lambda write: write.doctype):
+            results += self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
+            if any(result.conflict for result in results):
+                break
+        return results
 
 
 def _raise_unexpected(instance: Instance, results: Sequence[WriteResult]) -> None:

@@ -1,0 +1,121 @@
+"""The real CouchDB-compatible server for the integration tests, and a per-test world on it.
+
+One server per test session (PouchDB Server on a free port, or the CouchDB that
+COUCHSYNC_TEST_COUCH_URL names). Each test gets its own global database and database prefixes, so
+tests share nothing; on an external CouchDB they are deleted afterwards. A server that cannot
+start fails the tests under CI and skips them elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+import localcouch
+from couchsync import config, design_docs
+from couchsync.couch import CouchGateway
+from couchsync.documents import CONTACTS, GROUPS, SETTINGS, database_name
+from couchsync.instances import InstanceDirectory
+from couchsync.sync import Synchronizer
+
+
+@pytest.fixture(scope="session")
+def couch_server():
+    try:
+        server = localcouch.server()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the CouchDB-compatible server is needed: {exc}")
+        pytest.skip(f"no CouchDB-compatible server: {exc}")
+    yield server
+    server.stop()
+
+
+@dataclass
+class World:
+    """Instances seeded the way the stack seeds them, and couchsync wired as in production."""
+
+    server: localcouch.LocalCouch
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    databases: set[str] = field(default_factory=set)
+    gateways: list[CouchGateway] = field(default_factory=list)
+
+    @property
+    def global_db(self) -> str:
+        return f"t{self.tag}-global/instances"
+
+    def prefix(self, domain: str) -> str:
+        return f"t{self.tag}-{domain}"
+
+    def db(self, domain: str, doctype: str) -> str:
+        name = database_name(self.prefix(domain), doctype)
+        self.databases.add(name)
+        return name
+
+    def add_instance(self, domain: str, org_id: str | None, *, email: str | None = None,
+                     org_domain: str | None = None, **extra: Any) -> None:
+        self.databases.add(self.global_db)
+        localcouch.bulk(self.server, self.global_db, [localcouch.instance_doc(
+            domain, org_id, org_domain, prefix=self.prefix(domain), **extra)])
+        if email:
+            localcouch.bulk(self.server, self.db(domain, SETTINGS), [localcouch.settings_doc(email, domain)])
+
+    def add_instances(self, docs: list[dict[str, Any]]) -> None:
+        self.databases.add(self.global_db)
+        for start in range(0, len(docs), 1000):
+            localcouch.bulk(self.server, self.global_db, docs[start:start + 1000])
+
+    def put(self, domain: str, doctype: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """Write as the stack's admin (not the sync identity)."""
+        return localcouch.bulk(self.server, self.db(domain, doctype), [doc])[0]
+
+    def raw(self, domain: str, doctype: str, doc_id: str) -> bytes:
+        response = self.server.request("GET", localcouch.db_path(self.db(domain, doctype)) + "/" + doc_id)
+        return response.content
+
+    def docs(self, domain: str, doctype: str) -> dict[str, dict[str, Any]]:
+        """Live documents of an instance's database (design documents left out)."""
+        response = self.server.request("GET", localcouch.db_path(self.db(domain, doctype)) + "/_all_docs",
+                                       params={"include_docs": "true"})
+        if response.status_code == 404:
+            return {}
+        response.raise_for_status()
+        return {row["id"]: row["doc"] for row in response.json()["rows"] if not row["id"].startswith("_design/")}
+
+    def directory(self, domain: str) -> dict[str, dict[str, dict[str, Any]]]:
+        return {GROUPS: self.docs(domain, GROUPS), CONTACTS: self.docs(domain, CONTACTS)}
+
+    def revisions(self, domain: str) -> dict[str, str]:
+        return {f"{doctype}:{doc_id}": doc["_rev"] for doctype in (GROUPS, CONTACTS)
+                for doc_id, doc in self.docs(domain, doctype).items()}
+
+    def couch_settings(self, **overrides: Any) -> config.CouchSettings:
+        user, password = self.server.sync
+        return config.load_couch(self.server.url, username=user, password=password, **overrides)
+
+    def synchronizer(self, concurrency: int = 8, page_size: int = 1000) -> Synchronizer:
+        gateway = CouchGateway(self.couch_settings(pool_size=concurrency))
+        self.gateways.append(gateway)
+        directory = InstanceDirectory(gateway, self.global_db, page_size=page_size)
+        directory.ensure_indexes()
+        settings = config.load_sync(global_db=self.global_db, concurrency=concurrency, page_size=page_size)
+        return Synchronizer(gateway, directory, design_docs.load(), settings)
+
+    def cleanup(self) -> None:
+        for gateway in self.gateways:
+            gateway.close()
+        if self.server.kind == "pouchdb-server":
+            return  # in memory: gone with the server
+        for name in self.databases:
+            self.server.request("DELETE", localcouch.db_path(name))
+
+
+@pytest.fixture
+def world(couch_server):
+    world = World(couch_server)
+    yield world
+    world.cleanup()

@@ -1,0 +1,228 @@
+"""The engine against the real server: every b2b event in every instance of the organization."""
+
+from __future__ import annotations
+
+import json
+
+import localcouch
+import pytest
+
+from couchsync.couch import CouchGateway
+from couchsync.documents import CONTACTS, GROUPS, managed_contact_id
+from couchsync.errors import UnknownOrganization
+from couchsync.events import parse_event
+from couchsync.instances import InstanceDirectory
+
+ENGINEERING = "b2b-group-eff7808d5b54bb721b52529759597c29"  # the spec's id for acme/engineering
+ACME = ["acme.twake.app", "alice.acme.twake.app", "bob.acme.twake.app", "carol.acme.twake.app"]
+OTHER = ["other.twake.app", "dan.other.twake.app"]
+PEOPLE = {
+    "alice": {"username": "alice", "email": "alice@acme.com", "firstName": "Alice", "lastName": "Durand",
+              "workplaceFqdn": "alice.acme.twake.app"},
+    "bob": {"username": "bob", "email": "bob@acme.com", "firstName": "Bob", "lastName": "Martin",
+            "workplaceFqdn": "bob.acme.twake.app"},
+    "dave": {"email": "dave@acme.com"},  # a member without an instance of their own
+}
+
+
+@pytest.fixture
+def acme(world):
+    for domain in ACME:
+        name = domain.split(".")[0]
+        world.add_instance(domain, "acme", email=f"{name if name != 'acme' else 'admin'}@acme.com",
+                           org_domain="acme.com")
+    world.add_instance("gone.acme.twake.app", "acme", deleting=True)
+    for domain in OTHER:
+        world.add_instance(domain, "other", email=f"{domain.split('.')[0]}@other.com")
+    return world
+
+
+@pytest.fixture
+def sync(acme):
+    synchronizer = acme.synchronizer()
+    yield synchronizer
+    synchronizer.close()
+
+
+def event(routing_key, minute=30, **fields):
+    body = {"timestamp": f"2026-06-16T10:{minute:02d}:00.000Z", "organizationId": "acme", "id": "engineering",
+            **fields}
+    return parse_event(routing_key, json.dumps(body))
+
+
+def created(*names, minute=30):
+    return event("b2b.group.created", minute, name="Engineering", description="Engineering team",
+                 color="#3366FF", createdAt="2026-06-16T10:30:00.000Z", members=[PEOPLE[n] for n in names])
+
+
+def expected_contact(name, groups):
+    person = PEOPLE[name]
+    full = f"{person['firstName']} {person['lastName']}" if "firstName" in person else name
+    url = f"https://{person['workplaceFqdn']}" if "workplaceFqdn" in person else None
+    doc = {"_id": managed_contact_id("acme", person["email"]), "fullname": full, "displayName": full,
+           "email": [{"address": person["email"], "primary": True}],
+           "metadata": {"external": True}, "trustedForSharing": True,
+           "indexes": {"byFamilyNameGivenNameEmailCozyUrl": url or person["email"]},
+           "relationships": {"groups": {"data": [{"_id": g, "_type": GROUPS} for g in groups]}},
+           "twakeDirectory": {"managed": True, "kind": "contact", "organizationId": "acme",
+                              "username": person.get("username"), "email": person["email"],
+                              "workplaceFqdn": person.get("workplaceFqdn")}}
+    if url:
+        doc["cozy"] = [{"url": url, "primary": True}]
+    return doc
+
+
+def without_bookkeeping(doc):
+    """The document minus its revision and couchsync's ordering stamps (checked on their own)."""
+    doc = {k: v for k, v in doc.items() if k != "_rev"}
+    tag = {k: v for k, v in doc["twakeDirectory"].items() if k not in ("stamp", "stamps", "members")}
+    return {**doc, "twakeDirectory": tag}
+
+
+def assert_directory(world, domain, group, contacts):
+    """The instance holds exactly this managed group (or none) and these contacts, field by field."""
+    groups = world.docs(domain, GROUPS)
+    assert {k: without_bookkeeping(v) for k, v in groups.items()} == ({ENGINEERING: group} if group else {})
+    found = {k: without_bookkeeping(v) for k, v in world.docs(domain, CONTACTS).items()}
+    assert found == {c["_id"]: c for c in contacts}
+
+
+def members_in(domain, names):
+    """Members as seen from an instance: never its own owner."""
+    return [n for n in names if not domain.startswith(f"{n}.")]
+
+
+GROUP = {"_id": ENGINEERING, "name": "Engineering", "description": "Engineering team", "color": "#3366FF",
+         "createdAt": "2026-06-16T10:30:00.000Z",
+         "twakeDirectory": {"managed": True, "kind": "group", "organizationId": "acme", "externalId": "engineering"}}
+
+
+def assert_untouched(world):
+    for domain in OTHER + ["gone.acme.twake.app"]:
+        assert world.docs(domain, GROUPS) == {} and world.docs(domain, CONTACTS) == {}
+
+
+def test_group_created_gives_every_instance_the_group_and_its_members(acme, sync):
+    report = sync.apply(created("alice", "bob", "dave"))
+    assert sorted(r.domain for r in report.instances) == sorted(ACME)
+    assert report.failures == [] and report.refusals == []
+    for domain in ACME:
+        names = members_in(domain, ["alice", "bob", "dave"])
+        assert_directory(acme, domain, GROUP, [expected_contact(n, [ENGINEERING]) for n in names])
+    group = acme.docs("carol.acme.twake.app", GROUPS)[ENGINEERING]
+    assert group["twakeDirectory"]["stamps"]["name"].startswith("2026-06-16T10:30:00.000000Z#")
+    assert_untouched(acme)
+
+
+def test_group_updated_patches_given_fields_and_ignores_an_older_update(acme, sync):
+    sync.apply(created("alice"))
+    sync.apply(event("b2b.group.updated", 31, name="Platform", description=""))
+    sync.apply(event("b2b.group.updated", 29, name="Too late", color="#000000"))
+    group = {**GROUP, "name": "Platform", "description": ""}
+    for domain in ACME:
+        assert_directory(acme, domain, group, [expected_contact(n, [ENGINEERING]) for n in members_in(domain, ["alice"])])
+    assert_untouched(acme)
+
+
+def test_group_deleted_unlinks_every_contact_first_and_keeps_their_other_relationships(acme, sync):
+    sync.apply(created("alice", "bob"))
+    carol = "carol.acme.twake.app"
+    bob = acme.docs(carol, CONTACTS)[managed_contact_id("acme", "bob@acme.com")]
+    mine = {"_id": "mine", "_type": GROUPS}
+    bob["relationships"]["groups"]["data"].insert(0, mine)
+    acme.put(carol, CONTACTS, bob)  # Carol put Bob in a group of her own
+    report = sync.apply(event("b2b.group.deleted", 31))
+    assert report.failures == []
+    for domain in ACME:
+        assert_directory(acme, domain, None, [expected_contact(n, []) for n in members_in(domain, ["alice", "bob"])
+                                              if not (domain == carol and n == "bob")]
+                         + ([{**expected_contact("bob", []), "relationships": {"groups": {"data": [mine]}}}]
+                            if domain == carol else []))
+    assert_untouched(acme)
+
+
+def test_member_added_upserts_contacts_and_member_removed_only_unlinks(acme, sync):
+    sync.apply(created("alice"))
+    sync.apply(event("b2b.group.member.added", 31, members=[PEOPLE["bob"], PEOPLE["alice"]]))
+    for domain in ACME:
+        assert_directory(acme, domain, GROUP, [expected_contact(n, [ENGINEERING])
+                                               for n in members_in(domain, ["alice", "bob"])])
+    sync.apply(event("b2b.group.member.removed", 32, members=[PEOPLE["alice"], PEOPLE["dave"]]))
+    for domain in ACME:
+        assert_directory(acme, domain, GROUP, [expected_contact(n, [ENGINEERING] if n == "bob" else [])
+                                               for n in members_in(domain, ["alice", "bob"])])
+    assert_untouched(acme)
+
+
+def test_member_added_before_its_group_is_created_appears_once_it_is(acme, sync):
+    sync.apply(event("b2b.group.member.added", 31, members=[PEOPLE["bob"]]))
+    assert acme.docs("carol.acme.twake.app", GROUPS) == {}
+    sync.apply(created(minute=30))
+    for domain in ACME:
+        assert_directory(acme, domain, GROUP, [expected_contact(n, [ENGINEERING]) for n in members_in(domain, ["bob"])])
+
+
+def test_an_unmanaged_group_with_the_managed_id_is_left_byte_for_byte_and_reported(acme, sync):
+    carol = "carol.acme.twake.app"
+    acme.put(carol, GROUPS, {"_id": ENGINEERING, "name": "Carol's own"})
+    before = acme.raw(carol, GROUPS, ENGINEERING)
+    report = sync.apply(created("bob"))
+    assert acme.raw(carol, GROUPS, ENGINEERING) == before
+    assert acme.docs(carol, CONTACTS) == {}
+    assert [(d, "unmanaged" in reason) for d, reason in report.refusals] == [(carol, True)]
+    assert_directory(acme, "alice.acme.twake.app", GROUP, [expected_contact("bob", [ENGINEERING])])
+
+
+def test_a_personal_contact_with_a_members_email_is_left_byte_for_byte_and_reported(acme, sync):
+    carol = "carol.acme.twake.app"
+    acme.put(carol, CONTACTS, {"_id": "bob-personal", "fullname": "Bobby", "email": [{"address": "Bob@acme.com"}]})
+    before = acme.raw(carol, CONTACTS, "bob-personal")
+    report = sync.apply(created("bob"))
+    assert acme.raw(carol, CONTACTS, "bob-personal") == before
+    assert set(acme.docs(carol, CONTACTS)) == {"bob-personal"}
+    assert len(report.refusals) == 1 and report.refusals[0][0] == carol and "bob-personal" in report.refusals[0][1]
+
+
+def test_an_external_contact_is_reused_made_managed_and_keeps_its_other_fields(acme, sync):
+    carol = "carol.acme.twake.app"
+    acme.put(carol, CONTACTS, {"_id": "bob-ext", "fullname": "B.", "email": [{"address": "bob@acme.com"}],
+                               "phone": [{"number": "+33 6 00"}], "note": "met at FOSDEM",
+                               "metadata": {"external": True}})
+    sync.apply(created("bob"))
+    contacts = acme.docs(carol, CONTACTS)
+    assert set(contacts) == {"bob-ext"}
+    bob = contacts["bob-ext"]
+    assert bob["twakeDirectory"]["managed"] is True and bob["fullname"] == "Bob Martin"
+    assert bob["phone"] == [{"number": "+33 6 00"}] and bob["note"] == "met at FOSDEM"
+    assert bob["relationships"]["groups"]["data"] == [{"_id": ENGINEERING, "_type": GROUPS}]
+
+
+def test_applying_the_same_events_twice_creates_no_revision(acme, sync):
+    events = [created("alice", "bob"), event("b2b.group.updated", 31, name="P"),
+              event("b2b.group.member.removed", 32, members=[PEOPLE["bob"]]), event("b2b.group.deleted", 33)]
+    for step in events:
+        sync.apply(step)
+        revisions = {domain: acme.revisions(domain) for domain in ACME}
+        again = sync.apply(step)
+        assert again.writes == 0
+        assert {domain: acme.revisions(domain) for domain in ACME} == revisions
+
+
+def test_an_unknown_organization_is_an_error(acme, sync):
+    with pytest.raises(UnknownOrganization):
+        sync.apply(parse_event("b2b.group.deleted", json.dumps(
+            {"timestamp": "2026-06-16T10:30:00Z", "organizationId": "nobody", "id": "g"})))
+
+
+@pytest.mark.slow
+def test_an_organization_of_2500_instances_is_listed_completely(world):
+    docs = [localcouch.instance_doc(f"m{i:04d}.big.twake.app", "big", prefix=f"p{i}") for i in range(2500)]
+    docs += [localcouch.instance_doc(f"x{i}.else.twake.app", "else") for i in range(30)]
+    docs += [localcouch.instance_doc("moved.big.twake.app", "big", moved=True)]
+    world.add_instances(docs)
+    with CouchGateway(world.couch_settings()) as couch:
+        directory = InstanceDirectory(couch, world.global_db, page_size=1000)
+        directory.ensure_indexes()
+        found = directory.instances_of("big")
+    assert len(found) == 2500
+    assert {i.domain for i in found} == {f"m{i:04d}.big.twake.app" for i in range(2500)}
