@@ -1,0 +1,76 @@
+"""The demo: a local CouchDB-compatible server, a demo organization, its directory events, the result.
+
+Starts PouchDB Server in memory, seeds organization `acme` (the organization instance and three
+members; Bob keeps a personal contact of Carol, which couchsync must leave alone) and organization
+`other`, runs `couchsync apply scripts/demo-events.jsonl` as an operator would, then prints the
+directory each instance ends with.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import localcouch
+
+HERE = Path(__file__).resolve().parent
+GLOBAL_DB = "global/instances"
+ACME = {"acme.twake.app": "admin@acme.com", "alice.acme.twake.app": "alice@acme.com",
+        "bob.acme.twake.app": "bob@acme.com", "carol.acme.twake.app": "carol@acme.com"}
+OTHER = {"other.twake.app": "admin@other.com"}
+
+
+def seed(couch: localcouch.LocalCouch) -> None:
+    docs = [localcouch.instance_doc(domain, "acme", "acme.com") for domain in ACME]
+    docs += [localcouch.instance_doc(domain, "other", "other.com") for domain in OTHER]
+    localcouch.bulk(couch, GLOBAL_DB, docs)
+    for domain, email in {**ACME, **OTHER}.items():
+        prefix = domain.replace(".", "-")
+        localcouch.bulk(couch, f"{prefix}/io-cozy-settings", [localcouch.settings_doc(email, domain)])
+    localcouch.bulk(couch, "bob-acme-twake-app/io-cozy-contacts", [
+        {"_id": "carol-personal", "fullname": "Caro (tennis)", "email": [{"address": "carol@acme.com"}]}])
+
+
+def directory(couch: localcouch.LocalCouch, domain: str) -> list[str]:
+    prefix = domain.replace(".", "-")
+    lines = []
+    groups = couch.request("GET", localcouch.db_path(f"{prefix}/io-cozy-contacts-groups") + "/_all_docs",
+                           params={"include_docs": "true"}).json().get("rows", [])
+    contacts = couch.request("GET", localcouch.db_path(f"{prefix}/io-cozy-contacts") + "/_all_docs",
+                             params={"include_docs": "true"}).json().get("rows", [])
+    contacts = [row["doc"] for row in contacts if not row["id"].startswith("_design/")]
+    for row in groups:
+        if row["id"].startswith("_design/"):
+            continue
+        members = sorted(c["fullname"] for c in contacts
+                         if any(g["_id"] == row["id"] for g in c.get("relationships", {}).get("groups", {}).get("data", [])))
+        lines.append(f"  group {row['doc']['name']!r}: {', '.join(members) or '(nobody here)'}")
+    for contact in sorted(contacts, key=lambda c: c.get("fullname", "")):
+        managed = "managed" if contact.get("twakeDirectory", {}).get("managed") else "personal, untouched"
+        lines.append(f"  contact {contact.get('fullname')!r} <{contact['email'][0]['address']}> ({managed})")
+    return lines or ["  (empty)"]
+
+
+def main() -> int:
+    print("demo: starting the local CouchDB-compatible server (PouchDB Server, in memory)")
+    couch = localcouch.server()
+    try:
+        seed(couch)
+        print(f"demo: seeded organization acme ({len(ACME)} instances) and other ({len(OTHER)}) at {couch.url}")
+        env = {**os.environ, "COUCHSYNC_COUCH_URL": couch.url, "COUCHSYNC_COUCH_USER": couch.sync[0],
+               "COUCHSYNC_COUCH_PASSWORD": couch.sync[1], "COUCHSYNC_GLOBAL_DB": GLOBAL_DB}
+        command = [sys.executable, "-m", "couchsync", "apply", str(HERE / "demo-events.jsonl")]
+        print("demo: $ couchsync apply scripts/demo-events.jsonl")
+        status = subprocess.call(command, env=env)
+        for domain in [*ACME, *OTHER]:
+            print(f"\n{domain}")
+            print("\n".join(directory(couch, domain)))
+        return status
+    finally:
+        couch.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
