@@ -226,3 +226,30 @@ def test_an_organization_of_2500_instances_is_listed_completely(world):
         found = directory.instances_of("big")
     assert len(found) == 2500
     assert {i.domain for i in found} == {f"m{i:04d}.big.twake.app" for i in range(2500)}
+
+
+def test_a_failure_in_one_instance_is_reported_with_it_and_the_others_are_applied(acme):
+    from couchsync import config, design_docs
+    from couchsync.errors import CouchUnavailable
+    from couchsync.sync import Synchronizer
+
+    broken = acme.db("bob.acme.twake.app", GROUPS)
+
+    class FlakyGateway(CouchGateway):
+        """The real gateway, except that Bob's groups database is down."""
+
+        def bulk_write(self, db, docs, **kwargs):
+            if db == broken:
+                raise CouchUnavailable("injected outage", db=db)
+            return super().bulk_write(db, docs, **kwargs)
+
+    with FlakyGateway(acme.couch_settings()) as couch:
+        directory = InstanceDirectory(couch, acme.global_db)
+        settings = config.load_sync(global_db=acme.global_db, concurrency=4)
+        with Synchronizer(couch, directory, design_docs.load(), settings) as sync:
+            report = sync.apply(created("alice"))
+    assert [(f.domain, f.retryable) for f in report.failures] == [("bob.acme.twake.app", True)]
+    assert "injected outage" in report.failures[0].error and report.retryable
+    for domain in ACME:
+        if domain != "bob.acme.twake.app":
+            assert set(acme.docs(domain, GROUPS)) == {ENGINEERING}
