@@ -75,7 +75,8 @@ def translate_errors(db: str | None = None, doc_id: str | None = None) -> Iterat
 
 def _session(settings: CouchSettings) -> requests.Session:
     retry = Retry(total=settings.http_retries, connect=settings.http_retries, read=settings.http_retries,
-                  backoff_factor=settings.http_backoff, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                  backoff_factor=settings.http_backoff, status_forcelist=(429, 500, 502, 503, 504),
+                  allowed_methods=None,
                   raise_on_status=False, respect_retry_after_header=True)
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.pool_size, max_retries=retry)
     session = requests.Session()

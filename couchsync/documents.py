@@ -17,6 +17,7 @@ CONTACTS = "io.cozy.contacts"
 SETTINGS = "io.cozy.settings"
 SETTINGS_DOC_ID = "io.cozy.settings.instance"
 SORT_INDEX = "byFamilyNameGivenNameEmailCozyUrl"
+MANAGED_GROUP_PREFIX = "b2b-group-"
 
 Doc = dict[str, Any]
 
@@ -27,7 +28,7 @@ def _digest(*parts: str) -> str:
 
 def managed_group_id(organization_id: str, group_id: str) -> str:
     """The group's id in every instance: b2b-group-<sha256(org NUL group)[:32]>."""
-    return f"b2b-group-{_digest(organization_id.strip(), group_id.strip())}"
+    return MANAGED_GROUP_PREFIX + _digest(organization_id.strip(), group_id.strip())
 
 
 def managed_contact_id(organization_id: str, email: str) -> str:
@@ -98,11 +99,18 @@ def with_group(contact: Doc, group_id: str, member: bool) -> Doc:
     groups = dict(relationships.get("groups") or {})
     data = [item for item in groups.get("data") or []
             if not (isinstance(item, dict) and item.get("_id") == group_id)]
+    ours = [item for item in data if _is_managed_group_ref(item)]
     if member:
-        data.append({"_id": group_id, "_type": GROUPS})
-    groups["data"] = data
+        ours.append({"_id": group_id, "_type": GROUPS})
+    # The user's own relationships first, as they were; managed groups after, sorted, so that the
+    # list is the same whatever order the memberships arrived in.
+    groups["data"] = [item for item in data if not _is_managed_group_ref(item)] + sorted(ours, key=lambda i: i["_id"])
     relationships["groups"] = groups
     return {**contact, "relationships": relationships}
+
+
+def _is_managed_group_ref(item: Any) -> bool:
+    return isinstance(item, dict) and str(item.get("_id", "")).startswith(MANAGED_GROUP_PREFIX)
 
 
 def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
@@ -131,15 +139,27 @@ def is_reusable(contact: Doc, organization_id: str) -> bool:
     return tag is None and (contact.get("metadata") or {}).get("external") is True
 
 
+def _belongs_to_another_member(contact: Doc, email: str, organization_id: str) -> bool:
+    """A contact managed for this organization is the member whose email it records, and no other."""
+    tag = contact.get(TAG)
+    if not is_managed(contact) or tag.get("organizationId") != organization_id:
+        return False
+    recorded = str(tag.get("email") or "").strip().lower()
+    return bool(recorded) and recorded != email
+
+
 def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc],
                   organization_id: str) -> ContactMatch:
     """The contact to use for a member: by email first, then by Cozy URL; never a guess.
 
-    No candidate gives an empty match (create one); a single reusable candidate is the match;
+    A managed contact is only ever its own member's (its recorded email), so matching by Cozy URL
+    adopts external contacts only. No candidate gives an empty match (create one); a single reusable
+    candidate is the match;
     candidates that may not be reused, or two reusable ones, give a refusal with the reason.
     """
-    live = [contact for contact in contacts if is_live(contact)]
     wanted = email.strip().lower()
+    live = [contact for contact in contacts if is_live(contact) and not _belongs_to_another_member(
+        contact, wanted, organization_id)]
     candidates = [contact for contact in live if wanted in emails_of(contact)]
     how = "email"
     host = host_of(workplace_fqdn)

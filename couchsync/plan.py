@@ -228,10 +228,15 @@ def upsert_contact(contact: Doc | None, member: Member, organization_id: str, st
     }
     name = display_name(member)
     url = cozy_url(member.workplace_fqdn)
+    # The entries a previous profile added are replaced, not accumulated: the newest profile wins
+    # whatever order profiles arrive in.
+    previous = doc.get(TAG) if is_managed(doc) else {}
     doc["fullname"] = doc["displayName"] = name
-    doc["email"] = _with_entry(doc.get("email"), "address", member.email, lower=True)
-    if url:
-        doc["cozy"] = _with_entry(doc.get("cozy"), "url", url, lower=True)
+    doc["email"] = _with_entry(doc.get("email"), "address", member.email, replaces=previous.get("email"))
+    cozy = _with_entry(doc.get("cozy"), "url", url, replaces=cozy_url(previous.get("workplaceFqdn")))
+    doc.pop("cozy", None)
+    if cozy:
+        doc["cozy"] = cozy
     doc["metadata"] = {**(doc.get("metadata") or {}), "external": True}
     doc["trustedForSharing"] = True
     # The stack's own b2b contacts index by Cozy URL (the spec's example); without one, by email.
@@ -242,13 +247,21 @@ def upsert_contact(contact: Doc | None, member: Member, organization_id: str, st
     return doc
 
 
-def _with_entry(entries: Any, key: str, value: str, *, lower: bool) -> list[dict[str, Any]]:
-    """The list of `{key: ..., "primary": ...}` entries with `value` in it (first = primary)."""
+def _with_entry(entries: Any, key: str, value: str | None, *, replaces: str | None) -> list[dict[str, Any]]:
+    """The `{key: ..., "primary": ...}` entries with `value` instead of the one couchsync added before.
+
+    `replaces` (the value of the previous managed profile) is dropped when it differs from `value`;
+    an entry equal to `value` but for case is kept as the user wrote it.
+    """
     current = [dict(entry) for entry in entries or () if isinstance(entry, dict)]
-    norm = (lambda text: str(text or "").strip().lower()) if lower else (lambda text: text)
-    if any(norm(entry.get(key)) == norm(value) for entry in current):
-        return current
-    return current + [{key: value, "primary": not current}]
+    dropped = [entry for entry in current if replaces is not None and replaces != value
+               and entry.get(key) == replaces]
+    kept = [entry for entry in current if entry not in dropped]
+    wanted = (value or "").strip().lower()
+    if not wanted or any(str(entry.get(key) or "").strip().lower() == wanted for entry in kept):
+        return kept
+    primary = any(entry.get("primary") for entry in dropped) or not kept
+    return kept + [{key: value, "primary": primary}]
 
 
 def lookup_keys_for(event: GroupEvent, group_doc: Doc | None) -> list[list[str]]:
@@ -257,15 +270,15 @@ def lookup_keys_for(event: GroupEvent, group_doc: Doc | None) -> list[list[str]]
     The event's members always; when the group may come to life or die, also every contact related
     to it and every member its memory names, whose relationships follow its existence.
     """
+    if event.kind is GroupEventKind.UPDATED:
+        return []
     emails = [member.email for member in event.members]
     hosts = [host_of(member.workplace_fqdn) for member in event.members]
     groups: list[str] = []
-    state = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
     if event.kind is GroupEventKind.DELETED:
         # Even over a tombstone: a deletion interrupted before its contacts were written is finished.
         groups.append(managed_group_id(event.organization_id, event.group_id))
+    state = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
     if event.kind is GroupEventKind.CREATED and not state.alive:
         emails += list(state.members)
-    if event.kind is GroupEventKind.UPDATED:
-        return []
     return lookup_keys(emails, hosts, groups)

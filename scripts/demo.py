@@ -15,6 +15,8 @@ from pathlib import Path
 
 import localcouch
 
+from couchsync.documents import group_ids_of
+
 HERE = Path(__file__).resolve().parent
 GLOBAL_DB = "global/instances"
 ACME = {"acme.twake.app": "admin@acme.com", "alice.acme.twake.app": "alice@acme.com",
@@ -44,8 +46,7 @@ def directory(couch: localcouch.LocalCouch, domain: str) -> list[str]:
     for row in groups:
         if row["id"].startswith("_design/"):
             continue
-        members = sorted(c["fullname"] for c in contacts
-                         if any(g["_id"] == row["id"] for g in c.get("relationships", {}).get("groups", {}).get("data", [])))
+        members = sorted(c["fullname"] for c in contacts if row["id"] in group_ids_of(c))
         lines.append(f"  group {row['doc']['name']!r}: {', '.join(members) or '(nobody here)'}")
     for contact in sorted(contacts, key=lambda c: c.get("fullname", "")):
         managed = "managed" if contact.get("twakeDirectory", {}).get("managed") else "personal, untouched"

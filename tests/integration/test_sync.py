@@ -120,7 +120,8 @@ def test_group_updated_patches_given_fields_and_ignores_an_older_update(acme, sy
     sync.apply(event("b2b.group.updated", 29, name="Too late", color="#000000"))
     group = {**GROUP, "name": "Platform", "description": ""}
     for domain in ACME:
-        assert_directory(acme, domain, group, [expected_contact(n, [ENGINEERING]) for n in members_in(domain, ["alice"])])
+        contacts = [expected_contact(n, [ENGINEERING]) for n in members_in(domain, ["alice"])]
+        assert_directory(acme, domain, group, contacts)
     assert_untouched(acme)
 
 

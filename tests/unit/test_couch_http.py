@@ -65,7 +65,8 @@ def test_a_connection_error_becomes_couch_unavailable(couch):
 
 @responses.activate
 def test_401_becomes_access_denied_and_is_not_retried(couch):
-    responses.post(f"{DB_PATH}/_bulk_docs", status=401, json={"error": "unauthorized", "reason": "Name or password is incorrect."})
+    responses.post(f"{DB_PATH}/_bulk_docs", status=401,
+                   json={"error": "unauthorized", "reason": "Name or password is incorrect."})
     with pytest.raises(AccessDenied) as caught:
         couch.bulk_write(DB, [{"_id": "c1"}])
     assert len(responses.calls) == 1 and not caught.value.retryable
@@ -94,7 +95,8 @@ def test_bulk_write_gives_one_result_per_document_conflicts_and_refusals_include
 
 @responses.activate
 def test_bulk_write_creates_a_missing_database_once(couch):
-    responses.post(f"{DB_PATH}/_bulk_docs", status=404, json={"error": "not_found", "reason": "Database does not exist."})
+    responses.post(f"{DB_PATH}/_bulk_docs", status=404,
+                   json={"error": "not_found", "reason": "Database does not exist."})
     responses.put(DB_PATH, status=201, json={"ok": True})
     responses.post(f"{DB_PATH}/_bulk_docs", json=[{"id": "a", "rev": "1-x"}])
     assert couch.bulk_write(DB, [{"_id": "a"}])[0].ok

@@ -88,3 +88,9 @@ def test_group_relationships_are_added_and_removed_without_touching_others():
 
 def test_emails_of_includes_the_managed_email():
     assert emails_of({"email": [{"address": " A@B.c "}], "twakeDirectory": {"email": "x@y.z"}}) == {"a@b.c", "x@y.z"}
+
+
+def test_a_managed_contact_of_another_member_is_not_matched_by_cozy_url():
+    alice = contact("alice", "alice@acme.com", managed_org="acme", urls=["https://shared.acme.twake.app"])
+    alice["twakeDirectory"]["email"] = "alice@acme.com"
+    assert match_contact("bob@acme.com", "shared.acme.twake.app", [alice], "acme").contact is None

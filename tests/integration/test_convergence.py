@@ -1,0 +1,81 @@
+"""Convergence on the real server, through `couchsync apply`: seeded sequences, in order vs shuffled."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from couchsync.documents import CONTACTS, GROUPS
+from couchsync.events import parse_event
+
+from tests.integration.conftest import World
+
+DOMAINS = ["acme.twake.app", "alice.acme.twake.app", "bob.acme.twake.app"]
+PEOPLE = [{"email": "alice@acme.com", "firstName": "Alice", "workplaceFqdn": "alice.acme.twake.app"},
+          {"email": "bob@acme.com", "firstName": "Bob", "workplaceFqdn": "bob.acme.twake.app"},
+          {"email": "Bob@acme.com", "firstName": "Robert", "workplaceFqdn": "bob.acme.twake.app"},
+          {"email": "dave@acme.com", "lastName": "Dupont"}]
+
+
+def generated_sequence(seed: int, length: int = 14) -> list[dict]:
+    """Events over two groups and a few people, with colliding timestamps on purpose."""
+    rng = random.Random(seed)
+    messages = []
+    for _ in range(length):
+        kind = rng.choice(["created", "updated", "deleted", "member.added", "member.removed", "member.added"])
+        body = {"timestamp": f"2026-06-16T10:{rng.randrange(6):02d}:00Z", "organizationId": "acme",
+                "id": rng.choice(["engineering", "sales"])}
+        if kind == "created":
+            body.update(name=rng.choice(["Eng", "Sales"]), members=rng.sample(PEOPLE, rng.randrange(3)))
+        elif kind == "updated":
+            body.update({rng.choice(["name", "description", "color"]): rng.choice(["", "X", "Y"])})
+        elif kind.startswith("member"):
+            body["members"] = rng.sample(PEOPLE, rng.randrange(1, 3))
+        messages.append({"routingKey": f"b2b.group.{kind}", "body": body})
+    return messages
+
+
+def apply_with_cli(world: World, messages: list[dict], path) -> None:
+    path.write_text("\n".join(json.dumps(m) for m in messages))
+    user, password = world.server.sync
+    env = {**os.environ, "COUCHSYNC_COUCH_URL": world.server.url, "COUCHSYNC_COUCH_USER": user,
+           "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": world.global_db}
+    done = subprocess.run([sys.executable, "-m", "couchsync", "apply", str(path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def directory(world: World) -> dict:
+    return {domain: {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"}
+                               for doc_id, doc in world.docs(domain, doctype).items()}
+                     for doctype in (GROUPS, CONTACTS)} for domain in DOMAINS}
+
+
+def stamp_of(message: dict) -> str:
+    return parse_event(message["routingKey"], json.dumps(message["body"])).stamp
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_a_shuffled_sequence_with_duplicates_converges_to_the_in_order_directory(couch_server, tmp_path, seed):
+    in_order_world, shuffled_world = World(couch_server), World(couch_server)
+    for world in (in_order_world, shuffled_world):
+        for domain in DOMAINS:
+            world.add_instance(domain, "acme", email=f"{domain.split('.')[0]}@acme.com")
+    messages = generated_sequence(seed)
+    rng = random.Random(seed * 1000)
+    delivered = messages + rng.sample(messages, 4)
+    rng.shuffle(delivered)
+    try:
+        apply_with_cli(in_order_world, sorted(messages, key=stamp_of), tmp_path / "in-order.jsonl")
+        apply_with_cli(shuffled_world, delivered, tmp_path / "delivered.jsonl")
+        expected = directory(in_order_world)
+        assert any(expected[d][CONTACTS] for d in DOMAINS), "the sequence should leave some contacts"
+        assert directory(shuffled_world) == expected
+    finally:
+        in_order_world.cleanup()
+        shuffled_world.cleanup()
