@@ -93,6 +93,12 @@ class World:
         return {f"{doctype}:{doc_id}": doc["_rev"] for doctype in (GROUPS, CONTACTS)
                 for doc_id, doc in self.docs(domain, doctype).items()}
 
+    def cli_env(self, **overrides: str) -> dict[str, str]:
+        """The environment an operator gives `couchsync` to run as the sync identity on this world."""
+        user, password = self.server.sync
+        return {**os.environ, "COUCHSYNC_COUCH_URL": self.server.url, "COUCHSYNC_COUCH_USER": user,
+                "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": self.global_db, **overrides}
+
     def couch_settings(self, **overrides: Any) -> config.CouchSettings:
         user, password = self.server.sync
         return config.load_couch(self.server.url, username=user, password=password, **overrides)

@@ -1,7 +1,6 @@
 """`couchsync apply` run as an operator runs it: a subprocess, configured by the environment."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,9 +16,8 @@ def test_apply_reads_json_lines_and_prints_a_summary_per_event(world, tmp_path):
     body = {"timestamp": "2026-06-16T10:30:00Z", "organizationId": "acme", "id": "engineering",
             "name": "Engineering", "members": [{"email": "bob@acme.com", "firstName": "Bob"}]}
     events.write_text("\n".join(json.dumps({"routingKey": "b2b.group.created", "body": b}) for b in (body, body)))
-    user, password = world.server.sync
-    env = {**os.environ, "COUCHSYNC_COUCH_URL": world.server.url, "COUCHSYNC_COUCH_USER": user,
-           "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": world.global_db}
+    env = world.cli_env()
+    password = env["COUCHSYNC_COUCH_PASSWORD"]
     done = subprocess.run([sys.executable, "-m", "couchsync", "--log-level", "INFO", "apply", str(events)],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -36,8 +34,7 @@ def test_apply_with_wrong_credentials_exits_with_access_denied(world, tmp_path):
     events = tmp_path / "events.jsonl"
     events.write_text(json.dumps({"routingKey": "b2b.group.deleted", "body": {
         "timestamp": "2026-06-16T10:30:00Z", "organizationId": "acme", "id": "engineering"}}))
-    env = {**os.environ, "COUCHSYNC_COUCH_URL": world.server.url, "COUCHSYNC_COUCH_USER": "couchsync",
-           "COUCHSYNC_COUCH_PASSWORD": "wrong-password", "COUCHSYNC_GLOBAL_DB": world.global_db}
+    env = world.cli_env(COUCHSYNC_COUCH_PASSWORD="wrong-password")
     done = subprocess.run([sys.executable, "-m", "couchsync", "apply", str(events)],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 77

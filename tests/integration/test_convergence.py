@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -42,10 +41,7 @@ def generated_sequence(seed: int, length: int = 14) -> list[dict]:
 
 def apply_with_cli(world: World, messages: list[dict], path) -> None:
     path.write_text("\n".join(json.dumps(m) for m in messages))
-    user, password = world.server.sync
-    env = {**os.environ, "COUCHSYNC_COUCH_URL": world.server.url, "COUCHSYNC_COUCH_USER": user,
-           "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": world.global_db}
-    done = subprocess.run([sys.executable, "-m", "couchsync", "apply", str(path)], env=env,
+    done = subprocess.run([sys.executable, "-m", "couchsync", "apply", str(path)], env=world.cli_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
