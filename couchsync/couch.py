@@ -121,7 +121,7 @@ class CouchGateway:
         """`GET /_session`'s userCtx: who the gateway is to CouchDB."""
         with translate_errors(db="_session"):
             result = self._service.get_session_information().get_result()
-        return result.get("userCtx") or {}  # type: ignore[no-any-return]
+        return result.get("userCtx") or {}
 
     def database_exists(self, db: str) -> bool:
         """Whether the database exists."""

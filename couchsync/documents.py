@@ -51,6 +51,12 @@ def is_managed(doc: Doc | None) -> bool:
     return isinstance(tag, dict) and tag.get("managed") is True
 
 
+def managed_tag(doc: Doc | None) -> dict[str, Any]:
+    """The twakeDirectory tag of a managed document; empty for any other document."""
+    tag = doc.get(TAG) if doc else None
+    return tag if isinstance(tag, dict) and tag.get("managed") is True else {}
+
+
 def is_live(doc: Doc | None) -> bool:
     """Whether the document exists and is not a deletion tombstone."""
     return doc is not None and not doc.get("_deleted")
@@ -141,8 +147,8 @@ def is_reusable(contact: Doc, organization_id: str) -> bool:
 
 def _belongs_to_another_member(contact: Doc, email: str, organization_id: str) -> bool:
     """A contact managed for this organization is the member whose email it records, and no other."""
-    tag = contact.get(TAG)
-    if not is_managed(contact) or tag.get("organizationId") != organization_id:
+    tag = managed_tag(contact)
+    if tag.get("organizationId") != organization_id:
         return False
     recorded = str(tag.get("email") or "").strip().lower()
     return bool(recorded) and recorded != email

@@ -126,7 +126,7 @@ def _validator(routing_key: str) -> jsonschema.protocols.Validator:
     text = resources.files("couchsync.schemas").joinpath(f"{routing_key}.schema.json").read_text()
     schema = json.loads(text)
     cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
 def _check_schema(routing_key: str, data: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from couchsync.documents import (
     CONTACTS, GROUPS, SORT_INDEX, TAG, Doc, cozy_hosts_of, cozy_url, group_ids_of, host_of,
-    is_live, is_managed, lookup_keys, managed_contact_id, managed_group_id, match_contact, with_group)
+    is_live, is_managed, lookup_keys, managed_contact_id, managed_tag, managed_group_id, match_contact, with_group)
 from couchsync.events import GroupEvent, GroupEventKind, Member
 
 GROUP_VALUES = ("name", "description", "color", "createdAt")
@@ -191,8 +191,8 @@ def _is_owner(email: str | None, workplace_fqdn: str | None, view: InstanceView)
 
 def _project(contact: Doc, group_id: str, after: GroupState, view: InstanceView) -> Doc:
     """The contact with its relationship to the group as the group's memory says, if it says."""
-    tag = contact.get(TAG)
-    if not is_managed(contact) or tag.get("organizationId") != after.organization_id:
+    tag = managed_tag(contact)
+    if tag.get("organizationId") != after.organization_id:
         return contact
     email = tag.get("email") or ""
     if _is_owner(email, None, view) or view.domain.lower() in cozy_hosts_of(contact):
@@ -230,7 +230,7 @@ def upsert_contact(contact: Doc | None, member: Member, organization_id: str, st
     url = cozy_url(member.workplace_fqdn)
     # The entries a previous profile added are replaced, not accumulated: the newest profile wins
     # whatever order profiles arrive in.
-    previous = doc.get(TAG) if is_managed(doc) else {}
+    previous = managed_tag(doc)
     doc["fullname"] = doc["displayName"] = name
     doc["email"] = _with_entry(doc.get("email"), "address", member.email, replaces=previous.get("email"))
     cozy = _with_entry(doc.get("cozy"), "url", url, replaces=cozy_url(previous.get("workplaceFqdn")))
