@@ -117,12 +117,6 @@ class CouchGateway:
         with translate_errors():
             return self._service.get_server_information().get_result()  # type: ignore[no-any-return]
 
-    def session_user(self) -> Doc:
-        """`GET /_session`'s userCtx: who the gateway is to CouchDB."""
-        with translate_errors(db="_session"):
-            result = self._service.get_session_information().get_result()
-        return result.get("userCtx") or {}
-
     def database_exists(self, db: str) -> bool:
         """Whether the database exists."""
         try:

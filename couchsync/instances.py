@@ -55,13 +55,19 @@ class InstanceDirectory:
         self._couch = couch
         self._global_db = global_db
         self._page_size = page_size
+        self._indexed = False
 
     def ensure_indexes(self) -> None:
         """Create the `by-orgid` and `by-orgdomain` indexes where they are missing (idempotent)."""
         for name, fields in INDEXES.items():
             self._couch.ensure_index(self._global_db, name, fields)
+        self._indexed = True
 
     def _find(self, selector: dict[str, Any]) -> Iterator[Instance]:
+        if not self._indexed:
+            # Once per process: without them every lookup scans the global database. CouchDB
+            # answers "exists" where the stack already made them.
+            self.ensure_indexes()
         for doc in self._couch.find(self._global_db, selector, page_size=self._page_size, fields=_FIELDS):
             instance = instance_from_doc(doc)
             if instance is not None:
