@@ -45,16 +45,15 @@ def database_name(prefix: str, doctype: str) -> str:
     return f"{prefix}/{doctype}".lower().replace(".", "-").replace(":", "-")
 
 
-def is_managed(doc: Doc | None) -> bool:
-    """Whether couchsync owns this document (twakeDirectory.managed is true)."""
-    tag = doc.get(TAG) if doc else None
-    return isinstance(tag, dict) and tag.get("managed") is True
-
-
 def managed_tag(doc: Doc | None) -> dict[str, Any]:
     """The twakeDirectory tag of a managed document; empty for any other document."""
     tag = doc.get(TAG) if doc else None
     return tag if isinstance(tag, dict) and tag.get("managed") is True else {}
+
+
+def is_managed(doc: Doc | None) -> bool:
+    """Whether couchsync owns this document (twakeDirectory.managed is true)."""
+    return bool(managed_tag(doc))
 
 
 def is_live(doc: Doc | None) -> bool:

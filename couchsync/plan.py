@@ -278,7 +278,6 @@ def lookup_keys_for(event: GroupEvent, group_doc: Doc | None) -> list[list[str]]
     if event.kind is GroupEventKind.DELETED:
         # Even over a tombstone: a deletion interrupted before its contacts were written is finished.
         groups.append(managed_group_id(event.organization_id, event.group_id))
-    state = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
-    if event.kind is GroupEventKind.CREATED and not state.alive:
-        emails += list(state.members)
+    if event.kind is GroupEventKind.CREATED and not is_live(group_doc):
+        emails += list(GroupState.from_doc(group_doc, event.organization_id, event.group_id).members)
     return lookup_keys(emails, hosts, groups)

@@ -107,7 +107,6 @@ class World:
         gateway = CouchGateway(self.couch_settings(pool_size=concurrency))
         self.gateways.append(gateway)
         directory = InstanceDirectory(gateway, self.global_db, page_size=page_size)
-        directory.ensure_indexes()
         settings = config.load_sync(global_db=self.global_db, concurrency=concurrency, page_size=page_size)
         return Synchronizer(gateway, directory, design_docs.load(), settings)
 

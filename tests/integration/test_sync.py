@@ -223,7 +223,6 @@ def test_an_organization_of_2500_instances_is_listed_completely(world):
     world.add_instances(docs)
     with CouchGateway(world.couch_settings()) as couch:
         directory = InstanceDirectory(couch, world.global_db, page_size=1000)
-        directory.ensure_indexes()
         found = directory.instances_of("big")
     assert len(found) == 2500
     assert {i.domain for i in found} == {f"m{i:04d}.big.twake.app" for i in range(2500)}
