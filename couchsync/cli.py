@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -13,10 +13,11 @@ import click
 from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
-from couchsync.couch import CouchGateway
-from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent
+from couchsync.couch import CouchGateway, MangoIndex
+from couchsync.design_docs import DesignDocs, Outcome
+from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
 from couchsync.events import parse_event
-from couchsync.instances import InstanceDirectory
+from couchsync.instances import Instance, InstanceDirectory
 from couchsync.sync import EventReport, Synchronizer
 
 EXIT_FAILED = 1
@@ -33,9 +34,15 @@ class Context:
     def gateway(self) -> CouchGateway:
         return CouchGateway(self.couch)
 
+    def design(self) -> DesignDocs:
+        return design_docs.load(self.design_source)
+
+    def directory(self, couch: CouchGateway, indexes: Sequence[MangoIndex] = ()) -> InstanceDirectory:
+        return InstanceDirectory(couch, self.sync.global_db, indexes=indexes, page_size=self.sync.page_size)
+
     def synchronizer(self, couch: CouchGateway) -> Synchronizer:
-        directory = InstanceDirectory(couch, self.sync.global_db, page_size=self.sync.page_size)
-        return Synchronizer(couch, directory, design_docs.load(self.design_source), self.sync)
+        design = self.design()
+        return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,6 +134,89 @@ def apply(obj: Context, source: IO[str]) -> None:
             if report.failures:
                 worst = max(worst, EXIT_FAILED)
     sys.exit(worst)
+
+
+@cli.command("deploy-design-docs")
+@click.option("--org", "org_id", metavar="ID", help="Only the instances of this organization.")
+@click.option("--instance", "domain", metavar="DOMAIN", help="Only this instance.")
+@click.option("--dry-run", is_flag=True, help="Print what would change and write nothing.")
+@click.option("--create-missing", is_flag=True,
+              help="Create contacts and groups databases that do not exist yet (needs server admin rights).")
+@click.option("--sync-name", "sync_names", multiple=True, envvar="COUCHSYNC_SYNC_NAMES", metavar="NAME",
+              help="A CouchDB user name of the sync identity (repeatable; default: --couch-user).")
+@click.option("--sync-role", "sync_roles", multiple=True, envvar="COUCHSYNC_SYNC_ROLES", metavar="ROLE",
+              help="A CouchDB role of the sync identity (repeatable; never _admin).")
+@click.pass_obj
+def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry_run: bool,
+                       create_missing: bool, sync_names: tuple[str, ...], sync_roles: tuple[str, ...]) -> None:
+    """Install the protection and lookup design documents in every instance, and the global indexes.
+
+    Every instance's io.cozy.contacts and io.cozy.contacts.groups databases get the validate_doc_update
+    that lets only the sync identity write managed documents; the global database gets the by-orgid
+    and by-orgdomain indexes. Unchanged design documents are left alone. Exits 1 when any database failed.
+    """
+    if org_id and domain:
+        raise click.UsageError("--org and --instance exclude each other")
+    identity = config.load_identity(sync_names or [obj.couch.username or ""], sync_roles)
+    design = obj.design()
+    protection = design.protection(identity)
+    with obj.gateway() as couch:
+        # The global database first: its indexes serve the instance lookups that follow.
+        outcomes = list(design_docs.deploy_all(couch, [design.global_target(obj.sync.global_db)], concurrency=1,
+                                               dry_run=dry_run, create_missing=create_missing))
+        # No index creation here: in a dry run it would be a write.
+        instances = _chosen_instances(obj.directory(couch), org_id, domain)
+        targets = [target for instance in instances for target in design.instance_targets(instance.prefix, protection)]
+        with click.progressbar(length=len(targets), label="deploying", file=sys.stderr,
+                               hidden=not sys.stderr.isatty()) as bar:
+            for outcome in design_docs.deploy_all(couch, targets, concurrency=obj.sync.concurrency,
+                                                  dry_run=dry_run, create_missing=create_missing):
+                outcomes.append(outcome)
+                bar.update(1)
+    _print_deployment(outcomes, dry_run)
+    sys.exit(EXIT_FAILED if any(outcome.error for outcome in outcomes) else 0)
+
+
+def _chosen_instances(directory: InstanceDirectory, org_id: str | None, domain: str | None) -> list[Instance]:
+    if domain:
+        instance = directory.instance(domain)
+        if instance is None:
+            raise UnknownInstance(f"no usable instance has the domain {domain!r}")
+        return [instance]
+    if org_id:
+        instances = directory.instances_of(org_id)
+        if not instances:
+            raise UnknownOrganization(f"organization {org_id!r} has no instance")
+        return instances
+    return list(directory.every_instance())
+
+
+_VERBS = {"installed": "install", "updated": "update"}
+
+
+def _print_deployment(outcomes: Iterable[Outcome], dry_run: bool) -> None:
+    counts = {"installed": 0, "updated": 0, "unchanged": 0}
+    missing, failed, created = [], [], 0
+    for outcome in outcomes:
+        created += outcome.created
+        if dry_run and outcome.created:
+            click.echo(f"would create {outcome.db}")
+        for ddoc, status in outcome.results:
+            counts[status] += 1
+            if dry_run and status != "unchanged":
+                click.echo(f"would {_VERBS[status]} {ddoc} in {outcome.db}")
+        if outcome.missing:
+            missing.append(outcome.db)
+        if outcome.error:
+            failed.append(outcome)
+    for db in missing:
+        click.echo(f"missing {db} (not created: --create-missing creates it)")
+    for outcome in failed:
+        click.echo(f"failed {outcome.db}: {outcome.error}")
+    verb = "would be " if dry_run else ""
+    click.echo(f"design documents {verb}installed: {counts['installed']}, {verb}updated: {counts['updated']}, "
+               f"unchanged: {counts['unchanged']}; databases {verb}created: {created}, missing: {len(missing)}, "
+               f"failed: {len(failed)}")
 
 
 def main() -> None:

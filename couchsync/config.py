@@ -6,6 +6,7 @@ Credentials come from the environment or from files, never from a URL typed on a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -53,6 +54,30 @@ class SyncSettings:
     concurrency: int = DEFAULT_CONCURRENCY
     page_size: int = DEFAULT_PAGE_SIZE
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+
+@dataclass(frozen=True, slots=True)
+class SyncIdentity:
+    """Who the protection lets write managed documents: CouchDB user names and/or roles."""
+
+    names: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+
+def load_identity(names: Iterable[str], roles: Iterable[str] = ()) -> SyncIdentity:
+    """A SyncIdentity, checked: at least one name or role, and never a role every admin has.
+
+    Raises:
+        ConfigError: empty, or `_admin` given as a role.
+    """
+    identity = SyncIdentity(tuple(sorted({n.strip() for n in names if n.strip()})),
+                            tuple(sorted({r.strip() for r in roles if r.strip()})))
+    if not identity.names and not identity.roles:
+        raise ConfigError("the sync identity needs at least one user name or role")
+    if "_admin" in identity.roles:
+        # Every server admin has it, the stack's own included: it would single nobody out.
+        raise ConfigError("_admin cannot be a sync identity role: every server admin has it")
+    return identity
 
 
 def redact(url: str) -> str:

@@ -46,6 +46,14 @@ class WriteResult:
         return self.error == "conflict"
 
 
+@dataclass(frozen=True, slots=True)
+class MangoIndex:
+    """A Mango JSON index, kept in the design document of the same name."""
+
+    name: str
+    fields: tuple[str, ...]
+
+
 def _error_for(status: int, message: str, db: str | None, doc_id: str | None) -> CouchError:
     if status in (401, 403):
         return AccessDenied(f"access denied: {message}", db=db, doc_id=doc_id, status=status)
@@ -240,7 +248,21 @@ class CouchGateway:
             result = self._service.put_design_document(db, name, body).get_result()
         return str(result["rev"])
 
-    def ensure_index(self, db: str, name: str, fields: Sequence[str]) -> None:
-        """Create a Mango JSON index `name` (in `_design/<name>`) unless it exists."""
-        with translate_errors(db, f"_design/{name}"):
-            self._service.post_index(db, {"fields": list(fields)}, ddoc=name, name=name, type="json")
+    def ensure_index(self, db: str, index: MangoIndex) -> str:
+        """Create the Mango index unless it exists: CouchDB's answer, "created" or "exists"."""
+        with translate_errors(db, f"_design/{index.name}"):
+            result = self._service.post_index(db, {"fields": list(index.fields)}, ddoc=index.name,
+                                              name=index.name, type="json").get_result()
+        return str(result.get("result", "created"))
+
+    def index_fields(self, db: str, name: str) -> tuple[str, ...] | None:
+        """The fields of the JSON index `name` in `_design/<name>`; None when it or the database is missing."""
+        try:
+            with translate_errors(db, "_index"):
+                indexes = self._service.get_indexes_information(db).get_result()["indexes"]
+        except NotFound:
+            return None
+        for index in indexes:
+            if index.get("name") == name and index.get("ddoc") == f"_design/{name}":
+                return tuple(field for entry in index["def"]["fields"] for field in entry)
+        return None

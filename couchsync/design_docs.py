@@ -2,48 +2,98 @@
 
 The folder is found once, by `load(source)`: the CLI passes `--design-docs` (environment
 `COUCHSYNC_DESIGN_DOCS`), which defaults to the `design_docs/` folder of the checkout couchsync runs
-from. Deployment compares before it writes, so an unchanged design document gets no new revision.
+from. It holds:
+
+    contacts-lookup.map.js        the `couchsync/lookup` view of every io.cozy.contacts database
+    protection.validate.js        the validate_doc_update of every contacts and groups database
+    global-*.index.json           the Mango indexes of the global database (`_index` request bodies)
+
+Deployment compares before it writes, so an unchanged design document gets no new revision.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from couchsync.couch import CouchGateway
-from couchsync.errors import ConfigError
+from couchsync.config import SyncIdentity
+from couchsync.couch import CouchGateway, MangoIndex
+from couchsync.documents import CONTACTS, GROUPS, database_name
+from couchsync.errors import ConfigError, CouchsyncError
 
 LOOKUP_DDOC = "couchsync"
 LOOKUP_VIEW = "lookup"
+PROTECTION_DDOC = "couchsync-protection"
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "design_docs"
+# Where the sync identity goes in protection.validate.js: valid JavaScript as it stands (null lets
+# nobody write managed documents), so the file runs unrendered too.
+IDENTITY_MARKER = "/* couchsync:identity */ null"
 
 Doc = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class DesignDocs:
-    """The design documents, ready to put."""
+    """The design documents, ready to put (the protection once given the sync identity)."""
 
-    lookup: Doc  # `_design/couchsync` of every io.cozy.contacts database
+    lookup: Doc                            # `_design/couchsync` of every io.cozy.contacts database
+    validation_source: str                 # protection.validate.js, identity not rendered yet
+    global_indexes: tuple[MangoIndex, ...]  # `by-orgid`, `by-orgdomain`
+
+    def protection(self, identity: SyncIdentity) -> Doc:
+        """`_design/couchsync-protection`, letting only `identity` write managed documents."""
+        rendered = json.dumps({"names": list(identity.names), "roles": list(identity.roles)}, sort_keys=True)
+        return {"language": "javascript",
+                "validate_doc_update": self.validation_source.replace(IDENTITY_MARKER, rendered)}
+
+    def instance_targets(self, prefix: str, protection: Doc) -> tuple[Target, Target]:
+        """An instance's contacts and groups databases, with the design documents each must hold."""
+        guard = (PROTECTION_DDOC, protection)
+        return (Target(database_name(prefix, CONTACTS), (guard, (LOOKUP_DDOC, self.lookup))),
+                Target(database_name(prefix, GROUPS), (guard,)))
+
+    def global_target(self, global_db: str) -> Target:
+        """The global instances database, with its indexes."""
+        return Target(global_db, indexes=self.global_indexes)
 
 
-def _read(source: Path, name: str) -> str:
+def _read(path: Path) -> str:
     try:
-        return (source / name).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"design document source {source / name} cannot be read: {exc.strerror}") from exc
+        raise ConfigError(f"design document source {path} cannot be read: {exc.strerror}") from exc
+
+
+def _index(path: Path) -> MangoIndex:
+    try:
+        body = json.loads(_read(path))
+        name, fields = body["name"], body["index"]["fields"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not an _index body with a name and index.fields") from exc
+    if body.get("ddoc", name) != name or not all(isinstance(field, str) for field in fields):
+        raise ConfigError(f"{path}: the index must live in the design document of its name, on plain fields")
+    return MangoIndex(name, tuple(fields))
 
 
 def load(source: Path = DEFAULT_SOURCE) -> DesignDocs:
     """The design documents built from the files in `source`.
 
     Raises:
-        ConfigError: a file is missing or unreadable.
+        ConfigError: a file is missing, unreadable or malformed.
     """
-    lookup_map = _read(source, "contacts-lookup.map.js")
-    lookup = {"language": "javascript", "views": {LOOKUP_VIEW: {"map": lookup_map.strip()}}}
-    return DesignDocs(lookup=lookup)
+    lookup = {"language": "javascript",
+              "views": {LOOKUP_VIEW: {"map": _read(source / "contacts-lookup.map.js").strip()}}}
+    validation = _read(source / "protection.validate.js").strip()
+    if not validation.startswith("function") or validation.count(IDENTITY_MARKER) != 1:
+        # PouchDB Server evaluates `return <source>`: a leading comment would return nothing.
+        raise ConfigError(f"{source / 'protection.validate.js'} must start with `function` and hold "
+                          f"{IDENTITY_MARKER!r} once")
+    indexes = tuple(_index(path) for path in sorted(source.glob("global-*.index.json")))
+    return DesignDocs(lookup=lookup, validation_source=validation, global_indexes=indexes)
 
 
 def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False) -> str:
@@ -54,3 +104,63 @@ def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool 
     if not dry_run:
         couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
     return "updated" if current else "installed"
+
+
+def ensure_index(couch: CouchGateway, db: str, index: MangoIndex, *, dry_run: bool = False) -> str:
+    """Create the Mango index unless it exists with these fields: "installed", "updated" or "unchanged"."""
+    current = couch.index_fields(db, index.name)
+    if current == index.fields:
+        return "unchanged"
+    if not dry_run:
+        couch.ensure_index(db, index)
+    return "updated" if current is not None else "installed"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A database and the design documents and indexes it must hold."""
+
+    db: str
+    ddocs: tuple[tuple[str, Doc], ...] = ()
+    indexes: tuple[MangoIndex, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What deploying did (or, in a dry run, would do) to one database."""
+
+    db: str
+    results: tuple[tuple[str, str], ...] = ()  # (`_design/<name>`, "installed" | "updated" | "unchanged")
+    missing: bool = False                      # the database does not exist and was left so
+    created: bool = False
+    error: str | None = None
+
+
+def deploy(couch: CouchGateway, target: Target, *, dry_run: bool = False,
+           create_missing: bool = False) -> Outcome:
+    """Bring one database's design documents up to date; a failure is reported, not raised."""
+    created = False
+    try:
+        if not couch.database_exists(target.db):
+            if not create_missing:
+                return Outcome(target.db, missing=True)
+            if not dry_run:
+                couch.create_database(target.db)
+            created = True
+        results = [(f"_design/{name}", ensure(couch, target.db, name, body, dry_run=dry_run))
+                   for name, body in target.ddocs]
+        results += [(f"_design/{index.name}", ensure_index(couch, target.db, index, dry_run=dry_run))
+                    for index in target.indexes]
+    except CouchsyncError as exc:
+        return Outcome(target.db, created=created, error=str(exc))
+    return Outcome(target.db, tuple(results), created=created)
+
+
+def deploy_all(couch: CouchGateway, targets: Sequence[Target], *, concurrency: int, dry_run: bool = False,
+               create_missing: bool = False) -> Iterator[Outcome]:
+    """Deploy to many databases at once (`concurrency` at a time); outcomes in the targets' order."""
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="couchsync-deploy") as pool:
+        futures = [pool.submit(deploy, couch, target, dry_run=dry_run, create_missing=create_missing)
+                   for target in targets]
+        for future in futures:
+            yield future.result()

@@ -4,6 +4,7 @@
     ├── ConfigError             bad or missing setting                      exit 78 (EX_CONFIG)
     ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
     ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
+    ├── UnknownInstance         no usable instance has the domain named
     ├── CouchError              carries the database and document id, never credentials
     │   ├── CouchUnavailable    connection error, timeout, 5xx, 429         retryable
     │   ├── DocumentConflict    409 still there after re-read and re-plan   retryable
@@ -43,6 +44,12 @@ class InvalidEvent(CouchsyncError):
 
 class UnknownOrganization(CouchsyncError):
     """No usable instance belongs to the organization named by an event."""
+
+    exit_code = 65
+
+
+class UnknownInstance(CouchsyncError):
+    """No usable instance has the domain an operator named."""
 
     exit_code = 65
 

@@ -7,16 +7,15 @@ Lookups go through the `by-orgid` and `by-orgdomain` Mango indexes and page with
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from couchsync.couch import CouchGateway
+from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.documents import SETTINGS, SETTINGS_DOC_ID, database_name
 
 logger = logging.getLogger(__name__)
 
-INDEXES = {"by-orgid": ("org_id",), "by-orgdomain": ("org_domain",)}
 _FIELDS = ("_id", "domain", "prefix", "org_id", "org_domain", "deleting", "moved", "blocked")
 
 
@@ -51,16 +50,18 @@ def instance_from_doc(doc: dict[str, Any]) -> Instance | None:
 class InstanceDirectory:
     """Finds instances in the global database (`global/instances` by default)."""
 
-    def __init__(self, couch: CouchGateway, global_db: str, *, page_size: int = 1000) -> None:
+    def __init__(self, couch: CouchGateway, global_db: str, *, indexes: Sequence[MangoIndex] = (),
+                 page_size: int = 1000) -> None:
         self._couch = couch
         self._global_db = global_db
+        self._indexes = tuple(indexes)  # `by-orgid`, `by-orgdomain`, from design_docs/
         self._page_size = page_size
         self._indexed = False
 
     def ensure_indexes(self) -> None:
-        """Create the `by-orgid` and `by-orgdomain` indexes where they are missing (idempotent)."""
-        for name, fields in INDEXES.items():
-            self._couch.ensure_index(self._global_db, name, fields)
+        """Create the global database's indexes where they are missing (idempotent)."""
+        for index in self._indexes:
+            self._couch.ensure_index(self._global_db, index)
         self._indexed = True
 
     def _find(self, selector: dict[str, Any]) -> Iterator[Instance]:
@@ -72,6 +73,14 @@ class InstanceDirectory:
             instance = instance_from_doc(doc)
             if instance is not None:
                 yield instance
+
+    def every_instance(self) -> Iterator[Instance]:
+        """Every usable instance of the cluster, page by page."""
+        return self._find({"domain": {"$gt": None}})
+
+    def instance(self, domain: str) -> Instance | None:
+        """The usable instance with this domain, if any."""
+        return next(self._find({"domain": domain.strip().lower()}), None)
 
     def instances_of(self, org_id: str) -> list[Instance]:
         """Every usable instance of the organization, the organization instance included."""

@@ -43,6 +43,7 @@ class World:
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     databases: set[str] = field(default_factory=set)
     gateways: list[CouchGateway] = field(default_factory=list)
+    protected: bool = False  # every instance gets couchsync's design documents, as deploy-design-docs installs them
 
     @property
     def global_db(self) -> str:
@@ -63,6 +64,17 @@ class World:
             domain, org_id, org_domain, prefix=self.prefix(domain), **extra)])
         if email:
             localcouch.bulk(self.server, self.db(domain, SETTINGS), [localcouch.settings_doc(email, domain)])
+        if self.protected:
+            self.protect(domain)
+
+    def protect(self, domain: str) -> None:
+        """Install the protection and lookup design documents in the instance's databases (created)."""
+        design = design_docs.load()
+        protection = design.protection(config.load_identity([self.server.sync[0]]))
+        for target in design.instance_targets(self.prefix(domain), protection):
+            self.databases.add(target.db)
+            outcome = design_docs.deploy(self.gateway(), target, create_missing=True)
+            assert outcome.error is None, outcome.error
 
     def add_instances(self, docs: list[dict[str, Any]]) -> None:
         self.databases.add(self.global_db)
@@ -103,12 +115,18 @@ class World:
         user, password = self.server.sync
         return config.load_couch(self.server.url, username=user, password=password, **overrides)
 
-    def synchronizer(self, concurrency: int = 8, page_size: int = 1000) -> Synchronizer:
-        gateway = CouchGateway(self.couch_settings(pool_size=concurrency))
+    def gateway(self, **overrides: Any) -> CouchGateway:
+        """A gateway of the sync identity, closed with the world."""
+        gateway = CouchGateway(self.couch_settings(**overrides))
         self.gateways.append(gateway)
-        directory = InstanceDirectory(gateway, self.global_db, page_size=page_size)
+        return gateway
+
+    def synchronizer(self, concurrency: int = 8, page_size: int = 1000) -> Synchronizer:
+        gateway = self.gateway(pool_size=concurrency)
+        design = design_docs.load()
+        directory = InstanceDirectory(gateway, self.global_db, indexes=design.global_indexes, page_size=page_size)
         settings = config.load_sync(global_db=self.global_db, concurrency=concurrency, page_size=page_size)
-        return Synchronizer(gateway, directory, design_docs.load(), settings)
+        return Synchronizer(gateway, directory, design, settings)
 
     def cleanup(self) -> None:
         for gateway in self.gateways:
@@ -122,5 +140,13 @@ class World:
 @pytest.fixture
 def world(couch_server):
     world = World(couch_server)
+    yield world
+    world.cleanup()
+
+
+@pytest.fixture(params=["unprotected", "protected"])
+def engine_world(request, couch_server):
+    """A world, once without and once with the protection deployed: the engine must not notice."""
+    world = World(couch_server, protected=request.param == "protected")
     yield world
     world.cleanup()

@@ -26,7 +26,8 @@ PEOPLE = {
 
 
 @pytest.fixture
-def acme(world):
+def acme(engine_world):
+    world = engine_world
     for domain in ACME:
         name = domain.split(".")[0]
         world.add_instance(domain, "acme", email=f"{name if name != 'acme' else 'admin'}@acme.com",
