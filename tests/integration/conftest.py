@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import requests
 
 import localcouch
 from couchsync import config, design_docs
@@ -44,6 +45,7 @@ class World:
     databases: set[str] = field(default_factory=set)
     gateways: list[CouchGateway] = field(default_factory=list)
     protected: bool = False  # every instance gets couchsync's design documents, as deploy-design-docs installs them
+    users: list[str] = field(default_factory=list)
 
     @property
     def global_db(self) -> str:
@@ -84,6 +86,26 @@ class World:
     def put(self, domain: str, doctype: str, doc: dict[str, Any]) -> dict[str, Any]:
         """Write as the stack's admin (not the sync identity)."""
         return localcouch.bulk(self.server, self.db(domain, doctype), [doc])[0]
+
+    def add_user(self, name: str, member_of: list[str]) -> requests.Session:
+        """A CouchDB user (`_users`), made a member of these databases (created): a session of theirs.
+
+        Membership matters on CouchDB 3, where databases are admin-only otherwise: it lets the user's
+        writes reach validate_doc_update, so that a refusal there is what a test sees.
+        """
+        name = f"{name}-{self.tag}"
+        password = secrets.token_hex(8)
+        self.server.request("PUT", "/_users/org.couchdb.user:" + name, json={
+            "name": name, "password": password, "roles": [], "type": "user"}).raise_for_status()
+        self.users.append(name)
+        for db in member_of:
+            self.databases.add(db)
+            localcouch.ensure_db(self.server, db)
+            self.server.request("PUT", localcouch.db_path(db) + "/_security", json={
+                "admins": {"names": [], "roles": []}, "members": {"names": [name], "roles": []}}).raise_for_status()
+        session = requests.Session()
+        session.auth = (name, password)
+        return session
 
     def raw(self, domain: str, doctype: str, doc_id: str) -> bytes:
         response = self.server.request("GET", localcouch.db_path(self.db(domain, doctype)) + "/" + doc_id)
@@ -135,6 +157,10 @@ class World:
             return  # in memory: gone with the server
         for name in self.databases:
             self.server.request("DELETE", localcouch.db_path(name))
+        for user in self.users:
+            doc_id = "/_users/org.couchdb.user:" + user
+            rev = self.server.request("GET", doc_id).json().get("_rev")
+            self.server.request("DELETE", doc_id, params={"rev": rev})
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 import pytest
 
+from couchsync import config
 from couchsync.config import Secret, load_couch, load_sync, redact
 from couchsync.errors import ConfigError
 
@@ -38,3 +39,18 @@ def test_urls_that_are_not_http_are_refused(url):
 def test_sync_settings_refuse_zero_concurrency():
     with pytest.raises(ConfigError):
         load_sync(concurrency=0)
+
+
+def test_the_sync_identity_is_names_and_roles_deduplicated_and_sorted():
+    identity = config.load_identity([" couchsync", "bot", "couchsync", ""], ["directory-sync"])
+    assert identity == config.SyncIdentity(names=("bot", "couchsync"), roles=("directory-sync",))
+
+
+def test_an_empty_sync_identity_is_a_configuration_error():
+    with pytest.raises(ConfigError, match="at least one user name or role"):
+        config.load_identity([""], [])
+
+
+def test_the_admin_role_would_let_every_server_admin_through_and_is_refused():
+    with pytest.raises(ConfigError, match="_admin cannot be a sync identity role"):
+        config.load_identity(["couchsync"], ["_admin"])

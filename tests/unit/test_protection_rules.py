@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from couchsync import config, design_docs
+from couchsync.couch import MangoIndex
+from couchsync.errors import ConfigError
 
 RUNNER = Path(__file__).with_name("run_validate_doc_update.js")
 IDENTITY = config.load_identity(["couchsync"], ["directory-sync"])
@@ -216,3 +218,15 @@ def test_the_identity_is_rendered_as_json_in_place_of_the_marker():
     rendered = design_docs.load().protection(IDENTITY)["validate_doc_update"]
     assert design_docs.IDENTITY_MARKER not in rendered
     assert 'var identity = {"names": ["couchsync"], "roles": ["directory-sync"]};' in rendered
+
+
+def test_a_validation_source_that_does_not_start_with_function_is_refused(tmp_path):
+    # PouchDB Server evaluates `return <source>`: a leading comment would make it return nothing.
+    for name in ("contacts-lookup.map.js", "global-by-orgid.index.json"):
+        (tmp_path / name).write_text((design_docs.DEFAULT_SOURCE / name).read_text())
+    source = (design_docs.DEFAULT_SOURCE / "protection.validate.js").read_text()
+    (tmp_path / "protection.validate.js").write_text("// a comment first\n" + source)
+    with pytest.raises(ConfigError, match="must start with `function`"):
+        design_docs.load(tmp_path)
+    (tmp_path / "protection.validate.js").write_text(source)
+    assert design_docs.load(tmp_path).global_indexes == (MangoIndex("by-orgid", ("org_id",)),)
