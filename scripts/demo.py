@@ -2,8 +2,8 @@
 
 Starts PouchDB Server in memory, seeds organization `acme` (the organization instance and three
 members; Bob keeps a personal contact of Carol, which couchsync must leave alone) and organization
-`other`, runs `couchsync apply scripts/demo-events.jsonl` as an operator would, then prints the
-directory each instance ends with.
+`other`, runs `couchsync deploy-design-docs` then `couchsync apply scripts/demo-events.jsonl` as an
+operator would, shows the protection refusing a hand edit, then prints each instance's directory.
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ def directory(couch: localcouch.LocalCouch, domain: str) -> list[str]:
     return lines or ["  (empty)"]
 
 
+def show_protection(couch: localcouch.LocalCouch) -> None:
+    """The stack's own admin tries to rename a managed contact in Bob's instance: CouchDB refuses."""
+    db = localcouch.db_path("bob-acme-twake-app/io-cozy-contacts")
+    rows = couch.request("GET", db + "/_all_docs", params={"include_docs": "true"}).json()["rows"]
+    managed = next(row["doc"] for row in rows if row["doc"].get("twakeDirectory", {}).get("managed"))
+    response = couch.request("PUT", f"{db}/{managed['_id']}", json={**managed, "fullname": "Renamed by hand"})
+    print(f"demo: the stack's admin renames {managed['fullname']!r} in bob.acme.twake.app: "
+          f"{response.status_code} {response.json().get('reason')}")
+
+
 def main() -> int:
     print("demo: starting the local CouchDB-compatible server (PouchDB Server, in memory)")
     couch = localcouch.server()
@@ -62,9 +72,12 @@ def main() -> int:
         print(f"demo: seeded organization acme ({len(ACME)} instances) and other ({len(OTHER)}) at {couch.url}")
         env = {**os.environ, "COUCHSYNC_COUCH_URL": couch.url, "COUCHSYNC_COUCH_USER": couch.sync[0],
                "COUCHSYNC_COUCH_PASSWORD": couch.sync[1], "COUCHSYNC_GLOBAL_DB": GLOBAL_DB}
-        command = [sys.executable, "-m", "couchsync", "apply", str(HERE / "demo-events.jsonl")]
+        print("demo: $ couchsync deploy-design-docs --create-missing")
+        status = subprocess.call([sys.executable, "-m", "couchsync", "deploy-design-docs", "--create-missing"], env=env)
         print("demo: $ couchsync apply scripts/demo-events.jsonl")
-        status = subprocess.call(command, env=env)
+        status = status or subprocess.call(
+            [sys.executable, "-m", "couchsync", "apply", str(HERE / "demo-events.jsonl")], env=env)
+        show_protection(couch)
         for domain in [*ACME, *OTHER]:
             print(f"\n{domain}")
             print("\n".join(directory(couch, domain)))
