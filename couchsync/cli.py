@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -13,12 +16,15 @@ import click
 from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
+from couchsync.amqp import Consumer, list_dead_letters, replay_dead_letters
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.design_docs import DesignDocs, Outcome
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
-from couchsync.events import parse_event
+from couchsync.events import SECRET_FIELDS, parse_event
 from couchsync.instances import Instance, InstanceDirectory
+from couchsync.metrics import Metrics, serve
 from couchsync.sync import EventReport, Synchronizer
+from couchsync.systemd import Notifier
 
 EXIT_FAILED = 1
 
@@ -64,21 +70,68 @@ class Context:
               show_default=True, help="Folder of the design document sources.")
 @click.option("--log-level", envvar="COUCHSYNC_LOG_LEVEL", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", envvar="COUCHSYNC_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(["text", "json"]), help="json: one JSON object per line (journald, log pipelines).")
 @click.pass_context
 def cli(ctx: click.Context, couch_url: str, couch_user: str, couch_password_file: str | None,
-        couch_password: str | None, global_db: str, concurrency: int, design_source: Path, log_level: str) -> None:
+        couch_password: str | None, global_db: str, concurrency: int, design_source: Path, log_level: str,
+        log_format: str) -> None:
     """Keep an organization's directory in every instance of the organization."""
-    logs.setup(log_level)
-    typed = ctx.get_parameter_source("couch_password") is ParameterSource.COMMANDLINE
-    if typed or (ctx.get_parameter_source("couch_url") is ParameterSource.COMMANDLINE
-                 and config.has_password(couch_url)):
-        raise ConfigError("a password on the command line would show in the process list: "
-                          "use COUCHSYNC_COUCH_PASSWORD or --couch-password-file")
+    logs.setup(log_level, log_format)
+    _refuse_typed_secrets(ctx, "couch_password", "couch_url", "COUCHSYNC_COUCH_PASSWORD", "--couch-password-file")
     ctx.obj = Context(
         couch=config.load_couch(couch_url, username=couch_user, password=couch_password,
                                 password_file=couch_password_file, pool_size=concurrency),
         sync=config.load_sync(global_db=global_db, concurrency=concurrency),
         design_source=design_source)
+
+
+def _refuse_typed_secrets(ctx: click.Context, password: str, url: str, envvar: str, file_option: str) -> None:
+    """Refuse a password typed on the command line (alone or in a URL): it would show in the process list."""
+    typed = ctx.get_parameter_source(password) is ParameterSource.COMMANDLINE
+    if typed or (ctx.get_parameter_source(url) is ParameterSource.COMMANDLINE
+                 and config.has_password(ctx.params[url])):
+        raise ConfigError(f"a password on the command line would show in the process list: "
+                          f"use {envvar} or {file_option}")
+
+
+def amqp_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The broker's options, shared by `worker` and `dlq`."""
+    options = [
+        click.option("--amqp-url", envvar="COUCHSYNC_AMQP_URL", default=config.DEFAULT_AMQP_URL, show_default=True,
+                     help="RabbitMQ URL, without credentials."),
+        click.option("--amqp-user", envvar="COUCHSYNC_AMQP_USER", default=config.DEFAULT_AMQP_USER,
+                     show_default=True),
+        click.option("--amqp-password-file", envvar="COUCHSYNC_AMQP_PASSWORD_FILE", type=click.Path(dir_okay=False),
+                     help="File holding the broker password (or set COUCHSYNC_AMQP_PASSWORD)."),
+        click.option("--amqp-password", envvar="COUCHSYNC_AMQP_PASSWORD", hidden=True),
+        click.option("--exchange", envvar="COUCHSYNC_EXCHANGE", default=config.DEFAULT_EXCHANGE, show_default=True,
+                     help="The directory's topic exchange of the b2b group events."),
+        click.option("--queue-prefix", envvar="COUCHSYNC_QUEUE_PREFIX", default=config.DEFAULT_QUEUE_PREFIX,
+                     show_default=True, help="Prefix of couchsync's own queues and dead-letter exchange."),
+        click.option("--prefetch", envvar="COUCHSYNC_PREFETCH", type=int, default=config.DEFAULT_PREFETCH,
+                     show_default=True, help="Messages handled at once."),
+        click.option("--delivery-limit", envvar="COUCHSYNC_DELIVERY_LIMIT", type=int,
+                     default=config.DEFAULT_DELIVERY_LIMIT, show_default=True,
+                     help="Attempts before a message is dead-lettered."),
+        click.option("--retry-delay", envvar="COUCHSYNC_RETRY_DELAY", type=float, default=config.DEFAULT_RETRY_DELAY,
+                     show_default=True, help="Seconds before the first retry, doubling after."),
+        click.option("--shutdown-timeout", envvar="COUCHSYNC_SHUTDOWN_TIMEOUT", type=float,
+                     default=config.DEFAULT_SHUTDOWN_TIMEOUT, show_default=True,
+                     help="Seconds an in-flight event may take to finish on SIGTERM."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _amqp_settings(ctx: click.Context, params: dict[str, Any]) -> config.AmqpSettings:
+    _refuse_typed_secrets(ctx, "amqp_password", "amqp_url", "COUCHSYNC_AMQP_PASSWORD", "--amqp-password-file")
+    return config.load_amqp(params["amqp_url"], username=params["amqp_user"], password=params["amqp_password"],
+                            password_file=params["amqp_password_file"], exchange=params["exchange"],
+                            queue_prefix=params["queue_prefix"], prefetch=params["prefetch"],
+                            delivery_limit=params["delivery_limit"], retry_delay=params["retry_delay"],
+                            shutdown_timeout=params["shutdown_timeout"])
 
 
 def read_messages(stream: IO[str]) -> Iterator[tuple[int, str, Any]]:
@@ -134,6 +187,101 @@ def apply(obj: Context, source: IO[str]) -> None:
             if report.failures:
                 worst = max(worst, EXIT_FAILED)
     sys.exit(worst)
+
+
+@cli.command()
+@amqp_options
+@click.option("--metrics-host", envvar="COUCHSYNC_METRICS_HOST", default="127.0.0.1", show_default=True)
+@click.option("--metrics-port", envvar="COUCHSYNC_METRICS_PORT", type=int, default=config.DEFAULT_METRICS_PORT,
+              show_default=True, help="Port of /metrics and /healthz (0: off).")
+@click.option("--notify-socket", envvar="NOTIFY_SOCKET", hidden=True)
+@click.option("--watchdog-usec", envvar="WATCHDOG_USEC", hidden=True)
+@click.pass_context
+def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
+           watchdog_usec: str | None, **amqp: Any) -> None:
+    """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
+
+    Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
+    Exits 78 on a configuration error (wrong credentials, queues declared with other arguments).
+    """
+    obj: Context = ctx.obj
+    settings = _amqp_settings(ctx, amqp)
+    process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
+                                 notify_socket=notify_socket, watchdog_usec=watchdog_usec)
+    metrics = Metrics()
+    couch = obj.gateway()
+    sync = obj.synchronizer(couch)
+    consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds))
+    server = serve(metrics, process.metrics_host, process.metrics_port,
+                   lambda: consumer.consuming) if process.metrics_port else None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: consumer.stop())
+    try:
+        consumer.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+    if not consumer.drained:
+        # An event outlived the shutdown timeout; its message is back in the queue. Its threads hold
+        # CouchDB writes that are safe to cut (idempotent): exit now rather than wait for them.
+        logging.shutdown()
+        os._exit(0)
+    sync.close()
+    couch.close()
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect and replay the dead-lettered messages."""
+
+
+@dlq.command("list")
+@amqp_options
+@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.option("--show-body", is_flag=True, help="Include the bodies (secret fields of user.created masked).")
+@click.pass_context
+def dlq_list(ctx: click.Context, /, limit: int, as_json: bool, show_body: bool, **amqp: Any) -> None:
+    """List dead letters with their reasons; the queue is left as it was."""
+    for message in list_dead_letters(_amqp_settings(ctx, amqp), limit):
+        record: dict[str, Any] = {"id": message.id, "routing_key": message.routing_key, "attempts": message.attempts,
+                                  "dead_lettered_at": message.dead_at, "reason": message.reason}
+        if show_body:
+            record["body"] = masked_body(message.body)
+        if as_json:
+            click.echo(json.dumps(record, ensure_ascii=False))
+        else:
+            click.echo(f"{message.id}  {message.routing_key}  attempts={message.attempts}  {message.reason}"
+                       + (f"\n    {record['body']}" if show_body else ""))
+
+
+@dlq.command("replay")
+@amqp_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+@click.pass_context
+def dlq_replay(ctx: click.Context, /, ids: tuple[str, ...], replay_all: bool, **amqp: Any) -> None:
+    """Send the dead letters with these IDS (from `dlq list`), or --all, back to the main queue."""
+    if bool(ids) == replay_all:
+        raise click.UsageError("name the messages to replay, or give --all")
+    replayed = replay_dead_letters(_amqp_settings(ctx, amqp), None if replay_all else set(ids))
+    for message in replayed:
+        click.echo(f"replayed {message.id}  {message.routing_key}")
+    missing = set(ids) - {message.id for message in replayed}
+    for message_id in sorted(missing):
+        click.echo(f"not found {message_id}")
+    sys.exit(EXIT_FAILED if missing else 0)
+
+
+def masked_body(body: bytes) -> str:
+    """A message body for display: its secret fields replaced (user.created carries keys)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return body.decode("utf-8", errors="replace")[:2000]
+    if isinstance(data, dict):
+        data = {key: "[secure]" if key in SECRET_FIELDS else value for key, value in data.items()}
+    return json.dumps(data, ensure_ascii=False)[:2000]
 
 
 @cli.command("deploy-design-docs")

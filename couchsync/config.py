@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from couchsync.errors import ConfigError
@@ -21,6 +22,16 @@ DEFAULT_PAGE_SIZE = 1000      # the stack pages its organization lists by 1,000
 DEFAULT_TIMEOUT = 30.0        # seconds for one CouchDB request
 DEFAULT_HTTP_RETRIES = 3      # quick retries of one request on connection errors, 429 and 5xx
 DEFAULT_MAX_ATTEMPTS = 5      # read → plan → write rounds per instance before a 409 is given up
+DEFAULT_AMQP_URL = "amqp://127.0.0.1:5672/%2F"
+DEFAULT_AMQP_USER = "guest"   # RabbitMQ's own default account, which it accepts from localhost only
+DEFAULT_EXCHANGE = "b2b"
+DEFAULT_QUEUE_PREFIX = "couchsync."
+DEFAULT_PREFETCH = 8          # the stack's
+DEFAULT_DELIVERY_LIMIT = 5    # the stack's: attempts before a message is dead-lettered
+DEFAULT_RETRY_DELAY = 2.0     # seconds before the first retry, doubling after
+DEFAULT_RETRY_DELAY_MAX = 300.0
+DEFAULT_SHUTDOWN_TIMEOUT = 20.0  # seconds an in-flight event may take to finish on SIGTERM
+DEFAULT_METRICS_PORT = 9464   # 0 turns the metrics and health endpoint off
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,96 @@ def load_identity(names: Iterable[str], roles: Iterable[str] = ()) -> SyncIdenti
         # Every server admin has it, the stack's own included: it would single nobody out.
         raise ConfigError("_admin cannot be a sync identity role: every server admin has it")
     return identity
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpSettings:
+    """Where the broker is, the queues couchsync owns there, and how it retries."""
+
+    url: str
+    username: str
+    password: Secret
+    exchange: str = DEFAULT_EXCHANGE
+    queue_prefix: str = DEFAULT_QUEUE_PREFIX
+    prefetch: int = DEFAULT_PREFETCH
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    retry_delay: float = DEFAULT_RETRY_DELAY
+    retry_delay_max: float = DEFAULT_RETRY_DELAY_MAX
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    heartbeat: int = 30
+
+    @property
+    def queue(self) -> str:
+        """The queue of the b2b group events."""
+        return f"{self.queue_prefix}b2b.group"
+
+    @property
+    def retry_queue(self) -> str:
+        """Where a failed attempt waits (per-message TTL) before it goes back to `queue`."""
+        return f"{self.queue}.retry"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.queue}.dead"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.queue_prefix}dlx"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """The worker's process: its metrics and health endpoint and its systemd notifications."""
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = DEFAULT_METRICS_PORT
+    notify_socket: str | None = None   # $NOTIFY_SOCKET, set by systemd for Type=notify
+    watchdog_seconds: float | None = None  # from $WATCHDOG_USEC
+
+
+def load_amqp(url: str, *, username: str = DEFAULT_AMQP_USER, password: str | None = None,
+              password_file: str | None = None, **tuning: Any) -> AmqpSettings:
+    """AmqpSettings from a URL without credentials and the credentials apart.
+
+    Raises:
+        ConfigError: not an amqp(s) URL, no password for a user other than guest, numbers out of range.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ConfigError(f"the AMQP URL must be amqp(s)://host[:port][/vhost]: {redact(url)}")
+    secret = read_secret_file(password_file) if password_file else None
+    if password is not None:
+        secret = Secret(password)
+    user = username or parts.username or DEFAULT_AMQP_USER
+    if secret is None and parts.password is not None:
+        secret = Secret(parts.password)
+    if secret is None:
+        if user != DEFAULT_AMQP_USER:
+            raise ConfigError(f"no AMQP password for {user}: set COUCHSYNC_AMQP_PASSWORD or --amqp-password-file")
+        secret = Secret(DEFAULT_AMQP_USER)
+    settings = AmqpSettings(url=urlunsplit(parts._replace(netloc=parts.hostname + (
+        f":{parts.port}" if parts.port else ""))), username=user, password=secret, **tuning)
+    if settings.prefetch < 1 or settings.delivery_limit < 1 or settings.retry_delay <= 0 \
+            or settings.shutdown_timeout <= 0 or not settings.queue_prefix:
+        raise ConfigError("prefetch, delivery limit, retry delay and shutdown timeout must be positive, "
+                          "and the queue prefix not empty")
+    return settings
+
+
+def load_worker(*, metrics_host: str = "127.0.0.1", metrics_port: int = DEFAULT_METRICS_PORT,
+                notify_socket: str | None = None, watchdog_usec: str | None = None) -> WorkerSettings:
+    """WorkerSettings, checked.
+
+    Raises:
+        ConfigError: a port out of range or a malformed WATCHDOG_USEC.
+    """
+    if not 0 <= metrics_port < 65536:
+        raise ConfigError(f"the metrics port must be between 0 and 65535, not {metrics_port}")
+    try:
+        watchdog = int(watchdog_usec) / 1e6 if watchdog_usec else None
+    except ValueError as exc:
+        raise ConfigError(f"WATCHDOG_USEC is not a number: {watchdog_usec!r}") from exc
+    return WorkerSettings(metrics_host, metrics_port, notify_socket or None, watchdog)
 
 
 def redact(url: str) -> str:

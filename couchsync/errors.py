@@ -5,6 +5,8 @@
     ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
     ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
     ├── UnknownInstance         no usable instance has the domain named
+    ├── InstancesFailed         an event failed in some instances for lasting reasons     dead-lettered
+    │   └── InstancesUnavailable    ... for passing reasons only                         retryable
     ├── CouchError              carries the database and document id, never credentials
     │   ├── CouchUnavailable    connection error, timeout, 5xx, 429         retryable
     │   ├── DocumentConflict    409 still there after re-read and re-plan   retryable
@@ -52,6 +54,17 @@ class UnknownInstance(CouchsyncError):
     """No usable instance has the domain an operator named."""
 
     exit_code = 65
+
+
+class InstancesFailed(CouchsyncError):
+    """An event was applied to some instances and failed in others; the message names them."""
+
+
+class InstancesUnavailable(InstancesFailed):
+    """An event failed in some instances, each for a passing reason: trying again may finish it."""
+
+    retryable = True
+    exit_code = 75  # EX_TEMPFAIL
 
 
 class CouchError(CouchsyncError):

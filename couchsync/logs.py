@@ -6,6 +6,8 @@ import logging
 import re
 import sys
 
+from pythonjsonlogger.json import JsonFormatter
+
 _PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -21,10 +23,17 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def setup(level: str = "INFO") -> None:
-    """Log to standard error at `level`, passwords masked (only the CLI calls this)."""
+def setup(level: str = "INFO", fmt: str = "text") -> None:
+    """Log to standard error at `level`, as text or JSON lines, passwords masked (only the CLI calls this).
+
+    In JSON, the worker's per-event fields are an `event` object (python-json-logger), for journald
+    and log pipelines to index without parsing the message.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -23,8 +23,9 @@ from couchsync.couch import CouchGateway, WriteResult
 from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW, DesignDocs
 from couchsync.documents import CONTACTS, GROUPS, Doc, managed_group_id
 from couchsync.errors import (
-    AccessDenied, CouchError, CouchsyncError, DocumentConflict, InvalidEvent, NotFound, UnknownOrganization)
-from couchsync.events import Event, GroupEvent
+    AccessDenied, CouchError, CouchsyncError, DocumentConflict, InstancesFailed, InstancesUnavailable, InvalidEvent,
+    NotFound, UnknownOrganization)
+from couchsync.events import Event, GroupEvent, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.plan import InstanceView, Plan, lookup_keys_for, plan_group_event
 
@@ -72,6 +73,27 @@ class EventReport:
         """Whether trying the event again may help: some instance failed, and only for passing reasons."""
         return bool(self.failures) and all(report.retryable for report in self.failures)
 
+    def raise_for_failures(self) -> None:
+        """Raise when some instance failed: InstancesUnavailable when trying again may help.
+
+        Raises:
+            InstancesFailed: the instances and their errors (the first three).
+        """
+        failures = self.failures
+        if not failures:
+            return
+        named = "; ".join(f"{report.domain}: {report.error}" for report in failures[:3])
+        more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+        error = InstancesUnavailable if self.retryable else InstancesFailed
+        raise error(f"failed in {len(failures)} of {len(self.instances)} instances: {named}{more}")
+
+    def fields(self) -> dict[str, object]:
+        """The event's log fields (no document content, no secret)."""
+        return {"routing_key": self.routing_key, "organization": self.organization_id, "subject": self.subject,
+                "instances": len(self.instances), "writes": self.writes,
+                "unchanged": sum(1 for r in self.instances if r.writes == 0 and r.error is None),
+                "refusals": len(self.refusals), "failed": len(self.failures), "seconds": round(self.seconds, 3)}
+
 
 class Synchronizer:
     """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
@@ -113,10 +135,22 @@ class Synchronizer:
         reports = tuple(self._pool.map(lambda instance: self._apply_to_instance(event, instance), instances))
         report = EventReport(event.routing_key, event.organization_id, event.group_id, reports,
                              time.monotonic() - started)
-        logger.info("%s %s/%s: %d instances, %d writes, %d refusals, %d failed in %.3fs",
-                    event.routing_key, event.organization_id, event.group_id, len(reports),
-                    report.writes, len(report.refusals), len(report.failures), report.seconds)
+        logger.debug("%s %s/%s: %d instances, %d writes, %d refusals, %d failed in %.3fs",
+                     event.routing_key, event.organization_id, event.group_id, len(reports),
+                     report.writes, len(report.refusals), len(report.failures), report.seconds)
         return report
+
+    def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
+        """Apply one message's event everywhere; its log fields (what the worker gives the consumer).
+
+        Raises:
+            InvalidEvent, UnknownOrganization: never applicable as it is.
+            InstancesFailed: failed in some instances (InstancesUnavailable: trying again may help).
+            CouchError: the global database could not be read.
+        """
+        report = self.apply(parse_event(routing_key, body))
+        report.raise_for_failures()
+        return report.fields()
 
     def _apply_to_instance(self, event: GroupEvent, instance: Instance) -> InstanceReport:
         writes = 0

@@ -1,0 +1,434 @@
+"""Consumer: the pika connection, couchsync's queues, the message loop, reconnection and shutdown.
+
+Topology, declared idempotently on every connection (names from `AmqpSettings`):
+
+    <exchange> (topic, the directory's)  --b2b.group.#-->  <prefix>b2b.group        quorum, x-delivery-limit
+    <prefix>b2b.group.retry   quorum; a failed attempt waits there (per-message TTL), then goes back
+    <prefix>dlx (direct)  -->  <prefix>b2b.group.dead   the dead letters, each with its reason
+
+Every outcome is decided by `disposition` (pure) and settled on the connection's thread:
+applied → ack; a passing failure → republished to the retry queue with the attempt count in a header,
+then acked; a lasting failure, or the last attempt → published to the dead-letter queue with the reason
+in `x-couchsync-reason`, then acked. Publishing is confirmed before the ack, so nothing is acked away
+unhandled. Retries are counted by couchsync's own header, not by the broker, whose counting changed
+across versions (3.10 counts every requeue, 4.3 only rejects); `x-delivery-limit` stays as the
+backstop for a message that kills the worker each time it is handled.
+
+Events are handled on a thread pool (one thread per prefetched message): the connection's thread only
+moves frames, so heartbeats never lapse during a long fan-out, and results come back to it through
+`add_callback_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pika
+import pika.exceptions
+import tenacity
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from couchsync.config import AmqpSettings, redact
+from couchsync.errors import BrokerUnavailable, ConfigError, CouchsyncError
+from couchsync.metrics import Metrics
+from couchsync.systemd import Notifier
+
+logger = logging.getLogger(__name__)
+
+BINDING = "b2b.group.#"  # every group event, unknown ones too: they are dead-lettered, not lost unrouted
+ATTEMPT = "x-couchsync-attempt"
+ROUTING_KEY = "x-couchsync-routing-key"  # the original key, once a message has gone through our queues
+REASON = "x-couchsync-reason"
+DEAD_AT = "x-couchsync-dead-lettered-at"
+
+# Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure.
+Handler = Callable[[str, bytes], Mapping[str, object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Applied: acknowledge."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A passing failure: try again after `delay` seconds."""
+
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A lasting failure, or the last attempt: to the dead-letter queue with the reason."""
+
+    reason: str
+
+
+Decision = Ack | Retry | DeadLetter
+
+
+def retry_delay(attempt: int, first: float, cap: float) -> float:
+    """The delay after failed attempt number `attempt` (1-based): doubling from `first`, at most `cap`."""
+    return float(min(cap, first * 2 ** (attempt - 1)))
+
+
+def disposition(error: BaseException | None, attempt: int, settings: AmqpSettings) -> Decision:
+    """What to do with a message whose attempt number `attempt` ended with `error` (None: applied)."""
+    if error is None:
+        return Ack()
+    if not isinstance(error, CouchsyncError):
+        # A bug, most likely the same at every attempt: keep the message and the reason for a replay.
+        return DeadLetter(f"unexpected {type(error).__name__}: {error}")
+    reason = f"{type(error).__name__}: {error}"
+    if not error.retryable:
+        return DeadLetter(reason)
+    if attempt >= settings.delivery_limit:
+        return DeadLetter(f"gave up after {attempt} attempts: {reason}")
+    return Retry(retry_delay(attempt, settings.retry_delay, settings.retry_delay_max), reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message being handled, and the connection it came on (its tag is only valid there)."""
+
+    generation: int
+    tag: int
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    attempt: int
+
+    @classmethod
+    def of(cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes) -> Delivery:
+        headers = properties.headers or {}
+        # Our own count, and the broker's where it has one (a worker that died mid-message).
+        attempt = max(int(headers.get(ATTEMPT) or 1), int(headers.get("x-delivery-count") or 0) + 1)
+        return cls(generation, method.delivery_tag, str(headers.get(ROUTING_KEY) or method.routing_key),
+                   body, properties, attempt)
+
+    @property
+    def message_id(self) -> str:
+        return str(self.properties.message_id or message_digest(self.routing_key, self.body))
+
+
+def message_digest(routing_key: str, body: bytes) -> str:
+    """A short stable id for a message without one: its routing key and body."""
+    return hashlib.sha256(routing_key.encode() + b"\0" + body).hexdigest()[:12]
+
+
+def declare(channel: BlockingChannel, settings: AmqpSettings) -> None:
+    """Declare the exchanges, queues and bindings (idempotent; a mismatch closes the channel: 406)."""
+    channel.exchange_declare(settings.exchange, "topic", durable=True)
+    channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
+    channel.queue_declare(settings.queue, durable=True, arguments={
+        "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-exchange": settings.dead_letter_exchange,
+        "x-dead-letter-routing-key": settings.dead_letter_queue})
+    channel.queue_bind(settings.queue, settings.exchange, BINDING)
+    # Expired retries go back to the main queue at least once, even if a broker node fails meanwhile.
+    channel.queue_declare(settings.retry_queue, durable=True, arguments={
+        "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": settings.queue,
+        "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+    # A classic queue: no delivery limit to drop dead letters that `dlq list` reads and puts back.
+    channel.queue_declare(settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "classic"})
+    channel.queue_bind(settings.dead_letter_queue, settings.dead_letter_exchange, settings.dead_letter_queue)
+
+
+def connect(settings: AmqpSettings) -> BlockingConnection:
+    """A connection to the broker.
+
+    Raises:
+        ConfigError: the broker refused the credentials (restarting will not help).
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    parameters = pika.URLParameters(settings.url)
+    parameters.credentials = pika.PlainCredentials(settings.username, settings.password.value)
+    parameters.heartbeat = settings.heartbeat
+    parameters.blocked_connection_timeout = 60
+    parameters.client_properties = {"connection_name": "couchsync"}
+    try:
+        return BlockingConnection(parameters)
+    except pika.exceptions.ProbableAuthenticationError as exc:
+        raise ConfigError(f"the broker at {redact(settings.url)} refused the credentials of "
+                          f"{settings.username}") from exc
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerUnavailable(f"broker {redact(settings.url)} unreachable: {type(exc).__name__}") from exc
+
+
+_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
+
+
+@dataclass
+class _Session:
+    """One connection's state; deliveries of an older one cannot be settled (the broker redelivers them)."""
+
+    generation: int
+    connection: BlockingConnection
+    channel: BlockingChannel
+    in_flight: dict[int, Delivery] = field(default_factory=dict)
+
+
+class Consumer:
+    """Consumes couchsync's queue until `stop()`, reconnecting with capped, jittered backoff."""
+
+    def __init__(self, settings: AmqpSettings, handle: Handler, metrics: Metrics,
+                 notifier: Notifier | None = None) -> None:
+        self._settings = settings
+        self._handle = handle
+        self._metrics = metrics
+        self._notifier = notifier or Notifier(None)
+        self._pool = ThreadPoolExecutor(settings.prefetch, thread_name_prefix="couchsync-event")
+        self._session: _Session | None = None
+        self._generation = 0
+        # A plain flag, not an Event: stop() runs in a signal handler, where taking a lock can deadlock.
+        self._stop_requested = False
+        self.consuming = False
+        self.drained = True  # False when a shutdown left an event still running
+
+    def stop(self) -> None:
+        """Ask the consumer to stop (safe from a signal handler)."""
+        self._stop_requested = True
+
+    def run(self) -> None:
+        """Consume until stop(); return once in-flight messages are settled or handed back.
+
+        Raises:
+            ConfigError: wrong credentials, or queues that exist with other arguments.
+        """
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(BrokerUnavailable),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
+            stop=lambda state: self._stop_requested, sleep=self._sleep, reraise=True,
+            before_sleep=lambda state: logger.warning("broker unavailable (%s), connecting again in %.1fs",
+                                                      state.outcome.exception() if state.outcome else "",
+                                                      state.upcoming_sleep))
+        try:
+            while not self._stop_requested:
+                try:
+                    retrying(self._consume)
+                except BrokerUnavailable:
+                    if not self._stop_requested:
+                        raise
+        finally:
+            self._pool.shutdown(wait=False)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested and time.monotonic() < deadline:
+            self._notifier.watchdog()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _consume(self) -> None:
+        """One connection: consume until it is lost (return, to connect again) or a stop is asked."""
+        connection = connect(self._settings)
+        self._generation += 1
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            try:
+                declare(channel, self._settings)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                raise ConfigError(f"cannot declare couchsync's queues: {exc.reply_text}") from exc
+            channel.basic_qos(prefetch_count=self._settings.prefetch)
+            session = self._session = _Session(self._generation, connection, channel)
+            consumer_tag = channel.basic_consume(self._settings.queue, self._on_message)
+            if self._generation > 1:
+                self._metrics.reconnects.inc()
+            self.consuming = True
+            self._notifier.ready(f"consuming {self._settings.queue}")
+            logger.info("consuming %s (prefetch %d)", self._settings.queue, self._settings.prefetch)
+            while not self._stop_requested:
+                connection.process_data_events(time_limit=0.5)
+                self._notifier.watchdog()
+            self._drain(session, consumer_tag)
+        except _LOST as exc:
+            logger.warning("broker connection lost: %s", type(exc).__name__)
+        finally:
+            self.consuming = False
+            if self._session is not None:
+                self._metrics.in_flight.dec(len(self._session.in_flight))
+            self._session = None
+            if connection.is_open:
+                try:
+                    connection.close()
+                except _LOST:
+                    pass
+
+    def _drain(self, session: _Session, consumer_tag: str) -> None:
+        """Stop taking messages; let in-flight ones finish for a while, then hand the rest back."""
+        self._notifier.stopping()
+        session.channel.basic_cancel(consumer_tag)
+        deadline = time.monotonic() + self._settings.shutdown_timeout
+        while session.in_flight and time.monotonic() < deadline:
+            session.connection.process_data_events(time_limit=0.2)
+        for tag in list(session.in_flight):
+            # basic.nack with requeue: "this consumer cannot take it now", not a failed attempt.
+            session.channel.basic_nack(tag, multiple=False, requeue=True)
+            logger.warning("handed back message %d, still running at shutdown", tag)
+        self.drained = not session.in_flight
+
+    def _on_message(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
+                    body: bytes) -> None:
+        assert self._session is not None
+        delivery = Delivery.of(self._session.generation, method, properties, body)
+        self._session.in_flight[delivery.tag] = delivery
+        self._metrics.in_flight.inc()
+        self._pool.submit(self._work, self._session.connection, delivery)
+
+    def _work(self, connection: BlockingConnection, delivery: Delivery) -> None:
+        """On a pool thread: handle the message, then settle it on the connection's thread."""
+        started = time.monotonic()
+        error: BaseException | None = None
+        fields: Mapping[str, object] = {}
+        try:
+            fields = self._handle(delivery.routing_key, delivery.body)
+        except Exception as exc:  # noqa: BLE001 (the last-resort handler: a bug must not kill the worker)
+            error = exc
+            if not isinstance(exc, CouchsyncError):
+                logger.error("unexpected error on message %s", delivery.message_id, exc_info=True)
+        decision = disposition(error, delivery.attempt, self._settings)
+        settle = functools.partial(self._settle, delivery, decision, fields, time.monotonic() - started)
+        try:
+            connection.add_callback_threadsafe(settle)
+        except _LOST:
+            pass  # the connection is gone: the broker hands the message out again
+
+    def _settle(self, delivery: Delivery, decision: Decision, fields: Mapping[str, object], seconds: float) -> None:
+        """On the connection's thread: ack, retry or dead-letter one message."""
+        session = self._session
+        if session is None or session.generation != delivery.generation or delivery.tag not in session.in_flight:
+            return  # from a lost connection: redelivered, and applied again idempotently
+        try:
+            if isinstance(decision, Retry):
+                self._republish(session.channel, delivery, self._settings.retry_queue, {
+                    ATTEMPT: delivery.attempt + 1, REASON: decision.reason}, expiration=decision.delay)
+            elif isinstance(decision, DeadLetter):
+                self._republish(session.channel, delivery, self._settings.dead_letter_queue, {
+                    ATTEMPT: delivery.attempt, REASON: decision.reason,
+                    DEAD_AT: datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            session.channel.basic_ack(delivery.tag)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            # Not stored elsewhere: keep it here. A reject is a failed attempt on every broker version.
+            logger.error("could not move message %s (%s): returned to the queue", delivery.message_id, exc)
+            session.channel.basic_reject(delivery.tag, requeue=True)
+        del session.in_flight[delivery.tag]
+        self._metrics.in_flight.dec()
+        self._record(delivery, decision, fields, seconds)
+
+    def _republish(self, channel: BlockingChannel, delivery: Delivery, queue: str, headers: dict[str, Any],
+                   expiration: float | None = None) -> None:
+        properties = delivery.properties
+        merged = {**(properties.headers or {}), ROUTING_KEY: delivery.routing_key, **headers}
+        merged.pop("x-delivery-count", None)
+        channel.basic_publish("", queue, delivery.body, pika.BasicProperties(
+            content_type=properties.content_type, content_encoding=properties.content_encoding,
+            message_id=delivery.message_id, timestamp=properties.timestamp, delivery_mode=2, headers=merged,
+            expiration=str(int(expiration * 1000)) if expiration is not None else None), mandatory=True)
+
+    def _record(self, delivery: Delivery, decision: Decision, fields: Mapping[str, object], seconds: float) -> None:
+        outcome = {Ack: "applied", Retry: "retried", DeadLetter: "dead_lettered"}[type(decision)]
+        self._metrics.events.labels(delivery.routing_key, outcome).inc()
+        if isinstance(decision, Ack):
+            self._metrics.fanout_seconds.labels(delivery.routing_key).observe(seconds)
+        line = {"message": delivery.message_id, "delivery_tag": delivery.tag, "routing_key": delivery.routing_key,
+                "attempt": delivery.attempt, "outcome": outcome, **fields, "seconds": round(seconds, 3)}
+        if isinstance(decision, Ack):
+            logger.info("event %s", _logfmt(line), extra={"event": line})
+        elif isinstance(decision, Retry):
+            logger.warning("event %s retry_in=%.1fs reason=%r", _logfmt(line), decision.delay, decision.reason,
+                           extra={"event": {**line, "retry_in": decision.delay, "reason": decision.reason}})
+        else:
+            logger.error("event %s reason=%r", _logfmt(line), decision.reason,
+                         extra={"event": {**line, "reason": decision.reason}})
+
+
+def _logfmt(fields: Mapping[str, object]) -> str:
+    return " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+@dataclass(frozen=True, slots=True)
+class DeadMessage:
+    """A dead-lettered message, with why and when it was given up."""
+
+    id: str
+    routing_key: str
+    reason: str
+    attempts: int
+    dead_at: str | None
+    body: bytes
+
+    @classmethod
+    def of(cls, method: Any, properties: pika.BasicProperties, body: bytes) -> DeadMessage:
+        headers = properties.headers or {}
+        deaths = headers.get("x-death") or [{}]
+        # Dead-lettered by couchsync: its headers; by the broker (x-delivery-limit): its x-death record.
+        routing_key = str(headers.get(ROUTING_KEY) or (deaths[0].get("routing-keys") or [method.routing_key])[0])
+        reason = headers.get(REASON) or f"dead-lettered by the broker: {deaths[0].get('reason', 'unknown')}"
+        return cls(id=str(properties.message_id or message_digest(routing_key, body)), routing_key=routing_key,
+                   reason=str(reason), attempts=int(headers.get(ATTEMPT) or deaths[0].get("count") or 0),
+                   dead_at=headers.get(DEAD_AT), body=body)
+
+
+def _read_dead_letters(channel: BlockingChannel, settings: AmqpSettings,
+                       limit: int) -> list[tuple[int, DeadMessage, pika.BasicProperties]]:
+    """Up to `limit` dead letters, left unacknowledged: closing the channel puts them back, in order."""
+    found = []
+    for _ in range(limit):
+        method, properties, body = channel.basic_get(settings.dead_letter_queue, auto_ack=False)
+        if method is None:
+            break
+        found.append((method.delivery_tag, DeadMessage.of(method, properties, body), properties))
+    return found
+
+
+def list_dead_letters(settings: AmqpSettings, limit: int = 1000) -> list[DeadMessage]:
+    """The first `limit` dead letters; the queue is left as it was.
+
+    Raises:
+        BrokerUnavailable, ConfigError: as `connect`.
+    """
+    connection = connect(settings)
+    try:
+        channel = connection.channel()
+        declare(channel, settings)
+        return [message for _, message, _ in _read_dead_letters(channel, settings, limit)]
+    finally:
+        connection.close()
+
+
+def replay_dead_letters(settings: AmqpSettings, ids: set[str] | None, limit: int = 1000) -> list[DeadMessage]:
+    """Send dead letters (those with these ids, or all when None) back to the main queue, as new.
+
+    Each is published (confirmed) before it leaves the dead-letter queue; its attempt count starts again.
+
+    Raises:
+        BrokerUnavailable, ConfigError: as `connect`.
+    """
+    connection = connect(settings)
+    replayed = []
+    try:
+        channel = connection.channel()
+        declare(channel, settings)
+        channel.confirm_delivery()
+        for tag, message, properties in _read_dead_letters(channel, settings, limit):
+            if ids is not None and message.id not in ids:
+                continue
+            headers = {key: value for key, value in (properties.headers or {}).items()
+                       if key not in (ATTEMPT, REASON, DEAD_AT, "x-death", "x-delivery-count")}
+            channel.basic_publish("", settings.queue, message.body, pika.BasicProperties(
+                content_type=properties.content_type, message_id=message.id, delivery_mode=2,
+                headers={**headers, ROUTING_KEY: message.routing_key}), mandatory=True)
+            channel.basic_ack(tag)
+            replayed.append(message)
+    finally:
+        connection.close()
+    return replayed

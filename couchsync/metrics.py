@@ -1,0 +1,66 @@
+"""The worker's Prometheus metrics (names and labels defined here only) and their HTTP endpoint.
+
+`GET /metrics` is the Prometheus exposition; `GET /healthz` answers 200 while the worker is connected
+to the broker and consuming, 503 otherwise (for a load balancer or a liveness probe).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OUTCOMES = ("applied", "retried", "dead_lettered")
+# A fan-out to one instance takes milliseconds, to thousands of instances tens of seconds.
+FANOUT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The metric objects of one worker, in a registry of their own (no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events = Counter("couchsync_events", "Messages handled, by routing key and outcome "
+                              "(applied, retried, dead_lettered).", ["routing_key", "outcome"],
+                              registry=self.registry)
+        self.fanout_seconds = Histogram("couchsync_fanout_seconds", "Time to apply one event to every "
+                                        "instance of its organization.", ["routing_key"],
+                                        buckets=FANOUT_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
+        self.reconnects = Counter("couchsync_broker_reconnects", "Connections to the broker made again after "
+                                  "one was lost.", registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
+
+
+def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on a daemon thread; `server.shutdown()` stops it."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            if self.path == "/metrics":
+                self._answer(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                ok = healthy()
+                self._answer(200 if ok else 503, b"ok\n" if ok else b"not consuming\n", "text/plain")
+            else:
+                self._answer(404, b"not found\n", "text/plain")
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # a scrape every few seconds is not worth a log line
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="couchsync-metrics", daemon=True).start()
+    return server
