@@ -221,6 +221,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     finally:
         if server is not None:
             server.shutdown()
+            server.server_close()
     if not consumer.drained:
         # An event outlived the shutdown timeout; its message is back in the queue. Its threads hold
         # CouchDB writes that are safe to cut (idempotent): exit now rather than wait for them.

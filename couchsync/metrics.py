@@ -38,7 +38,7 @@ class Metrics:
 
 
 def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on a daemon thread; `server.shutdown()` stops it."""
+    """Serve /metrics and /healthz on a daemon thread; `shutdown()` then `server_close()` stop it."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from couchsync.plan import InstanceView, Plan, lookup_keys_for, plan_group_event
 
 logger = logging.getLogger(__name__)
 
+REPLAN_PAUSE = 0.02  # seconds, times the attempt: the most a re-plan after a 409 waits
 OWNER_CACHE_SECONDS = 600  # an instance's owner email changes rarely; re-read it every 10 minutes
 
 
@@ -167,6 +169,8 @@ class Synchronizer:
                     _raise_unexpected(instance, results)
                     return InstanceReport(instance.domain, writes, tuple(refusals), attempts=attempt)
                 logger.debug("conflict in %s, planning %s again", instance.domain, event.routing_key)
+                # Writers of the same group document re-plan at once and collide again: spread them out.
+                time.sleep(random.uniform(0, REPLAN_PAUSE * attempt))
             raise DocumentConflict(f"still conflicting after {self._settings.max_attempts} attempts",
                                    db=instance.prefix)
         except CouchsyncError as exc:

@@ -84,13 +84,18 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes] | None, log: Path |
     raise RuntimeError(f"the CouchDB-compatible server at {url} did not start:\n{tail}")
 
 
-def start_pouchdb(*, data_dir: Path | None = None, port: int | None = None) -> LocalCouch:
-    """Start PouchDB Server in memory (or file-backed in `data_dir`) on a free port."""
+def start_pouchdb(*, data_dir: Path | None = None, port: int | None = None,
+                  like: LocalCouch | None = None) -> LocalCouch:
+    """Start PouchDB Server in memory (or file-backed in `data_dir`) on a free port.
+
+    `like`: a stopped server to start again, on its port with its credentials (with the same `data_dir`).
+    """
     if not POUCHDB_BIN.exists():
         raise RuntimeError(f"PouchDB Server is not installed in {POUCHDB_BIN.parent}: run scripts/setup")
     workdir = Path(tempfile.mkdtemp(prefix="couchsync-pouchdb-"))
-    admin = ("admin", secrets.token_hex(8))
-    sync = (SYNC_USER, secrets.token_hex(8))
+    admin = like.admin if like else ("admin", secrets.token_hex(8))
+    sync = like.sync if like else (SYNC_USER, secrets.token_hex(8))
+    port = port or (int(urlsplit(like.url).port or 0) if like else None)
     (workdir / "config.json").write_text(json.dumps({"admins": dict([admin, sync])}))
     port = port or free_port()
     storage = ["-d", str(data_dir)] if data_dir else ["-m"]

@@ -13,6 +13,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+import pika
+import pika.exceptions
 import pytest
 import requests
 
@@ -176,3 +178,80 @@ def engine_world(request, couch_server):
     world = World(couch_server, protected=request.param == "protected")
     yield world
     world.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """The real RabbitMQ on 127.0.0.1:5672 (guest/guest); missing, it fails the tests under CI."""
+    parameters = pika.ConnectionParameters("127.0.0.1", 5672, credentials=pika.PlainCredentials("guest", "guest"),
+                                           connection_attempts=5, retry_delay=1)
+    try:
+        pika.BlockingConnection(parameters).close()
+    except pika.exceptions.AMQPError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"RabbitMQ is needed on 127.0.0.1:5672: {exc!r}")
+        pytest.skip(f"no RabbitMQ on 127.0.0.1:5672: {exc!r}")
+    return parameters
+
+
+@dataclass
+class Broker:
+    """A test's own exchange and couchsync queue names on the real RabbitMQ, deleted afterwards."""
+
+    parameters: pika.ConnectionParameters
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    @property
+    def exchange(self) -> str:
+        return f"t{self.tag}.b2b"
+
+    @property
+    def settings(self) -> config.AmqpSettings:
+        return config.load_amqp(config.DEFAULT_AMQP_URL, exchange=self.exchange,
+                                queue_prefix=f"t{self.tag}.couchsync.")
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """What the CLI needs to use these names."""
+        return {"COUCHSYNC_EXCHANGE": self.exchange, "COUCHSYNC_QUEUE_PREFIX": self.settings.queue_prefix,
+                **overrides}
+
+    def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish (routing key, body) pairs to the directory's exchange, persistent and confirmed."""
+        connection = pika.BlockingConnection(self.parameters)
+        try:
+            channel = connection.channel()
+            channel.exchange_declare(self.exchange, "topic", durable=True)
+            channel.confirm_delivery()
+            for routing_key, body in messages:
+                channel.basic_publish(self.exchange, routing_key, body, pika.BasicProperties(delivery_mode=2))
+        finally:
+            connection.close()
+
+    def depths(self) -> dict[str, int]:
+        """Ready messages in each of couchsync's queues (a passive declare: the queue's own count, not
+        the management metrics, which lag); messages a consumer holds are not counted."""
+        connection = pika.BlockingConnection(self.parameters)
+        try:
+            channel = connection.channel()
+            settings = self.settings
+            return {name: channel.queue_declare(name, passive=True).method.message_count
+                    for name in (settings.queue, settings.retry_queue, settings.dead_letter_queue)}
+        finally:
+            connection.close()
+
+    def cleanup(self) -> None:
+        connection = pika.BlockingConnection(self.parameters)
+        channel = connection.channel()
+        settings = self.settings
+        for queue in (settings.queue, settings.retry_queue, settings.dead_letter_queue):
+            channel.queue_delete(queue)
+        for exchange in (self.exchange, settings.dead_letter_exchange):
+            channel.exchange_delete(exchange)
+        connection.close()
+
+
+@pytest.fixture
+def broker(rabbitmq):
+    broker = Broker(rabbitmq)
+    yield broker
+    broker.cleanup()

@@ -1,0 +1,90 @@
+"""The consumer's decisions (pure): error → ack, retry after a delay, or dead letter with the reason."""
+
+from types import SimpleNamespace
+
+import pika
+import pytest
+
+from couchsync import config
+from couchsync.amqp import (
+    ATTEMPT, REASON, ROUTING_KEY, Ack, DeadLetter, DeadMessage, Delivery, Retry, disposition, message_digest,
+    retry_delay)
+from couchsync.errors import (
+    AccessDenied, BrokerUnavailable, ConfigError, CouchUnavailable, DocumentConflict, InstancesFailed,
+    InstancesUnavailable, InvalidEvent, UnknownOrganization)
+
+SETTINGS = config.load_amqp("amqp://127.0.0.1", delivery_limit=5, retry_delay=2.0)
+
+
+@pytest.mark.parametrize("error, attempt, expected", [
+    (None, 1, Ack()),
+    (None, 5, Ack()),
+    (InvalidEvent("body is not JSON", routing_key="b2b.group.created"), 1,
+     DeadLetter("InvalidEvent: b2b.group.created: body is not JSON")),
+    (UnknownOrganization("organization 'x' has no instance"), 1,
+     DeadLetter("UnknownOrganization: organization 'x' has no instance")),
+    (InstancesFailed("failed in 1 of 3 instances: a: refused"), 1,
+     DeadLetter("InstancesFailed: failed in 1 of 3 instances: a: refused")),
+    (AccessDenied("access denied"), 1, DeadLetter("AccessDenied: access denied")),
+    (CouchUnavailable("CouchDB unreachable"), 1, Retry(2.0, "CouchUnavailable: CouchDB unreachable")),
+    (InstancesUnavailable("failed in 2 of 3"), 2, Retry(4.0, "InstancesUnavailable: failed in 2 of 3")),
+    (DocumentConflict("conflict"), 4, Retry(16.0, "DocumentConflict: conflict")),
+    (BrokerUnavailable("lost"), 3, Retry(8.0, "BrokerUnavailable: lost")),
+    (CouchUnavailable("CouchDB unreachable"), 5,
+     DeadLetter("gave up after 5 attempts: CouchUnavailable: CouchDB unreachable")),
+    (KeyError("members"), 1, DeadLetter("unexpected KeyError: 'members'")),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_disposition(error, attempt, expected):
+    assert disposition(error, attempt, SETTINGS) == expected
+
+
+def test_retry_delays_double_from_the_first_and_are_capped():
+    assert [retry_delay(n, 2.0, 30.0) for n in range(1, 7)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def deliver(headers=None, routing_key="b2b.group.deleted", message_id=None):
+    method = SimpleNamespace(delivery_tag=7, routing_key=routing_key)
+    return Delivery.of(3, method, pika.BasicProperties(headers=headers, message_id=message_id), b"{}")
+
+
+def test_a_first_delivery_is_attempt_one_with_its_own_routing_key():
+    delivery = deliver()
+    assert (delivery.attempt, delivery.routing_key, delivery.generation, delivery.tag) == (1, "b2b.group.deleted", 3, 7)
+    assert delivery.message_id == message_digest("b2b.group.deleted", b"{}")
+
+
+def test_a_retried_delivery_keeps_its_count_and_original_routing_key():
+    delivery = deliver({ATTEMPT: 3, ROUTING_KEY: "b2b.group.created"}, routing_key="t.couchsync.b2b.group",
+                       message_id="m-1")
+    assert (delivery.attempt, delivery.routing_key, delivery.message_id) == (3, "b2b.group.created", "m-1")
+
+
+def test_the_brokers_count_is_taken_when_it_is_higher_a_worker_died_on_the_message():
+    assert deliver({"x-delivery-count": 4}).attempt == 5
+    assert deliver({ATTEMPT: 3, "x-delivery-count": 1}).attempt == 3
+
+
+def test_a_dead_letter_reads_couchsyncs_reason_or_the_brokers_record():
+    ours = DeadMessage.of(SimpleNamespace(routing_key="q.dead"), pika.BasicProperties(
+        headers={REASON: "InvalidEvent: x", ATTEMPT: 1, ROUTING_KEY: "b2b.group.created"}), b"x")
+    assert (ours.routing_key, ours.reason, ours.attempts) == ("b2b.group.created", "InvalidEvent: x", 1)
+    theirs = DeadMessage.of(SimpleNamespace(routing_key="q.dead"), pika.BasicProperties(headers={"x-death": [
+        {"reason": "delivery_limit", "count": 1, "routing-keys": ["b2b.group.updated"]}]}), b"y")
+    assert (theirs.routing_key, theirs.reason) == ("b2b.group.updated", "dead-lettered by the broker: delivery_limit")
+
+
+def test_amqp_settings_name_the_queues_from_the_prefix_and_default_to_the_local_guest():
+    settings = config.load_amqp("amqp://127.0.0.1:5672/%2F", queue_prefix="cs.")
+    assert (settings.queue, settings.retry_queue, settings.dead_letter_queue, settings.dead_letter_exchange) == (
+        "cs.b2b.group", "cs.b2b.group.retry", "cs.b2b.group.dead", "cs.dlx")
+    assert settings.username == "guest" and settings.password.value == "guest"
+    assert "guest" not in repr(settings.password)
+
+
+def test_another_amqp_user_needs_a_password_and_a_url_must_be_amqp():
+    with pytest.raises(ConfigError, match="no AMQP password for couchsync"):
+        config.load_amqp("amqp://rabbit", username="couchsync")
+    with pytest.raises(ConfigError, match="must be amqp"):
+        config.load_amqp("http://rabbit")
+    assert config.load_amqp("amqps://rabbit:5671/prod", username="couchsync", password="pw").url == \
+        "amqps://rabbit:5671/prod"
