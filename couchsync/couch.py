@@ -174,6 +174,23 @@ class CouchGateway:
         doc["_deleted"] = True
         return doc
 
+    def ancestors(self, db: str, doc_id: str, rev: str, *, limit: int = 50) -> list[Doc]:
+        """The bodies of the revisions before `rev`, newest first, tombstones included; those that
+        compaction already removed are left out."""
+        with translate_errors(db, doc_id):
+            history = self._service.get_document(db, doc_id, rev=rev, revs=True).get_result().get("_revisions")
+        if not history:
+            return []
+        found = []
+        for back, rev_id in enumerate(history["ids"][1:limit + 1], start=1):
+            try:
+                with translate_errors(db, doc_id):
+                    found.append(self._service.get_document(db, doc_id, rev=f"{history['start'] - back}-{rev_id}")
+                                 .get_result())
+            except NotFound:
+                continue
+        return found
+
     def view(self, db: str, ddoc: str, view: str, keys: Sequence[Any]) -> list[Doc]:
         """The distinct documents a view emits for these keys; none when the database is missing.
 

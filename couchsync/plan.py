@@ -54,12 +54,15 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class InstanceView:
-    """What planning needs of one instance: its owner, the group's document, the contacts looked up."""
+    """What planning needs of one instance: its owner, the group's document(s), the contacts looked up."""
 
     domain: str
     owner_email: str | None = None
     group: Doc | None = None
     contacts: tuple[Doc, ...] = ()
+    # Earlier revisions of the group's document that a write replaced unseen (see couchsync.sync): their
+    # memory is merged back in.
+    superseded: tuple[Doc, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,20 @@ class GroupState:
             return None
         stamp, present = entry
         return present and stamp > self.stamps.get(CLEARED, "")
+
+    def joined(self, other: GroupState) -> GroupState:
+        """Both memories in one, register by register, the newer stamp winning (commutative, idempotent)."""
+        stamps, values, members = dict(self.stamps), dict(self.values), dict(self.members)
+        alive = other.alive if other.stamps.get(EXISTS, "") > self.stamps.get(EXISTS, "") else self.alive
+        for key, stamp in other.stamps.items():
+            if stamp > stamps.get(key, ""):
+                stamps[key] = stamp
+                if key in other.values:
+                    values[key] = other.values[key]
+        for email, (stamp, present) in other.members.items():
+            if stamp > members.get(email, ("", False))[0]:
+                members[email] = (stamp, present)
+        return replace(self, alive=alive, values=values, stamps=stamps, members=members)
 
     def merged(self, event: GroupEvent) -> GroupState:
         """This state with one event merged in: each register keeps the newer stamp."""
@@ -141,6 +158,8 @@ def plan_group_event(event: GroupEvent, view: InstanceView) -> Plan:
     if is_live(view.group) and not is_managed(view.group):
         return Plan(refusals=(Refusal(group_id, "an unmanaged document has the managed group id"),))
     before = GroupState.from_doc(view.group, event.organization_id, event.group_id)
+    for earlier in view.superseded:
+        before = before.joined(GroupState.from_doc(earlier, event.organization_id, event.group_id))
     after = before.merged(event)
     group_doc = after.to_doc(view.group)
     group = [Write(GROUPS, group_doc, _group_summary(before, after))] if changed(group_doc, view.group) else []

@@ -157,12 +157,15 @@ class Synchronizer:
     def _apply_to_instance(self, event: GroupEvent, instance: Instance) -> InstanceReport:
         writes = 0
         refusals: list[str] = []
+        recover = False
         try:
             for attempt in range(1, self._settings.max_attempts + 1):
-                plan = plan_group_event(event, self._read(event, instance))
+                plan = plan_group_event(event, self._read(event, instance, recover))
                 results = self._write(instance, plan)
                 writes += sum(1 for result in results if result.ok)
-                if not any(result.conflict for result in results):
+                replaced = _replaced_unseen(plan, results)
+                recover = recover or replaced
+                if not any(result.conflict for result in results) and not replaced:
                     refusals += [refusal.reason for refusal in plan.refusals]
                     refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
                                  if not r.ok and r.error == "forbidden"]
@@ -178,14 +181,17 @@ class Synchronizer:
             return InstanceReport(instance.domain, writes, tuple(refusals), error=str(exc),
                                   retryable=exc.retryable)
 
-    def _read(self, event: GroupEvent, instance: Instance) -> InstanceView:
+    def _read(self, event: GroupEvent, instance: Instance, recover: bool = False) -> InstanceView:
+        """What planning needs; with `recover`, also the group's earlier revisions (see _replaced_unseen)."""
         group_id = managed_group_id(event.organization_id, event.group_id)
         group = self._couch.get_many(instance.database(GROUPS), [group_id]).get(group_id)
+        superseded = tuple(self._couch.ancestors(instance.database(GROUPS), group_id, group["_rev"])
+                           if recover and group else ())
         keys = lookup_keys_for(event, group)
         if not keys:
-            return InstanceView(instance.domain, group=group)
+            return InstanceView(instance.domain, group=group, superseded=superseded)
         contacts = self._lookup(instance.database(CONTACTS), keys)
-        return InstanceView(instance.domain, self._owner_email(instance), group, tuple(contacts))
+        return InstanceView(instance.domain, self._owner_email(instance), group, tuple(contacts), superseded)
 
     def _lookup(self, db: str, keys: Sequence[list[str]]) -> list[Doc]:
         try:
@@ -212,6 +218,19 @@ class Synchronizer:
             if any(result.conflict for result in results):
                 break
         return results
+
+
+def _replaced_unseen(plan: Plan, results: Sequence[WriteResult]) -> bool:
+    """Whether a write planned over no document replaced a revision nobody read.
+
+    CouchDB accepts a write without `_rev` over a deleted document, with no conflict: two workers that
+    both saw no group and both wrote its memory as a tombstone leave only the second one's. Such a
+    write comes back as revision 2 or later; its writer then plans again with the memory of the
+    revisions it replaced merged back in.
+    """
+    return any("_rev" not in write.doc and result.ok and result.rev is not None
+               and int(result.rev.split("-", 1)[0]) > 1
+               for write, result in zip(plan.writes, results))
 
 
 def _raise_unexpected(instance: Instance, results: Sequence[WriteResult]) -> None:

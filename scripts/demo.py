@@ -2,19 +2,29 @@
 
 Starts PouchDB Server in memory, seeds organization `acme` (the organization instance and three
 members; Bob keeps a personal contact of Carol, which couchsync must leave alone) and organization
-`other`, runs `couchsync deploy-design-docs` then `couchsync apply scripts/demo-events.jsonl` as an
-operator would, shows the protection refusing a hand edit, then prints each instance's directory.
+`other`, runs `couchsync deploy-design-docs`, starts `couchsync worker` on the local RabbitMQ and publishes
+the directory's scripted events (scripts/demo-events.jsonl, and one broken message) as the directory
+would, stops the worker with SIGTERM, lists the dead letters, shows the protection refusing a hand edit,
+then prints each instance's directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import localcouch
+import pika
+import pika.exceptions
+import requests
 
+from couchsync.cli import read_messages
 from couchsync.documents import group_ids_of
 
 HERE = Path(__file__).resolve().parent
@@ -22,6 +32,9 @@ GLOBAL_DB = "global/instances"
 ACME = {"acme.twake.app": "admin@acme.com", "alice.acme.twake.app": "alice@acme.com",
         "bob.acme.twake.app": "bob@acme.com", "carol.acme.twake.app": "carol@acme.com"}
 OTHER = {"other.twake.app": "admin@other.com"}
+# The demo's own exchange and queues: never the directory's `b2b`, which the stack's consumers may share.
+EXCHANGE = "couchsync-demo.b2b"
+QUEUE_PREFIX = "couchsync-demo."
 
 
 def seed(couch: localcouch.LocalCouch) -> None:
@@ -64,19 +77,69 @@ def show_protection(couch: localcouch.LocalCouch) -> None:
           f"{response.status_code} {response.json().get('reason')}")
 
 
+def couchsync(env: dict[str, str], *args: str, **popen: Any) -> subprocess.Popen[bytes]:
+    print(f"demo: $ couchsync {' '.join(args)}")
+    return subprocess.Popen([sys.executable, "-m", "couchsync", *args], env=env, **popen)
+
+
+def publish(messages: list[tuple[str, bytes]]) -> None:
+    """What the directory does: publish its events to its topic exchange."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(EXCHANGE, "topic", durable=True)
+        channel.confirm_delivery()
+        for routing_key, body in messages:
+            channel.basic_publish(EXCHANGE, routing_key, body, pika.BasicProperties(delivery_mode=2))
+    finally:
+        connection.close()
+
+
+def scripted_events() -> list[tuple[str, bytes]]:
+    with (HERE / "demo-events.jsonl").open(encoding="utf-8") as lines:
+        events = [(key, json.dumps(body).encode()) for _, key, body in read_messages(lines)]
+    return events + [("b2b.group.member.added", b'{"organizationId": "acme", "id": "sales"')]  # broken on purpose
+
+
+def handled(port: int) -> float:
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except requests.RequestException:
+        return -1
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("couchsync_events_total"))
+
+
+def run_worker(env: dict[str, str], events: list[tuple[str, bytes]]) -> int:
+    """Start the worker, publish the events, wait until it handled them all, stop it with SIGTERM."""
+    port = localcouch.free_port()
+    worker = couchsync(env, "--log-level", "INFO", "worker", "--metrics-port", str(port))
+    try:
+        deadline = time.monotonic() + 60
+        while handled(port) < 0 and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+        print(f"demo: publishing {len(events)} directory events to the exchange {EXCHANGE} (one of them broken)")
+        publish(events)
+        while handled(port) < len(events) and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        status = worker.wait(60)
+    print(f"demo: the worker stopped on SIGTERM with exit status {status}")
+    return status
+
+
 def main() -> int:
     print("demo: starting the local CouchDB-compatible server (PouchDB Server, in memory)")
     couch = localcouch.server()
+    env = {**os.environ, "COUCHSYNC_COUCH_URL": couch.url, "COUCHSYNC_COUCH_USER": couch.sync[0],
+           "COUCHSYNC_COUCH_PASSWORD": couch.sync[1], "COUCHSYNC_GLOBAL_DB": GLOBAL_DB,
+           "COUCHSYNC_EXCHANGE": EXCHANGE, "COUCHSYNC_QUEUE_PREFIX": QUEUE_PREFIX, "COUCHSYNC_RETRY_DELAY": "0.5"}
     try:
         seed(couch)
         print(f"demo: seeded organization acme ({len(ACME)} instances) and other ({len(OTHER)}) at {couch.url}")
-        env = {**os.environ, "COUCHSYNC_COUCH_URL": couch.url, "COUCHSYNC_COUCH_USER": couch.sync[0],
-               "COUCHSYNC_COUCH_PASSWORD": couch.sync[1], "COUCHSYNC_GLOBAL_DB": GLOBAL_DB}
-        print("demo: $ couchsync deploy-design-docs --create-missing")
-        status = subprocess.call([sys.executable, "-m", "couchsync", "deploy-design-docs", "--create-missing"], env=env)
-        print("demo: $ couchsync apply scripts/demo-events.jsonl")
-        status = status or subprocess.call(
-            [sys.executable, "-m", "couchsync", "apply", str(HERE / "demo-events.jsonl")], env=env)
+        status = couchsync(env, "deploy-design-docs", "--create-missing").wait()
+        status = status or run_worker(env, scripted_events())
+        couchsync(env, "dlq", "list").wait()
         show_protection(couch)
         for domain in [*ACME, *OTHER]:
             print(f"\n{domain}")
@@ -84,6 +147,21 @@ def main() -> int:
         return status
     finally:
         couch.stop()
+        remove_demo_queues()
+
+
+def remove_demo_queues() -> None:
+    """The demo's exchange and queues go with it (a real worker's, named couchsync.*, are not touched)."""
+    try:
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    except pika.exceptions.AMQPError:
+        return
+    channel = connection.channel()
+    for suffix in ("b2b.group", "b2b.group.retry", "b2b.group.dead"):
+        channel.queue_delete(QUEUE_PREFIX + suffix)
+    for exchange in (EXCHANGE, QUEUE_PREFIX + "dlx"):
+        channel.exchange_delete(exchange)
+    connection.close()
 
 
 if __name__ == "__main__":

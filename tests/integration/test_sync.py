@@ -254,3 +254,35 @@ def test_a_failure_in_one_instance_is_reported_with_it_and_the_others_are_applie
     for domain in ACME:
         if domain != "bob.acme.twake.app":
             assert set(acme.docs(domain, GROUPS)) == {ENGINEERING}
+
+
+def test_a_group_created_over_a_tombstone_nobody_read_keeps_its_memory(acme):
+    """A rename arrived first and left the group's memory in a tombstone; the creation was read before
+    it, saw no document, and wrote the group without a revision: CouchDB accepts that over a deleted
+    document, with no conflict. The creating worker must notice and merge the memory back in."""
+    from couchsync import config, design_docs
+    from couchsync.sync import Synchronizer
+
+    class BlindOnce(CouchGateway):
+        """Reads the group as missing once per database, as a worker that read it just before another wrote."""
+
+        seen: set = set()
+
+        def get_many(self, db, doc_ids):
+            if ENGINEERING in doc_ids and db not in self.seen:
+                self.seen.add(db)
+                return {}
+            return super().get_many(db, doc_ids)
+
+    with acme.synchronizer() as sync:
+        sync.apply(event("b2b.group.updated", 33, name="Engineering & Platform"))  # before its creation
+    with BlindOnce(acme.couch_settings()) as couch:
+        directory = InstanceDirectory(couch, acme.global_db)
+        settings = config.load_sync(global_db=acme.global_db, concurrency=2)
+        with Synchronizer(couch, directory, design_docs.load(), settings) as late:
+            report = late.apply(created("bob", minute=29))
+    assert report.failures == []
+    for domain in ACME:
+        group = acme.docs(domain, GROUPS)[ENGINEERING]
+        assert group["name"] == "Engineering & Platform"
+        assert group["twakeDirectory"]["stamps"]["name"].startswith("2026-06-16T10:33:00")

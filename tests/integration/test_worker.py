@@ -8,6 +8,7 @@ leaves with the one an uninterrupted, in-process run of the same events leaves.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_gr
 from couchsync.events import parse_event
 
 from tests.integration.conftest import Broker, World
+from tests.integration.test_convergence import DOMAINS as CONVERGENCE_DOMAINS
+from tests.integration.test_convergence import generated_sequence, stamp_of
 
 DOMAINS = ["acme.twake.app", "alice.acme.twake.app", "bob.acme.twake.app"]
 GROUP_COUNT = 25
@@ -336,3 +339,25 @@ def test_sigterm_with_a_short_timeout_hands_the_message_back_and_exits_0(world, 
     wait_until(lambda: again.count("applied") == 1 and drained(broker, again), 120, "the next worker applies it")
     group = managed_group_id("big", "all")
     assert all(group in world.docs(domain, GROUPS) for domain in domains)
+
+
+@pytest.mark.parametrize("seed_number", [1, 2, 3, 4])
+def test_shuffled_events_handled_eight_at_a_time_converge_to_the_in_order_directory(
+        couch_server, world, broker, start_worker, seed_number):
+    seed(world, CONVERGENCE_DOMAINS)
+    messages = generated_sequence(seed_number, length=24)
+    rng = random.Random(seed_number)
+    delivered = messages + rng.sample(messages, 6)
+    rng.shuffle(delivered)
+    worker = start_worker(world)
+    broker.publish([(m["routingKey"], json.dumps(m["body"]).encode()) for m in delivered])
+    wait_until(lambda: worker.count("applied") == len(delivered) and drained(broker, worker), 120,
+               "every event is applied")
+    reference = World(couch_server)
+    try:
+        seed(reference, CONVERGENCE_DOMAINS)
+        apply_in_process(reference, [(m["routingKey"], json.dumps(m["body"]).encode())
+                                     for m in sorted(messages, key=stamp_of)])
+        assert directory(world, CONVERGENCE_DOMAINS) == directory(reference, CONVERGENCE_DOMAINS)
+    finally:
+        reference.cleanup()

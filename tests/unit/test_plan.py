@@ -170,3 +170,21 @@ def test_a_profile_from_an_older_event_does_not_overwrite_a_newer_one():
 ])
 def test_display_name_rules(member, name):
     assert display_name(member) == name
+
+
+def test_joining_two_memories_gives_the_memory_of_both_event_sets_in_either_order():
+    from couchsync.plan import GroupState
+
+    def memory(events):
+        state = GroupState("acme", "engineering")
+        for one in events:
+            state = state.merged(one)
+        return state
+
+    first = [event("b2b.group.updated", 33, name="Platform"), event("b2b.group.member.added", 34, members=[BOB])]
+    second = [created(30, members=[ALICE]), event("b2b.group.updated", 31, name="Old", color="#000"),
+              event("b2b.group.member.removed", 35, members=[BOB]), event("b2b.group.deleted", 36)]
+    both = memory(first + second)
+    assert memory(first).joined(memory(second)) == both == memory(second).joined(memory(first))
+    assert memory(first).joined(memory(first)) == memory(first)
+    assert (both.alive, both.values["name"], both.values["color"]) == (False, "Platform", "#000")
