@@ -41,3 +41,17 @@ def test_invalid_lines_are_reported_with_their_number_and_exit_65():
 def test_read_messages_skips_blank_and_comment_lines():
     messages = list(read_messages(iter(["", "# c", '{"routingKey": "k", "body": {"a": 1}}'])))
     assert messages == [(3, "k", {"a": 1})]
+
+
+def test_a_broker_password_on_the_command_line_is_refused_with_exit_78():
+    result = run("worker", "--amqp-url", "amqp://couchsync:hunter2@rabbit/", "--metrics-port", "0")
+    assert result.exception is not None and result.exception.exit_code == 78
+    assert "hunter2" not in str(result.exception)
+    result = run("dlq", "list", "--amqp-password", "hunter2")
+    assert result.exception.exit_code == 78
+
+
+def test_masked_bodies_hide_the_secret_fields_of_user_created():
+    from couchsync.cli import masked_body
+    shown = masked_body(b'{"twakeId": "t1", "privateKey": "PRIVATE", "hash": "H", "domain": "bob.acme"}')
+    assert "PRIVATE" not in shown and '"hash": "[secure]"' in shown and '"domain": "bob.acme"' in shown

@@ -361,3 +361,12 @@ def test_shuffled_events_handled_eight_at_a_time_converge_to_the_in_order_direct
         assert directory(world, CONVERGENCE_DOMAINS) == directory(reference, CONVERGENCE_DOMAINS)
     finally:
         reference.cleanup()
+
+
+def test_credentials_the_broker_refuses_exit_78_without_showing_the_password(world, broker):
+    env = world.cli_env(**broker.env(COUCHSYNC_AMQP_USER="intruder", COUCHSYNC_AMQP_PASSWORD="s3cret-amqp"))
+    done = subprocess.run([sys.executable, "-m", "couchsync", "worker", "--metrics-port", "0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "refused the credentials of intruder" in done.stderr
+    assert "s3cret-amqp" not in done.stdout + done.stderr
