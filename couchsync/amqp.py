@@ -14,6 +14,8 @@ unhandled. Retries are counted by couchsync's own header, not by the broker, who
 across versions (3.10 counts every requeue, 4.3 only rejects); `x-delivery-limit` stays as the
 backstop for a message that kills the worker each time it is handled.
 
+`couchsync.dead_letters` reads and replays the dead letters.
+
 Events are handled on a thread pool (one thread per prefetched message): the connection's thread only
 moves frames, so heartbeats never lapse during a long fan-out, and results come back to it through
 `add_callback_threadsafe`.
@@ -111,13 +113,18 @@ class Delivery:
     def of(cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes) -> Delivery:
         headers = properties.headers or {}
         # Our own count, and the broker's where it has one (a worker that died mid-message).
-        attempt = max(int(headers.get(ATTEMPT) or 1), int(headers.get("x-delivery-count") or 0) + 1)
+        attempt = max(count_header(headers.get(ATTEMPT)) or 1, count_header(headers.get("x-delivery-count")) + 1)
         return cls(generation, method.delivery_tag, str(headers.get(ROUTING_KEY) or method.routing_key),
                    body, properties, attempt)
 
     @property
     def message_id(self) -> str:
         return str(self.properties.message_id or message_digest(self.routing_key, self.body))
+
+
+def count_header(value: object) -> int:
+    """A count from a header; anything but a non-negative integer counts as 0 (a header is input too)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def message_digest(routing_key: str, body: bytes) -> str:
@@ -353,82 +360,3 @@ class Consumer:
 
 def _logfmt(fields: Mapping[str, object]) -> str:
     return " ".join(f"{key}={value}" for key, value in fields.items())
-
-
-@dataclass(frozen=True, slots=True)
-class DeadMessage:
-    """A dead-lettered message, with why and when it was given up."""
-
-    id: str
-    routing_key: str
-    reason: str
-    attempts: int
-    dead_at: str | None
-    body: bytes
-
-    @classmethod
-    def of(cls, method: Any, properties: pika.BasicProperties, body: bytes) -> DeadMessage:
-        headers = properties.headers or {}
-        deaths = headers.get("x-death") or [{}]
-        # Dead-lettered by couchsync: its headers; by the broker (x-delivery-limit): its x-death record.
-        routing_key = str(headers.get(ROUTING_KEY) or (deaths[0].get("routing-keys") or [method.routing_key])[0])
-        reason = headers.get(REASON) or f"dead-lettered by the broker: {deaths[0].get('reason', 'unknown')}"
-        return cls(id=str(properties.message_id or message_digest(routing_key, body)), routing_key=routing_key,
-                   reason=str(reason), attempts=int(headers.get(ATTEMPT) or deaths[0].get("count") or 0),
-                   dead_at=headers.get(DEAD_AT), body=body)
-
-
-def _read_dead_letters(channel: BlockingChannel, settings: AmqpSettings,
-                       limit: int) -> list[tuple[int, DeadMessage, pika.BasicProperties]]:
-    """Up to `limit` dead letters, left unacknowledged: closing the channel puts them back, in order."""
-    found = []
-    for _ in range(limit):
-        method, properties, body = channel.basic_get(settings.dead_letter_queue, auto_ack=False)
-        if method is None:
-            break
-        found.append((method.delivery_tag, DeadMessage.of(method, properties, body), properties))
-    return found
-
-
-def list_dead_letters(settings: AmqpSettings, limit: int = 1000) -> list[DeadMessage]:
-    """The first `limit` dead letters; the queue is left as it was.
-
-    Raises:
-        BrokerUnavailable, ConfigError: as `connect`.
-    """
-    connection = connect(settings)
-    try:
-        channel = connection.channel()
-        declare(channel, settings)
-        return [message for _, message, _ in _read_dead_letters(channel, settings, limit)]
-    finally:
-        connection.close()
-
-
-def replay_dead_letters(settings: AmqpSettings, ids: set[str] | None, limit: int = 1000) -> list[DeadMessage]:
-    """Send dead letters (those with these ids, or all when None) back to the main queue, as new.
-
-    Each is published (confirmed) before it leaves the dead-letter queue; its attempt count starts again.
-
-    Raises:
-        BrokerUnavailable, ConfigError: as `connect`.
-    """
-    connection = connect(settings)
-    replayed = []
-    try:
-        channel = connection.channel()
-        declare(channel, settings)
-        channel.confirm_delivery()
-        for tag, message, properties in _read_dead_letters(channel, settings, limit):
-            if ids is not None and message.id not in ids:
-                continue
-            headers = {key: value for key, value in (properties.headers or {}).items()
-                       if key not in (ATTEMPT, REASON, DEAD_AT, "x-death", "x-delivery-count")}
-            channel.basic_publish("", settings.queue, message.body, pika.BasicProperties(
-                content_type=properties.content_type, message_id=message.id, delivery_mode=2,
-                headers={**headers, ROUTING_KEY: message.routing_key}), mandatory=True)
-            channel.basic_ack(tag)
-            replayed.append(message)
-    finally:
-        connection.close()
-    return replayed

@@ -62,6 +62,18 @@ def directory(world: World, domains: list[str] = DOMAINS) -> dict:
                      for doctype in (GROUPS, CONTACTS)} for domain in domains}
 
 
+def assert_same_as_uninterrupted(couch_server, world: World, messages: list[Message],
+                                 domains: list[str] = DOMAINS) -> None:
+    """The directory `world` holds is the one an uninterrupted, in-process run of `messages` leaves."""
+    reference = World(couch_server)
+    try:
+        seed(reference, domains)
+        apply_in_process(reference, messages)
+        assert directory(world, domains) == directory(reference, domains)
+    finally:
+        reference.cleanup()
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -239,13 +251,7 @@ def test_a_worker_killed_mid_stream_and_restarted_leaves_the_uninterrupted_direc
     second = start_worker(world)
     wait_until(lambda: drained(broker, second), 300, "the queue is drained after the restart")
     assert second.count("dead_lettered") == 0 and broker.depths()[broker.settings.dead_letter_queue] == 0
-    reference = World(couch_server)
-    try:
-        seed(reference)
-        apply_in_process(reference, messages)
-        assert directory(world) == directory(reference)
-    finally:
-        reference.cleanup()
+    assert_same_as_uninterrupted(couch_server, world, messages)
 
 
 def test_broker_connections_closed_under_load_are_reopened_and_nothing_is_lost(
@@ -260,13 +266,7 @@ def test_broker_connections_closed_under_load_are_reopened_and_nothing_is_lost(
     wait_until(lambda: worker.metrics().get("couchsync_broker_reconnects_total", 0) >= 1, 60, "it reconnects")
     wait_until(lambda: drained(broker, worker), 300, "the queue is drained")
     assert worker.count("dead_lettered") == 0
-    reference = World(couch_server)
-    try:
-        seed(reference)
-        apply_in_process(reference, messages)
-        assert directory(world) == directory(reference)
-    finally:
-        reference.cleanup()
+    assert_same_as_uninterrupted(couch_server, world, messages)
 
 
 @pytest.mark.slow
@@ -290,13 +290,7 @@ def test_couchdb_down_for_ten_seconds_is_retried_not_dead_lettered_and_converges
                    "every event is applied after CouchDB returns")
         assert worker.count("retried") > 0, "the outage should have made some events wait and retry"
         assert worker.count("dead_lettered") == 0 and broker.depths()[broker.settings.dead_letter_queue] == 0
-        reference = World(couch_server)
-        try:
-            seed(reference)
-            apply_in_process(reference, messages)
-            assert directory(world) == directory(reference)
-        finally:
-            reference.cleanup()
+        assert_same_as_uninterrupted(couch_server, world, messages)
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
@@ -353,14 +347,8 @@ def test_shuffled_events_handled_eight_at_a_time_converge_to_the_in_order_direct
     broker.publish([(m["routingKey"], json.dumps(m["body"]).encode()) for m in delivered])
     wait_until(lambda: worker.count("applied") == len(delivered) and drained(broker, worker), 120,
                "every event is applied")
-    reference = World(couch_server)
-    try:
-        seed(reference, CONVERGENCE_DOMAINS)
-        apply_in_process(reference, [(m["routingKey"], json.dumps(m["body"]).encode())
-                                     for m in sorted(messages, key=stamp_of)])
-        assert directory(world, CONVERGENCE_DOMAINS) == directory(reference, CONVERGENCE_DOMAINS)
-    finally:
-        reference.cleanup()
+    in_order = [(m["routingKey"], json.dumps(m["body"]).encode()) for m in sorted(messages, key=stamp_of)]
+    assert_same_as_uninterrupted(couch_server, world, in_order, CONVERGENCE_DOMAINS)
 
 
 def test_credentials_the_broker_refuses_exit_78_without_showing_the_password(world, broker):

@@ -7,8 +7,8 @@ import pytest
 
 from couchsync import config
 from couchsync.amqp import (
-    ATTEMPT, REASON, ROUTING_KEY, Ack, DeadLetter, DeadMessage, Delivery, Retry, disposition, message_digest,
-    retry_delay)
+    ATTEMPT, REASON, ROUTING_KEY, Ack, DeadLetter, Delivery, Retry, disposition, message_digest, retry_delay)
+from couchsync.dead_letters import DeadMessage
 from couchsync.errors import (
     AccessDenied, BrokerUnavailable, ConfigError, CouchUnavailable, DocumentConflict, InstancesFailed,
     InstancesUnavailable, InvalidEvent, UnknownOrganization)
@@ -88,3 +88,8 @@ def test_another_amqp_user_needs_a_password_and_a_url_must_be_amqp():
         config.load_amqp("http://rabbit")
     assert config.load_amqp("amqps://rabbit:5671/prod", username="couchsync", password="pw").url == \
         "amqps://rabbit:5671/prod"
+
+
+def test_malformed_count_headers_are_ignored_not_fatal():
+    assert deliver({ATTEMPT: "abc", "x-delivery-count": -3}).attempt == 1
+    assert deliver({ATTEMPT: True, "x-delivery-count": "7"}).attempt == 1
