@@ -17,8 +17,8 @@ from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
 from couchsync.amqp import Consumer
-from couchsync.dead_letters import list_dead_letters, replay_dead_letters
 from couchsync.couch import CouchGateway, MangoIndex
+from couchsync.dead_letters import list_dead_letters, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
 from couchsync.events import SECRET_FIELDS, parse_event

@@ -90,11 +90,11 @@ class EventReport:
         raise error(f"failed in {len(failures)} of {len(self.instances)} instances: {named}{more}")
 
     def fields(self) -> dict[str, object]:
-        """The event's log fields (no document content, no secret)."""
+        """The event's log fields (no document content, no secret; the consumer adds the duration)."""
         return {"routing_key": self.routing_key, "organization": self.organization_id, "subject": self.subject,
                 "instances": len(self.instances), "writes": self.writes,
                 "unchanged": sum(1 for r in self.instances if r.writes == 0 and r.error is None),
-                "refusals": len(self.refusals), "failed": len(self.failures), "seconds": round(self.seconds, 3)}
+                "refusals": len(self.refusals), "failed": len(self.failures)}
 
 
 class Synchronizer:
