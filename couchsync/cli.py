@@ -312,8 +312,8 @@ def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry
     protection = design.protection(identity)
     with obj.gateway() as couch:
         # The global database first: its indexes serve the instance lookups that follow.
-        outcomes = list(design_docs.deploy_all(couch, [design.global_target(obj.sync.global_db)], concurrency=1,
-                                               dry_run=dry_run, create_missing=create_missing))
+        outcomes = [design_docs.deploy(couch, design.global_target(obj.sync.global_db), dry_run=dry_run,
+                                       create_missing=create_missing)]
         # No index creation here: in a dry run it would be a write.
         instances = _chosen_instances(obj.directory(couch), org_id, domain)
         targets = [target for instance in instances for target in design.instance_targets(instance.prefix, protection)]

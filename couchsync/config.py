@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from couchsync.errors import ConfigError
 
@@ -146,18 +146,14 @@ def load_amqp(url: str, *, username: str = DEFAULT_AMQP_USER, password: str | No
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ConfigError(f"the AMQP URL must be amqp(s)://host[:port][/vhost]: {redact(url)}")
-    secret = read_secret_file(password_file) if password_file else None
-    if password is not None:
-        secret = Secret(password)
     user = username or parts.username or DEFAULT_AMQP_USER
-    if secret is None and parts.password is not None:
-        secret = Secret(parts.password)
+    secret = _password(password, password_file, parts)
     if secret is None:
         if user != DEFAULT_AMQP_USER:
             raise ConfigError(f"no AMQP password for {user}: set COUCHSYNC_AMQP_PASSWORD or --amqp-password-file")
         secret = Secret(DEFAULT_AMQP_USER)
-    settings = AmqpSettings(url=urlunsplit(parts._replace(netloc=parts.hostname + (
-        f":{parts.port}" if parts.port else ""))), username=user, password=secret, **tuning)
+    settings = AmqpSettings(url=urlunsplit(parts._replace(netloc=_host(parts))), username=user, password=secret,
+                            **tuning)
     if settings.prefetch < 1 or settings.delivery_limit < 1 or settings.retry_delay <= 0 \
             or settings.shutdown_timeout <= 0 or not settings.queue_prefix:
         raise ConfigError("prefetch, delivery limit, retry delay and shutdown timeout must be positive, "
@@ -181,15 +177,26 @@ def load_worker(*, metrics_host: str = "127.0.0.1", metrics_port: int = DEFAULT_
     return WorkerSettings(metrics_host, metrics_port, notify_socket or None, watchdog)
 
 
+def _host(parts: SplitResult) -> str:
+    """`host[:port]` of a URL, without its credentials."""
+    return (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+
+
+def _password(password: str | None, password_file: str | None, parts: SplitResult) -> Secret | None:
+    """The password given: from the environment, else its file, else the URL's."""
+    if password is not None:
+        return Secret(password)
+    if password_file:
+        return read_secret_file(password_file)
+    return Secret(parts.password) if parts.password is not None else None
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by `[secure]`."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:[secure]@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:[secure]@{_host(parts)}"))
 
 
 def has_password(url: str) -> bool:
@@ -223,16 +230,9 @@ def load_couch(url: str, *, username: str | None = None, password: str | None = 
         raise ConfigError(f"the CouchDB URL must be http(s)://host[:port]: {redact(url)}")
     if timeout <= 0 or pool_size < 1:
         raise ConfigError("the CouchDB timeout and pool size must be positive")
-    secret = read_secret_file(password_file) if password_file else None
-    if password is not None:
-        secret = Secret(password)
-    if parts.password is not None and secret is None:
-        secret = Secret(parts.password)
-    user = username or parts.username
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    bare = urlunsplit(parts._replace(netloc=host)).rstrip("/")
-    return CouchSettings(url=bare, username=user, password=secret, timeout=timeout,
-                         pool_size=pool_size)
+    bare = urlunsplit(parts._replace(netloc=_host(parts))).rstrip("/")
+    return CouchSettings(url=bare, username=username or parts.username,
+                         password=_password(password, password_file, parts), timeout=timeout, pool_size=pool_size)
 
 
 def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, concurrency: int = DEFAULT_CONCURRENCY,

@@ -75,9 +75,10 @@ class World:
         """Install the protection and lookup design documents in the instance's databases (created)."""
         design = design_docs.load()
         protection = design.protection(config.load_identity([self.server.sync[0]]))
+        gateway = self.gateway()
         for target in design.instance_targets(self.prefix(domain), protection):
             self.databases.add(target.db)
-            outcome = design_docs.deploy(self.gateway(), target, create_missing=True)
+            outcome = design_docs.deploy(gateway, target, create_missing=True)
             assert outcome.error is None, outcome.error
 
     def add_instances(self, docs: list[dict[str, Any]]) -> None:
