@@ -46,6 +46,7 @@ from couchsync.systemd import Notifier
 logger = logging.getLogger(__name__)
 
 BINDING = "b2b.group.#"  # every group event, unknown ones too: they are dead-lettered, not lost unrouted
+USER_BINDING = "user.created"
 ATTEMPT = "x-couchsync-attempt"
 ROUTING_KEY = "x-couchsync-routing-key"  # the original key, once a message has gone through our queues
 REASON = "x-couchsync-reason"
@@ -135,12 +136,14 @@ def message_digest(routing_key: str, body: bytes) -> str:
 def declare(channel: BlockingChannel, settings: AmqpSettings) -> None:
     """Declare the exchanges, queues and bindings (idempotent; a mismatch closes the channel: 406)."""
     channel.exchange_declare(settings.exchange, "topic", durable=True)
+    channel.exchange_declare(settings.auth_exchange, "topic", durable=True)
     channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
     channel.queue_declare(settings.queue, durable=True, arguments={
         "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit,
         "x-dead-letter-exchange": settings.dead_letter_exchange,
         "x-dead-letter-routing-key": settings.dead_letter_queue})
     channel.queue_bind(settings.queue, settings.exchange, BINDING)
+    channel.queue_bind(settings.queue, settings.auth_exchange, USER_BINDING)
     # Expired retries go back to the main queue at least once, even if a broker node fails meanwhile.
     channel.queue_declare(settings.retry_queue, durable=True, arguments={
         "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": settings.queue,

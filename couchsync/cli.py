@@ -108,6 +108,8 @@ def amqp_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--amqp-password", envvar="COUCHSYNC_AMQP_PASSWORD", hidden=True),
         click.option("--exchange", envvar="COUCHSYNC_EXCHANGE", default=config.DEFAULT_EXCHANGE, show_default=True,
                      help="The directory's topic exchange of the b2b group events."),
+        click.option("--auth-exchange", envvar="COUCHSYNC_AUTH_EXCHANGE", default=config.DEFAULT_AUTH_EXCHANGE,
+                     show_default=True, help="The topic exchange of user.created."),
         click.option("--queue-prefix", envvar="COUCHSYNC_QUEUE_PREFIX", default=config.DEFAULT_QUEUE_PREFIX,
                      show_default=True, help="Prefix of couchsync's own queues and dead-letter exchange."),
         click.option("--prefetch", envvar="COUCHSYNC_PREFETCH", type=int, default=config.DEFAULT_PREFETCH,
@@ -130,6 +132,7 @@ def _amqp_settings(ctx: click.Context, params: dict[str, Any]) -> config.AmqpSet
     _refuse_typed_secrets(ctx, "amqp_password", "amqp_url", "COUCHSYNC_AMQP_PASSWORD", "--amqp-password-file")
     return config.load_amqp(params["amqp_url"], username=params["amqp_user"], password=params["amqp_password"],
                             password_file=params["amqp_password_file"], exchange=params["exchange"],
+                            auth_exchange=params["auth_exchange"],
                             queue_prefix=params["queue_prefix"], prefetch=params["prefetch"],
                             delivery_limit=params["delivery_limit"], retry_delay=params["retry_delay"],
                             shutdown_timeout=params["shutdown_timeout"])

@@ -25,6 +25,7 @@ DEFAULT_MAX_ATTEMPTS = 5      # read → plan → write rounds per instance befo
 DEFAULT_AMQP_URL = "amqp://127.0.0.1:5672/%2F"
 DEFAULT_AMQP_USER = "guest"   # RabbitMQ's own default account, which it accepts from localhost only
 DEFAULT_EXCHANGE = "b2b"
+DEFAULT_AUTH_EXCHANGE = "auth"  # where the directory announces new users (user.created)
 DEFAULT_QUEUE_PREFIX = "couchsync."
 DEFAULT_PREFETCH = 8          # the stack's
 DEFAULT_DELIVERY_LIMIT = 5    # the stack's: attempts before a message is dead-lettered
@@ -99,6 +100,7 @@ class AmqpSettings:
     username: str
     password: Secret
     exchange: str = DEFAULT_EXCHANGE
+    auth_exchange: str = DEFAULT_AUTH_EXCHANGE
     queue_prefix: str = DEFAULT_QUEUE_PREFIX
     prefetch: int = DEFAULT_PREFETCH
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
@@ -109,7 +111,7 @@ class AmqpSettings:
 
     @property
     def queue(self) -> str:
-        """The queue of the b2b group events."""
+        """The queue of the b2b group events, and of user.created (one retry and dead-letter path for both)."""
         return f"{self.queue_prefix}b2b.group"
 
     @property

@@ -4,7 +4,7 @@
     ├── ConfigError             bad or missing setting                      exit 78 (EX_CONFIG)
     ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
     ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
-    ├── UnknownInstance         no usable instance has the domain named
+    ├── UnknownInstance         no usable instance has the domain named     retryable (it may appear)
     ├── InstancesFailed         an event failed in some instances for lasting reasons     dead-lettered
     │   └── InstancesUnavailable    ... for passing reasons only                         retryable
     ├── CouchError              carries the database and document id, never credentials
@@ -51,8 +51,13 @@ class UnknownOrganization(CouchsyncError):
 
 
 class UnknownInstance(CouchsyncError):
-    """No usable instance has the domain an operator named."""
+    """No usable instance has the domain named (by an operator, or by a user.created event).
 
+    Retryable: a new instance may be announced before the global database lists it; if it never
+    appears, the event is dead-lettered after the last attempt.
+    """
+
+    retryable = True
     exit_code = 65
 
 

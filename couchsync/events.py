@@ -56,6 +56,7 @@ class Member:
     last_name: str | None = None
     name: str | None = None
     workplace_fqdn: str | None = None
+    phone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class UserCreated:
     domain: str
     email: str
     timestamp: datetime
+    stamp: str
     organization_id: str | None = None
     organization_domain: str | None = None
     workplace_fqdn: str | None = None
@@ -89,6 +91,13 @@ class UserCreated:
     name: str | None = None
     username: str | None = None
     routing_key: str = USER_CREATED
+
+    @property
+    def member(self) -> Member:
+        """The new user as a person of the directory (their profile in the other instances)."""
+        return Member(email=self.email, username=self.username or self.twake_id, first_name=self.first_name,
+                      last_name=self.last_name, name=self.name, workplace_fqdn=self.workplace_fqdn or self.domain,
+                      phone=self.mobile)
 
 
 Event = GroupEvent | UserCreated
@@ -167,8 +176,12 @@ def _timestamp(value: str | float, routing_key: str) -> datetime:
 
 
 def event_stamp(timestamp: datetime, kind: GroupEventKind, data: dict[str, Any]) -> str:
-    """The stamp that orders this event among all others (see the module docstring)."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The stamp that orders this event among all others (see the module docstring).
+
+    A user.created profile ranks as a creation; its secret fields are left out of the digest.
+    """
+    public = {key: value for key, value in data.items() if key not in SECRET_FIELDS}
+    canonical = json.dumps(public, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
     return f"{timestamp:%Y-%m-%dT%H:%M:%S.%fZ}#{kind.value}#{digest}"
 
@@ -196,9 +209,11 @@ def _group_event(routing_key: str, data: dict[str, Any]) -> GroupEvent:
 
 
 def _user_created(data: dict[str, Any]) -> UserCreated:
+    timestamp = _timestamp(data["timestamp"], USER_CREATED)
     return UserCreated(
-        twake_id=data["twakeId"], domain=data["domain"].strip().lower(),
-        email=data["internalEmail"].strip(), timestamp=_timestamp(data["timestamp"], USER_CREATED),
+        twake_id=data["twakeId"].strip(), domain=data["domain"].strip().lower(),
+        email=data["internalEmail"].strip(), timestamp=timestamp,
+        stamp=event_stamp(timestamp, GroupEventKind.CREATED, data),
         organization_id=(data.get("organizationId") or "").strip() or None,
         organization_domain=(data.get("organizationDomain") or "").strip().lower() or None,
         workplace_fqdn=data.get("workplaceFqdn") or None, mobile=data.get("mobile") or None,

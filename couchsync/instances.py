@@ -93,8 +93,11 @@ class InstanceDirectory:
                 return instance.org_id
         return None
 
+    def settings(self, instance: Instance) -> dict[str, Any] | None:
+        """The instance's settings document (its owner's `email`, `public_name`, `phone`), if any."""
+        return self._couch.get(instance.database(SETTINGS), SETTINGS_DOC_ID)
+
     def owner_email(self, instance: Instance) -> str | None:
         """The email of the instance's owner, from its settings document."""
-        settings = self._couch.get(instance.database(SETTINGS), SETTINGS_DOC_ID)
-        email = (settings or {}).get("email")
+        email = (self.settings(instance) or {}).get("email")
         return email.strip() if isinstance(email, str) and email.strip() else None

@@ -136,10 +136,14 @@ class GroupState:
                     if key not in GROUP_VALUES and key != TAG and key != "_deleted"}
         doc["_id"] = managed_group_id(self.organization_id, self.external_id)
         doc.update(self.values)
-        doc[TAG] = {"managed": True, "kind": "group", "organizationId": self.organization_id,
-                    "externalId": self.external_id, "stamps": dict(sorted(self.stamps.items())),
-                    "members": {email: [stamp, present]
-                                for email, (stamp, present) in sorted(self.members.items())}}
+        tag: Doc = {"managed": True, "kind": "group", "organizationId": self.organization_id,
+                    "externalId": self.external_id}
+        # A group the stack made before couchsync keeps no memory: none is added until an event brings one.
+        if self.stamps:
+            tag["stamps"] = dict(sorted(self.stamps.items()))
+        if self.members:
+            tag["members"] = {email: [stamp, present] for email, (stamp, present) in sorted(self.members.items())}
+        doc[TAG] = tag
         if not self.alive:
             doc["_deleted"] = True  # a tombstone that keeps the memory
         return doc
@@ -185,7 +189,7 @@ def _plan_contacts(event: GroupEvent, group_id: str, after: GroupState,
     refusals: list[Refusal] = []
     if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
         for member in event.members:
-            if _is_owner(member.email, member.workplace_fqdn, view):
+            if is_owner(member.email, member.workplace_fqdn, view):
                 continue
             match = match_contact(member.email, member.workplace_fqdn, planned.values(),
                                   event.organization_id)
@@ -201,7 +205,7 @@ def _plan_contacts(event: GroupEvent, group_id: str, after: GroupState,
     return writes, refusals
 
 
-def _is_owner(email: str | None, workplace_fqdn: str | None, view: InstanceView) -> bool:
+def is_owner(email: str | None, workplace_fqdn: str | None, view: InstanceView) -> bool:
     """Whether the person owns this instance (a member is never added to their own instance)."""
     if host_of(workplace_fqdn) == view.domain.lower():
         return True
@@ -214,12 +218,28 @@ def _project(contact: Doc, group_id: str, after: GroupState, view: InstanceView)
     if tag.get("organizationId") != after.organization_id:
         return contact
     email = tag.get("email") or ""
-    if _is_owner(email, None, view) or view.domain.lower() in cozy_hosts_of(contact):
+    if is_owner(email, None, view) or view.domain.lower() in cozy_hosts_of(contact):
         return contact
     wanted = after.membership(email) if after.alive else False
     if wanted is None or (group_id in group_ids_of(contact)) == wanted:
         return contact
     return with_group(contact, group_id, wanted)
+
+
+def plan_profile(member: Member, organization_id: str, stamp: str, view: InstanceView) -> Plan:
+    """The write that gives one instance a person's managed contact, or brings it to this profile.
+
+    `view.contacts` holds the instance's contacts looked up by the person's email and Cozy host.
+    """
+    if is_owner(member.email, member.workplace_fqdn, view):
+        return Plan()
+    match = match_contact(member.email, member.workplace_fqdn, view.contacts, organization_id)
+    if match.refusal:
+        return Plan(refusals=(Refusal(None, match.refusal),))
+    doc = upsert_contact(match.contact, member, organization_id, stamp)
+    if not changed(doc, match.contact):
+        return Plan()
+    return Plan((Write(CONTACTS, doc, "create contact" if match.contact is None else "update contact"),))
 
 
 def display_name(member: Member) -> str:
@@ -234,13 +254,18 @@ def display_name(member: Member) -> str:
     return member.email.split("@", 1)[0]
 
 
-def upsert_contact(contact: Doc | None, member: Member, organization_id: str, stamp: str) -> Doc:
+def upsert_contact(contact: Doc | None, member: Member, organization_id: str, stamp: str, *,
+                   reassert: bool = False) -> Doc:
     """The member's managed contact: a new one, an adopted external one, or a newer profile.
 
-    Only the fields couchsync owns change; a profile older than the one applied is left alone.
+    Only the fields couchsync owns change; a profile older than the one applied is left alone, and so
+    is the same one unless `reassert` (a copy from the organization instance puts its profile back
+    over a hand edit, which never comes with a stamp of its own).
     """
-    if contact is not None and is_managed(contact) and stamp <= contact[TAG].get("stamp", ""):
-        return contact
+    if contact is not None and is_managed(contact):
+        applied = contact[TAG].get("stamp", "")
+        if stamp < applied or (stamp == applied and not reassert):
+            return contact
     doc: Doc = dict(contact) if contact else {
         "_id": managed_contact_id(organization_id, member.email),
         "relationships": {"groups": {"data": []}},
@@ -256,6 +281,10 @@ def upsert_contact(contact: Doc | None, member: Member, organization_id: str, st
     doc.pop("cozy", None)
     if cozy:
         doc["cozy"] = cozy
+    # Group events carry no phone: a profile without one keeps the number an earlier one gave.
+    phone = member.phone or previous.get("phone")
+    if member.phone:
+        doc["phone"] = _with_entry(doc.get("phone"), "number", member.phone, replaces=previous.get("phone"))
     doc["metadata"] = {**(doc.get("metadata") or {}), "external": True}
     doc["trustedForSharing"] = True
     # The stack's own b2b contacts index by Cozy URL (the spec's example); without one, by email.
@@ -263,6 +292,8 @@ def upsert_contact(contact: Doc | None, member: Member, organization_id: str, st
     doc[TAG] = {"managed": True, "kind": "contact", "organizationId": organization_id,
                 "username": member.username, "email": member.email, "workplaceFqdn": member.workplace_fqdn,
                 "stamp": stamp}
+    if phone:
+        doc[TAG]["phone"] = phone
     return doc
 
 

@@ -7,33 +7,26 @@ be read and planned again, since the plan merges rather than overwrites.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachetools import TTLCache
-
-from couchsync import design_docs
 from couchsync.config import SyncSettings
-from couchsync.couch import CouchGateway, WriteResult
-from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW, DesignDocs
-from couchsync.documents import CONTACTS, GROUPS, Doc, managed_group_id
-from couchsync.errors import (
-    AccessDenied, CouchError, CouchsyncError, DocumentConflict, InstancesFailed, InstancesUnavailable, InvalidEvent,
-    NotFound, UnknownOrganization)
-from couchsync.events import Event, GroupEvent, parse_event
+from couchsync.couch import CouchGateway
+from couchsync.design_docs import DesignDocs
+from couchsync.documents import GROUPS, host_of, lookup_keys, managed_group_id
+from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
+from couchsync.events import Event, GroupEvent, Member, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
-from couchsync.plan import InstanceView, Plan, lookup_keys_for, plan_group_event
+from couchsync.mirror import person_of_settings
+from couchsync.onboarding import CopyReport, DirectoryCopy, Progress
+from couchsync.plan import InstanceView, lookup_keys_for, plan_group_event, plan_profile
+from couchsync.reader import InstanceReader
+from couchsync.writer import Planner, PlanWriter
 
 logger = logging.getLogger(__name__)
-
-REPLAN_PAUSE = 0.02  # seconds, times the attempt: the most a re-plan after a 409 waits
-OWNER_CACHE_SECONDS = 600  # an instance's owner email changes rarely; re-read it every 10 minutes
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +100,9 @@ class Synchronizer:
         self._design = design
         self._settings = settings
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="couchsync-instance")
-        self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=OWNER_CACHE_SECONDS)
-        self._owners_lock = threading.Lock()
+        self._reader = InstanceReader(couch, directory, design)
+        self._writer = PlanWriter(couch, settings.max_attempts)
+        self._copier = DirectoryCopy(couch, self._reader, self._writer, settings.page_size)
 
     def __enter__(self) -> Synchronizer:
         return self
@@ -125,22 +119,91 @@ class Synchronizer:
 
         Raises:
             UnknownOrganization: the organization has no usable instance.
-            InvalidEvent: an event this version does not handle.
+            UnknownInstance: a user.created names an instance the organization does not (yet) have.
             CouchError: the global database could not be read.
         """
-        if not isinstance(event, GroupEvent):
-            raise InvalidEvent("not handled by this version of couchsync", routing_key=event.routing_key)
         started = time.monotonic()
-        instances = self._directory.instances_of(event.organization_id)
-        if not instances:
-            raise UnknownOrganization(f"organization {event.organization_id!r} has no instance")
-        reports = tuple(self._pool.map(lambda instance: self._apply_to_instance(event, instance), instances))
-        report = EventReport(event.routing_key, event.organization_id, event.group_id, reports,
-                             time.monotonic() - started)
+        if isinstance(event, UserCreated):
+            organization_id, subject = self._organization_of(event), event.domain
+            reports = self._onboard(event, organization_id)
+        else:
+            organization_id, subject = event.organization_id, event.group_id
+            instances = self._instances_of(organization_id)
+            reports = tuple(self._pool.map(lambda instance: self._apply_to_instance(event, instance), instances))
+        report = EventReport(event.routing_key, organization_id, subject, reports, time.monotonic() - started)
         logger.debug("%s %s/%s: %d instances, %d writes, %d refusals, %d failed in %.3fs",
-                     event.routing_key, event.organization_id, event.group_id, len(reports),
+                     event.routing_key, organization_id, subject, len(reports),
                      report.writes, len(report.refusals), len(report.failures), report.seconds)
         return report
+
+    def bootstrap(self, domain: str, *, owner_email: str | None = None, dry_run: bool = False,
+                  progress: Progress | None = None) -> CopyReport:
+        """Give an instance its organization's directory: the organization instance's managed groups and
+        contacts, and a managed contact for each member of the organization.
+
+        Raises:
+            UnknownInstance: no usable instance has the domain, or it belongs to no organization.
+            CouchError: a page could not be read or written.
+        """
+        instance = self._directory.instance(domain)
+        if instance is None or not instance.org_id:
+            raise UnknownInstance(f"no usable instance of an organization has the domain {domain!r}")
+        return self._bootstrap(instance, self._instances_of(instance.org_id), owner_email=owner_email,
+                               dry_run=dry_run, progress=progress)
+
+    def _instances_of(self, organization_id: str) -> list[Instance]:
+        instances = self._directory.instances_of(organization_id)
+        if not instances:
+            raise UnknownOrganization(f"organization {organization_id!r} has no instance")
+        return instances
+
+    def _organization_of(self, event: UserCreated) -> str:
+        """The organization of a new user: named by the event, else found by the organization's domain."""
+        if event.organization_id:
+            return event.organization_id
+        organization_id = self._directory.organization_of_domain(event.organization_domain or "")
+        if organization_id is None:
+            raise UnknownOrganization(f"no organization has the domain {event.organization_domain!r}")
+        return organization_id
+
+    def _onboard(self, event: UserCreated, organization_id: str) -> tuple[InstanceReport, ...]:
+        """user.created: the new user's contact everywhere else, and the directory in the new instance."""
+        instances = self._instances_of(organization_id)
+        new = next((instance for instance in instances if instance.domain == event.domain), None)
+        if new is None:
+            raise UnknownInstance(f"organization {organization_id!r} has no usable instance {event.domain!r} (yet)")
+        others = [instance for instance in instances if instance is not new]
+        member = event.member
+        fanned = self._pool.map(lambda instance: self._converge(instance, lambda _: plan_profile(
+            member, organization_id, event.stamp, self._read_person(instance, member))), others)
+        try:
+            # The settings of a new instance may not name its owner yet; the event does.
+            copied = self._bootstrap(new, instances, owner_email=event.email)
+            mine = InstanceReport(new.domain, copied.written, tuple(copied.refusals))
+        except CouchsyncError as exc:
+            logger.warning("bootstrap of %s failed: %s", new.domain, exc)
+            mine = InstanceReport(new.domain, error=str(exc), retryable=exc.retryable)
+        return (*fanned, mine)
+
+    def _bootstrap(self, target: Instance, instances: Sequence[Instance], *, owner_email: str | None,
+                   dry_run: bool = False, progress: Progress | None = None) -> CopyReport:
+        source = next((instance for instance in instances if instance.is_organization_instance), None)
+        members = [instance for instance in instances
+                   if not instance.is_organization_instance and instance.domain != target.domain]
+        # Read at once, a member instance each: they are the organization's size, not the directory's.
+        people = [person for person in self._pool.map(
+            lambda instance: person_of_settings(instance.domain, self._directory.settings(instance)), members)
+            if person is not None]
+        report = self._copier.copy(target.org_id, None if source == target else source, target, people,
+                                   owner_email=owner_email, dry_run=dry_run, progress=progress)
+        if source is None:
+            report.refusals.append(f"organization {target.org_id!r} has no organization instance: "
+                                   "its groups and contacts were not copied")
+        return report
+
+    def _read_person(self, instance: Instance, member: Member) -> InstanceView:
+        contacts = self._reader.contacts(instance, lookup_keys([member.email], [host_of(member.workplace_fqdn)]))
+        return InstanceView(instance.domain, self._reader.owner_email(instance), contacts=tuple(contacts))
 
     def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
         """Apply one message's event everywhere; its log fields (what the worker gives the consumer).
@@ -155,34 +218,19 @@ class Synchronizer:
         return report.fields()
 
     def _apply_to_instance(self, event: GroupEvent, instance: Instance) -> InstanceReport:
-        writes = 0
-        refusals: list[str] = []
-        recover = False
+        return self._converge(instance, lambda recover: plan_group_event(event, self._read(event, instance, recover)))
+
+    def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
+        """Bring one instance to the planner's plan; a failure is reported, not raised."""
         try:
-            for attempt in range(1, self._settings.max_attempts + 1):
-                plan = plan_group_event(event, self._read(event, instance, recover))
-                results = self._write(instance, plan)
-                writes += sum(1 for result in results if result.ok)
-                replaced = _replaced_unseen(plan, results)
-                recover = recover or replaced
-                if not any(result.conflict for result in results) and not replaced:
-                    refusals += [refusal.reason for refusal in plan.refusals]
-                    refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
-                                 if not r.ok and r.error == "forbidden"]
-                    _raise_unexpected(instance, results)
-                    return InstanceReport(instance.domain, writes, tuple(refusals), attempts=attempt)
-                logger.debug("conflict in %s, planning %s again", instance.domain, event.routing_key)
-                # Writers of the same group document re-plan at once and collide again: spread them out.
-                time.sleep(random.uniform(0, REPLAN_PAUSE * attempt))
-            raise DocumentConflict(f"still conflicting after {self._settings.max_attempts} attempts",
-                                   db=instance.prefix)
+            written = self._writer.converge(instance, planner)
         except CouchsyncError as exc:
-            logger.warning("%s failed in %s: %s", event.routing_key, instance.domain, exc)
-            return InstanceReport(instance.domain, writes, tuple(refusals), error=str(exc),
-                                  retryable=exc.retryable)
+            logger.warning("failed in %s: %s", instance.domain, exc)
+            return InstanceReport(instance.domain, error=str(exc), retryable=exc.retryable)
+        return InstanceReport(instance.domain, written.writes, written.refusals, attempts=written.attempts)
 
     def _read(self, event: GroupEvent, instance: Instance, recover: bool = False) -> InstanceView:
-        """What planning needs; with `recover`, also the group's earlier revisions (see _replaced_unseen)."""
+        """What planning needs; with `recover`, also the group's earlier revisions (see writer.replaced_unseen)."""
         group_id = managed_group_id(event.organization_id, event.group_id)
         group = self._couch.get_many(instance.database(GROUPS), [group_id]).get(group_id)
         superseded = tuple(self._couch.ancestors(instance.database(GROUPS), group_id, group["_rev"])
@@ -190,53 +238,5 @@ class Synchronizer:
         keys = lookup_keys_for(event, group)
         if not keys:
             return InstanceView(instance.domain, group=group, superseded=superseded)
-        contacts = self._lookup(instance.database(CONTACTS), keys)
-        return InstanceView(instance.domain, self._owner_email(instance), group, tuple(contacts), superseded)
-
-    def _lookup(self, db: str, keys: Sequence[list[str]]) -> list[Doc]:
-        try:
-            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
-        except NotFound:
-            # The database exists without our view (a new instance): install it, once.
-            design_docs.ensure(self._couch, db, LOOKUP_DDOC, self._design.lookup)
-            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
-
-    def _owner_email(self, instance: Instance) -> str | None:
-        with self._owners_lock:
-            if instance.domain in self._owners:
-                return self._owners[instance.domain]
-        email = self._directory.owner_email(instance)
-        with self._owners_lock:
-            self._owners[instance.domain] = email
-        return email
-
-    def _write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
-        """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""
-        results: list[WriteResult] = []
-        for doctype, writes in itertools.groupby(plan.writes, key=lambda write: write.doctype):
-            results += self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
-            if any(result.conflict for result in results):
-                break
-        return results
-
-
-def _replaced_unseen(plan: Plan, results: Sequence[WriteResult]) -> bool:
-    """Whether a write planned over no document replaced a revision nobody read.
-
-    CouchDB accepts a write without `_rev` over a deleted document, with no conflict: two workers that
-    both saw no group and both wrote its memory as a tombstone leave only the second one's. Such a
-    write comes back as revision 2 or later; its writer then plans again with the memory of the
-    revisions it replaced merged back in.
-    """
-    return any("_rev" not in write.doc and result.ok and result.rev is not None
-               and int(result.rev.split("-", 1)[0]) > 1
-               for write, result in zip(plan.writes, results))
-
-
-def _raise_unexpected(instance: Instance, results: Sequence[WriteResult]) -> None:
-    """Raise for a per-document error that is neither a conflict nor a validation refusal."""
-    for result in results:
-        if not result.ok and result.error not in ("conflict", "forbidden"):
-            error = AccessDenied if result.error == "unauthorized" else CouchError
-            raise error(f"not written: {result.error}: {result.reason}", db=instance.prefix,
-                        doc_id=result.doc_id)
+        contacts = self._reader.contacts(instance, keys)
+        return InstanceView(instance.domain, self._reader.owner_email(instance), group, tuple(contacts), superseded)

@@ -34,6 +34,7 @@ ACME = {"acme.twake.app": "admin@acme.com", "alice.acme.twake.app": "alice@acme.
 OTHER = {"other.twake.app": "admin@other.com"}
 # The demo's own exchange and queues: never the directory's `b2b`, which the stack's consumers may share.
 EXCHANGE = "couchsync-demo.b2b"
+AUTH_EXCHANGE = "couchsync-demo.auth"
 QUEUE_PREFIX = "couchsync-demo."
 
 
@@ -87,10 +88,12 @@ def publish(messages: list[tuple[str, bytes]]) -> None:
     connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
     try:
         channel = connection.channel()
-        channel.exchange_declare(EXCHANGE, "topic", durable=True)
+        for exchange in (EXCHANGE, AUTH_EXCHANGE):
+            channel.exchange_declare(exchange, "topic", durable=True)
         channel.confirm_delivery()
         for routing_key, body in messages:
-            channel.basic_publish(EXCHANGE, routing_key, body, pika.BasicProperties(delivery_mode=2))
+            exchange = AUTH_EXCHANGE if routing_key.startswith("user.") else EXCHANGE
+            channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2))
     finally:
         connection.close()
 
@@ -133,7 +136,8 @@ def main() -> int:
     couch = localcouch.server()
     env = {**os.environ, "COUCHSYNC_COUCH_URL": couch.url, "COUCHSYNC_COUCH_USER": couch.sync[0],
            "COUCHSYNC_COUCH_PASSWORD": couch.sync[1], "COUCHSYNC_GLOBAL_DB": GLOBAL_DB,
-           "COUCHSYNC_EXCHANGE": EXCHANGE, "COUCHSYNC_QUEUE_PREFIX": QUEUE_PREFIX, "COUCHSYNC_RETRY_DELAY": "0.5"}
+           "COUCHSYNC_EXCHANGE": EXCHANGE, "COUCHSYNC_AUTH_EXCHANGE": AUTH_EXCHANGE,
+           "COUCHSYNC_QUEUE_PREFIX": QUEUE_PREFIX, "COUCHSYNC_RETRY_DELAY": "0.5"}
     try:
         seed(couch)
         print(f"demo: seeded organization acme ({len(ACME)} instances) and other ({len(OTHER)}) at {couch.url}")
@@ -159,7 +163,7 @@ def remove_demo_queues() -> None:
     channel = connection.channel()
     for suffix in ("b2b.group", "b2b.group.retry", "b2b.group.dead"):
         channel.queue_delete(QUEUE_PREFIX + suffix)
-    for exchange in (EXCHANGE, QUEUE_PREFIX + "dlx"):
+    for exchange in (EXCHANGE, AUTH_EXCHANGE, QUEUE_PREFIX + "dlx"):
         channel.exchange_delete(exchange)
     connection.close()
 

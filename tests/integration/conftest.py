@@ -207,24 +207,31 @@ class Broker:
         return f"t{self.tag}.b2b"
 
     @property
+    def auth_exchange(self) -> str:
+        return f"t{self.tag}.auth"
+
+    @property
     def settings(self) -> config.AmqpSettings:
-        return config.load_amqp(config.DEFAULT_AMQP_URL, exchange=self.exchange,
+        return config.load_amqp(config.DEFAULT_AMQP_URL, exchange=self.exchange, auth_exchange=self.auth_exchange,
                                 queue_prefix=f"t{self.tag}.couchsync.")
 
     def env(self, **overrides: str) -> dict[str, str]:
         """What the CLI needs to use these names."""
-        return {"COUCHSYNC_EXCHANGE": self.exchange, "COUCHSYNC_QUEUE_PREFIX": self.settings.queue_prefix,
-                **overrides}
+        return {"COUCHSYNC_EXCHANGE": self.exchange, "COUCHSYNC_AUTH_EXCHANGE": self.auth_exchange,
+                "COUCHSYNC_QUEUE_PREFIX": self.settings.queue_prefix, **overrides}
 
     def publish(self, messages: list[tuple[str, bytes]]) -> None:
-        """Publish (routing key, body) pairs to the directory's exchange, persistent and confirmed."""
+        """Publish (routing key, body) pairs as the directory does: user.created to the auth exchange,
+        the rest to the b2b one; persistent and confirmed."""
         connection = pika.BlockingConnection(self.parameters)
         try:
             channel = connection.channel()
-            channel.exchange_declare(self.exchange, "topic", durable=True)
+            for exchange in (self.exchange, self.auth_exchange):
+                channel.exchange_declare(exchange, "topic", durable=True)
             channel.confirm_delivery()
             for routing_key, body in messages:
-                channel.basic_publish(self.exchange, routing_key, body, pika.BasicProperties(delivery_mode=2))
+                exchange = self.auth_exchange if routing_key.startswith("user.") else self.exchange
+                channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2))
         finally:
             connection.close()
 
@@ -246,7 +253,7 @@ class Broker:
         settings = self.settings
         for queue in (settings.queue, settings.retry_queue, settings.dead_letter_queue):
             channel.queue_delete(queue)
-        for exchange in (self.exchange, settings.dead_letter_exchange):
+        for exchange in (self.exchange, self.auth_exchange, settings.dead_letter_exchange):
             channel.exchange_delete(exchange)
         connection.close()
 

@@ -42,3 +42,27 @@ class FakeInstance:
         return {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"}
                           for doc_id, doc in docs.items() if not doc.get("_deleted") and TAG in doc}
                 for doctype, docs in self.docs.items()}
+
+    def copy_from(self, reference: FakeInstance, members=()) -> list[Plan]:
+        """What DirectoryCopy does, in one page: the reference's managed groups, then its contacts."""
+        from couchsync.mirror import group_state, person_of, plan_contact_copies, plan_group_copies
+
+        def live_managed(doctype):
+            return [copy.deepcopy(doc) for doc in reference.docs[doctype].values()
+                    if not doc.get("_deleted") and (doc.get(TAG) or {}).get("managed") is True]
+
+        plans = [plan_group_copies(live_managed(GROUPS), copy.deepcopy(self.docs[GROUPS]))]
+        self._put_all(plans[-1])
+        memories = {doc_id: group_state(doc) for doc_id, doc in self.docs[GROUPS].items()
+                    if (doc.get(TAG) or {}).get("managed") is True}
+        people = [person_of(doc) for doc in live_managed(CONTACTS)] + list(members)
+        view = InstanceView(self.domain, self.owner_email, contacts=tuple(copy.deepcopy(
+            [doc for doc in self.docs[CONTACTS].values() if not doc.get("_deleted")])))
+        plans.append(plan_contact_copies(people, "acme", view, memories))
+        self._put_all(plans[-1])
+        return plans
+
+    def _put_all(self, plan: Plan) -> None:
+        for write in plan.writes:
+            self.put(write.doctype, write.doc)
+            self.revisions += 1

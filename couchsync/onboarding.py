@@ -1,0 +1,170 @@
+"""DirectoryCopy: copies the organization instance's managed groups and contacts into a member instance.
+
+The reference is read page by page (Mango `_find`, bookmarks), and each page is planned by
+`couchsync.mirror` against what the member instance holds and written in bulk, so memory stays flat
+whatever the directory's size. A page is re-read and re-planned after a conflict. Running the copy
+again writes nothing that is already there, which also makes it resumable: after a crash, run it again.
+
+Groups are copied before contacts, so that every relationship a contact gets points to a group that
+exists and whose memory decides it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from functools import partial
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from couchsync.couch import CouchGateway
+from couchsync.documents import CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, Doc, group_ids_of, is_managed
+from couchsync.instances import Instance
+from couchsync.mirror import (
+    Person, group_state, people_keys, person_of, plan_contact_copies, plan_group_copies)
+from couchsync.plan import GroupState, InstanceView, Plan, Write
+from couchsync.reader import InstanceReader
+from couchsync.writer import PlanWriter
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int], None]  # (what, how many more documents were handled)
+
+
+def managed_selector(organization_id: str) -> Doc:
+    """The Mango selector of an organization's managed documents."""
+    return {f"{TAG}.managed": True, f"{TAG}.organizationId": organization_id}
+
+
+@dataclass
+class CopyReport:
+    """What a copy did (or, in a dry run, would do) in one instance."""
+
+    domain: str
+    groups: int = 0     # reference groups compared
+    contacts: int = 0   # people compared (reference contacts and members)
+    written: int = 0
+    refusals: list[str] = field(default_factory=list)
+    drift: Counter[str] = field(default_factory=Counter)  # what was (or would be) written, by label
+    items: list[tuple[str, str]] = field(default_factory=list)  # (label, document id), when kept
+
+    @property
+    def unchanged(self) -> int:
+        """Reference documents that needed no write."""
+        return max(self.groups + self.contacts - sum(self.drift.values()), 0)
+
+    def add(self, writes: Sequence[Write], refusals: Iterable[str], *, written: bool, keep_items: bool) -> None:
+        """Count a page's writes: made when `written`, planned only in a dry run."""
+        self.written += len(writes) if written else 0
+        self.refusals += refusals
+        for write in writes:
+            self.drift[write.summary.split(":", 1)[0]] += 1
+            if keep_items:
+                self.items.append((write.summary, write.doc["_id"]))
+
+
+class DirectoryCopy:
+    """Copies through a CouchGateway; pages of `page_size` documents."""
+
+    def __init__(self, couch: CouchGateway, reader: InstanceReader, writer: PlanWriter, page_size: int) -> None:
+        self._couch = couch
+        self._reader = reader
+        self._writer = writer
+        self._page_size = page_size
+
+    def copy(self, organization_id: str, source: Instance | None, target: Instance, members: Iterable[Person] = (),
+             *, owner_email: str | None = None, dry_run: bool = False, keep_items: bool = False,
+             progress: Progress | None = None) -> CopyReport:
+        """Copy the source's managed documents into the target, then a contact for each of `members`.
+
+        `source` is the organization instance (None: the members only); `owner_email` overrides the
+        target's settings (a new instance may have none yet).
+
+        Raises:
+            CouchError: a page could not be read or written.
+        """
+        report = CopyReport(target.domain)
+        owner = owner_email or self._reader.owner_email(target)
+        groups = self._pages(source.database(GROUPS), organization_id) if source else iter(())
+        for page in groups:
+            writes = self._run(target, partial(self._plan_groups, target, page), dry_run, report, keep_items)
+            report.groups += len(page)
+            _tell(progress, "groups", len(page))
+            logger.debug("copied %d groups into %s: %d writes", len(page), target.domain, writes)
+        for people in self._people(organization_id, source, members):
+            planner = partial(self._plan_people, organization_id, source, target, owner, people)
+            self._run(target, planner, dry_run, report, keep_items)
+            report.contacts += len(people)
+            _tell(progress, "contacts", len(people))
+        return report
+
+    def _run(self, target: Instance, planner: Callable[[bool], Plan], dry_run: bool, report: CopyReport,
+             keep_items: bool) -> int:
+        if dry_run:
+            plan = planner(False)
+            report.add(plan.writes, [refusal.reason for refusal in plan.refusals], written=False,
+                       keep_items=keep_items)
+            return len(plan.writes)
+        written = self._writer.converge(target, planner)
+        report.add(written.done, written.refusals, written=True, keep_items=keep_items)
+        return written.writes
+
+    def _pages(self, db: str, organization_id: str) -> Iterator[list[Doc]]:
+        page: list[Doc] = []
+        for doc in self._couch.find(db, managed_selector(organization_id), page_size=self._page_size):
+            page.append(doc)
+            if len(page) == self._page_size:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def _people(self, organization_id: str, source: Instance | None,
+                members: Iterable[Person]) -> Iterator[list[Person]]:
+        """The reference's contacts as people, page by page, then the members in pages of the same size."""
+        if source is not None:
+            for page in self._pages(source.database(CONTACTS), organization_id):
+                yield [person for person in map(person_of, page) if person is not None]
+        chunk: list[Person] = []
+        for person in members:
+            chunk.append(person)
+            if len(chunk) == self._page_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _plan_groups(self, target: Instance, page: Sequence[Doc], recover: bool) -> Plan:
+        db = target.database(GROUPS)
+        targets = self._couch.get_many(db, [doc["_id"] for doc in page])
+        superseded = {doc_id: self._couch.ancestors(db, doc_id, doc["_rev"])
+                      for doc_id, doc in targets.items()} if recover else None
+        return plan_group_copies(page, targets, superseded)
+
+    def _plan_people(self, organization_id: str, source: Instance | None, target: Instance, owner: str | None,
+                     people: Sequence[Person], recover: bool) -> Plan:
+        contacts = self._reader.contacts(target, people_keys(people))
+        view = InstanceView(target.domain, owner, contacts=tuple(contacts))
+        relevant = {gid for person in people for gid in person.groups}
+        relevant |= {gid for doc in contacts for gid in group_ids_of(doc) if gid.startswith(MANAGED_GROUP_PREFIX)}
+        instances = [instance for instance in (source, target) if instance is not None]
+        return plan_contact_copies(people, organization_id, view, self._memories(instances, sorted(relevant)))
+
+    def _memories(self, instances: Sequence[Instance], group_ids: Sequence[str]) -> dict[str, GroupState]:
+        """The memories of these groups, joined across the instances (the first one winning ties).
+
+        After the groups' pass the target's already hold the reference's; joining again makes a dry run,
+        which wrote no group, plan the contacts as the real run will.
+        """
+        memories: dict[str, GroupState] = {}
+        for instance in instances:
+            for doc_id, doc in self._couch.get_many(instance.database(GROUPS), group_ids).items():
+                if is_managed(doc):
+                    state = group_state(doc)
+                    memories[doc_id] = memories[doc_id].joined(state) if doc_id in memories else state
+        return memories
+
+
+def _tell(progress: Progress | None, what: str, count: int) -> None:
+    if progress is not None:
+        progress(what, count)

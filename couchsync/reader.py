@@ -1,0 +1,53 @@
+"""InstanceReader: what planning reads from an instance, shared by every use case.
+
+Contacts are found through the `couchsync/lookup` view (installed where an instance's database lacks
+it); owners' emails are cached for a while, since an event may touch thousands of instances and an
+owner changes their email rarely.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from cachetools import TTLCache
+
+from couchsync import design_docs
+from couchsync.couch import CouchGateway
+from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW, DesignDocs
+from couchsync.documents import CONTACTS, Doc
+from couchsync.errors import NotFound
+from couchsync.instances import Instance, InstanceDirectory
+
+OWNER_CACHE_SECONDS = 600  # an instance's owner email changes rarely; re-read it every 10 minutes
+
+
+class InstanceReader:
+    """Reads contacts and owners of instances through a CouchGateway (thread-safe)."""
+
+    def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs) -> None:
+        self._couch = couch
+        self._directory = directory
+        self._design = design
+        self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=OWNER_CACHE_SECONDS)
+        self._owners_lock = threading.Lock()
+
+    def contacts(self, instance: Instance, keys: Sequence[list[str]]) -> list[Doc]:
+        """The distinct contacts the lookup view emits for these keys (see `documents.lookup_keys`)."""
+        db = instance.database(CONTACTS)
+        try:
+            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+        except NotFound:
+            # The database exists without our view (a new instance): install it, once.
+            design_docs.ensure(self._couch, db, LOOKUP_DDOC, self._design.lookup)
+            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+
+    def owner_email(self, instance: Instance) -> str | None:
+        """The email of the instance's owner (its settings), cached for OWNER_CACHE_SECONDS."""
+        with self._owners_lock:
+            if instance.domain in self._owners:
+                return self._owners[instance.domain]
+        email = self._directory.owner_email(instance)
+        with self._owners_lock:
+            self._owners[instance.domain] = email
+        return email
