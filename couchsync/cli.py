@@ -372,6 +372,55 @@ def _print_deployment(outcomes: Iterable[Outcome], dry_run: bool) -> None:
                f"failed: {len(failed)}")
 
 
+@cli.command("bootstrap-member")
+@click.argument("domain")
+@click.option("--dry-run", is_flag=True, help="Print what would be written and write nothing.")
+@click.pass_obj
+def bootstrap_member(obj: Context, domain: str, dry_run: bool) -> None:
+    """Give the member instance DOMAIN its organization's directory.
+
+    Copies the organization instance's managed groups and contacts (with their group relationships)
+    and gives DOMAIN a managed contact for each member of the organization. Safe to run again: what
+    is already there is not rewritten, so a run cut short is finished by the next. Exits 0 when done
+    (refusals are reported, not failures).
+    """
+    with obj.gateway() as couch, obj.synchronizer(couch) as sync, _ProgressBar("bootstrapping") as bar:
+        report = sync.bootstrap(domain, dry_run=dry_run, progress=bar.update)
+    if dry_run:
+        for label, count in sorted(report.drift.items()):
+            click.echo(f"would write {count} ({label})")
+    verb = "would write" if dry_run else "written"
+    click.echo(f"{domain}: groups {report.groups}, contacts {report.contacts}, "
+               f"{verb} {sum(report.drift.values()) if dry_run else report.written}, "
+               f"unchanged {report.unchanged}, refused {len(report.refusals)}")
+    for reason in report.refusals:
+        click.echo(f"    refused: {reason}")
+
+
+class _ProgressBar:
+    """A progress bar on a terminal (standard error), nothing otherwise; its length comes with the first update."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._bar: Any = None
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
+
+    def update(self, what: str, count: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if what == "total":
+            self._bar = click.progressbar(length=max(count, 1), label=self._label, file=sys.stderr)
+            self._bar.render_progress()
+        elif self._bar is not None:
+            self._bar.update(count)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning couchsync's errors into messages and exit codes."""
     try:

@@ -134,6 +134,14 @@ class CouchGateway:
             return False
         return True
 
+    def doc_count(self, db: str) -> int:
+        """How many documents (live, design documents included) the database holds; 0 when it does not exist."""
+        try:
+            with translate_errors(db):
+                return int(self._service.get_database_information(db).get_result()["doc_count"])
+        except NotFound:
+            return 0
+
     def create_database(self, db: str) -> None:
         """Create the database; one that already exists is fine (needs server admin rights)."""
         try:

@@ -28,7 +28,9 @@ from couchsync.writer import PlanWriter
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int], None]  # (what, how many more documents were handled)
+# (what, how many): ("total", an estimate of the documents to compare) once at the start, then
+# ("groups" or "contacts", how many more were compared) after each page.
+Progress = Callable[[str, int], None]
 
 
 def managed_selector(organization_id: str) -> Doc:
@@ -85,17 +87,25 @@ class DirectoryCopy:
         """
         report = CopyReport(target.domain)
         owner = owner_email or self._reader.owner_email(target)
+        members = list(members)
+        if progress is not None:
+            # An upper bound (unmanaged documents count too) that costs two requests, not a scan.
+            counted = sum(self._couch.doc_count(source.database(doctype)) for doctype in (GROUPS, CONTACTS)) \
+                if source else 0
+            progress("total", counted + len(members))
         groups = self._pages(source.database(GROUPS), organization_id) if source else iter(())
         for page in groups:
             writes = self._run(target, partial(self._plan_groups, target, page), dry_run, report, keep_items)
             report.groups += len(page)
-            _tell(progress, "groups", len(page))
+            if progress is not None:
+                progress("groups", len(page))
             logger.debug("copied %d groups into %s: %d writes", len(page), target.domain, writes)
         for people in self._people(organization_id, source, members):
             planner = partial(self._plan_people, organization_id, source, target, owner, people)
             self._run(target, planner, dry_run, report, keep_items)
             report.contacts += len(people)
-            _tell(progress, "contacts", len(people))
+            if progress is not None:
+                progress("contacts", len(people))
         return report
 
     def _run(self, target: Instance, planner: Callable[[bool], Plan], dry_run: bool, report: CopyReport,
@@ -163,8 +173,3 @@ class DirectoryCopy:
                     state = group_state(doc)
                     memories[doc_id] = memories[doc_id].joined(state) if doc_id in memories else state
         return memories
-
-
-def _tell(progress: Progress | None, what: str, count: int) -> None:
-    if progress is not None:
-        progress(what, count)

@@ -1,0 +1,197 @@
+"""user.created and `couchsync bootstrap-member` against the real server: a new member gets the directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from couchsync.couch import CouchGateway
+from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of
+from couchsync.errors import CouchUnavailable, UnknownOrganization
+from couchsync.events import parse_event
+
+from tests.integration.conftest import World
+from tests.integration.test_worker import dead_letters, drained, start_worker, wait_until  # noqa: F401 (fixture)
+
+ORG = "acme.twake.app"
+MEMBERS = ["alice.acme.twake.app", "bob.acme.twake.app", "carol.acme.twake.app"]
+NEW = "erin.acme.twake.app"
+SECRETS = {"hash": "SECRET-HASH-6c1f", "privateKey": "SECRET-KEY-93ab", "publicKey": "pub", "key": "k",
+           "iterations": 10000}
+
+
+def owner(domain: str) -> str:
+    name = domain.split(".")[0]
+    return f"{'admin' if name == 'acme' else name}@acme.com"
+
+
+def directory_events() -> list[tuple[str, dict]]:
+    """3 groups and 40 people: person i in group i % 3, every fifth one in the next group too.
+
+    Alice and Bob, who have instances, are among them; Carol, who has one too, is in no group.
+    """
+    events = [("b2b.group.created", {"timestamp": "2026-06-16T10:00:00Z", "organizationId": "acme", "id": f"g{g}",
+                                     "name": f"Group {g}", "color": "#3366FF", "members": []}) for g in range(3)]
+    people = [{"email": f"m{i:02d}@acme.com", "firstName": f"Member {i}", "lastName": "Acme"} for i in range(38)]
+    people += [{"email": "alice@acme.com", "username": "alice", "workplaceFqdn": "alice.acme.twake.app"},
+               {"email": "bob@acme.com", "name": "Bob Martin", "workplaceFqdn": "bob.acme.twake.app"}]
+    for i, person in enumerate(people):
+        groups = [i % 3] + ([(i + 1) % 3] if i % 5 == 0 else [])
+        events += [("b2b.group.member.added", {"timestamp": f"2026-06-16T11:00:{i:02d}Z", "organizationId": "acme",
+                                               "id": f"g{g}", "members": [person]}) for g in groups]
+    return events
+
+
+def user_created(**fields) -> bytes:
+    body = {"twakeId": "erin", "domain": NEW, "internalEmail": "erin@acme.com", "workplaceFqdn": NEW,
+            "mobile": "+33 6 12 34 56 78", "timestamp": 1781700000, "organizationId": "acme", **SECRETS, **fields}
+    return json.dumps({key: value for key, value in body.items() if value is not None}).encode()
+
+
+@pytest.fixture
+def acme(engine_world):
+    """The organization with its directory applied by the engine, and a new instance not yet onboarded."""
+    world = engine_world
+    for domain in [ORG, *MEMBERS]:
+        world.add_instance(domain, "acme", email=owner(domain), org_domain="acme.com")
+    with world.synchronizer() as sync:
+        for routing_key, body in directory_events():
+            assert sync.apply(parse_event(routing_key, json.dumps(body))).failures == []
+    world.add_instance(NEW, "acme", email="erin@acme.com", org_domain="acme.com")
+    world.add_instance("other.twake.app", "other", email="admin@other.com", org_domain="other.com")
+    return world
+
+
+def by_email(world: World, domain: str) -> dict[str, dict]:
+    """Managed contacts by email, without what may differ between instances (id, revision)."""
+    return {doc[TAG]["email"]: {k: v for k, v in doc.items() if k not in ("_id", "_rev")}
+            for doc in world.docs(domain, CONTACTS).values() if TAG in doc}
+
+
+def without_rev(docs: dict[str, dict]) -> dict[str, dict]:
+    return {doc_id: {k: v for k, v in doc.items() if k != "_rev"} for doc_id, doc in docs.items()}
+
+
+def assert_onboarded(world: World) -> None:
+    # The groups, ids and memories included, are the organization instance's.
+    assert without_rev(world.docs(NEW, GROUPS)) == without_rev(world.docs(ORG, GROUPS))
+    assert len(world.docs(NEW, GROUPS)) == 3
+    # The contacts, matched by email, are the organization instance's, relationships included ...
+    reference, copied = by_email(world, ORG), by_email(world, NEW)
+    del reference["erin@acme.com"]  # given to the organization instance by the same event
+    assert len(reference) == 40
+    assert {email: copied[email] for email in reference} == reference
+    # ... plus one for each member instance's owner the directory does not name (Carol); not Erin's own.
+    assert set(copied) - set(reference) == {"carol@acme.com"}
+    assert copied["carol@acme.com"]["cozy"] == [{"url": "https://carol.acme.twake.app", "primary": True}]
+    # Every other instance of the organization has the new user's contact.
+    for domain in [ORG, *MEMBERS]:
+        erin = by_email(world, domain)["erin@acme.com"]
+        assert erin["cozy"] == [{"url": f"https://{NEW}", "primary": True}]
+        assert erin["phone"] == [{"number": "+33 6 12 34 56 78", "primary": True}]
+        assert group_ids_of(erin) == []
+    assert "erin@acme.com" not in by_email(world, "other.twake.app")
+
+
+def assert_no_secret_stored(world: World) -> None:
+    for domain in [ORG, *MEMBERS, NEW]:
+        for doctype in (GROUPS, CONTACTS):
+            text = json.dumps(world.docs(domain, doctype))
+            assert "SECRET-" not in text
+
+
+@pytest.mark.parametrize("organization", ["by id", "by domain"])
+def test_user_created_gives_the_new_instance_the_directory_and_everyone_the_new_user(acme, organization):
+    fields = {"organizationId": None, "organizationDomain": "acme.com"} if organization == "by domain" else {}
+    with acme.synchronizer() as sync:
+        report = sync.apply(parse_event("user.created", user_created(**fields)))
+        assert report.failures == [] and report.refusals == []
+        assert report.organization_id == "acme" and report.subject == NEW
+        assert_onboarded(acme)
+        assert_no_secret_stored(acme)
+        before = {domain: acme.revisions(domain) for domain in [ORG, *MEMBERS, NEW]}
+        again = sync.apply(parse_event("user.created", user_created(**fields)))
+    assert again.writes == 0 and again.failures == []
+    assert {domain: acme.revisions(domain) for domain in [ORG, *MEMBERS, NEW]} == before
+
+
+@pytest.mark.parametrize("fields", [{"organizationId": "ghost"},
+                                    {"organizationId": None, "organizationDomain": "ghost.example"}])
+def test_user_created_for_an_unknown_organization_is_a_clear_error(acme, fields):
+    with acme.synchronizer() as sync, pytest.raises(UnknownOrganization, match="ghost"):
+        sync.apply(parse_event("user.created", user_created(**fields)))
+
+
+class CrashingGateway(CouchGateway):
+    """A gateway that goes down after a number of bulk writes, as a crashing process would stop.
+
+    (The first write into a missing database is two calls: it creates the database on the way.)
+    """
+
+    def __init__(self, settings, writes_left: int) -> None:
+        super().__init__(settings)
+        self.writes_left = writes_left
+
+    def bulk_write(self, db, docs, **kwargs):
+        if self.writes_left == 0:
+            raise CouchUnavailable("simulated crash", db=db)
+        self.writes_left -= 1
+        return super().bulk_write(db, docs, **kwargs)
+
+
+def test_a_bootstrap_cut_short_is_finished_by_the_next_run(acme, monkeypatch):
+    with acme.synchronizer(page_size=7) as sync:
+        crashing = CrashingGateway(acme.couch_settings(), writes_left=5)
+        acme.gateways.append(crashing)
+        monkeypatch.setattr(sync._copier, "_couch", crashing)
+        monkeypatch.setattr(sync._writer, "_couch", sync._copier._couch)
+        with pytest.raises(CouchUnavailable):
+            sync.bootstrap(NEW)
+    partial = by_email(acme, NEW)
+    assert 0 < len(partial) < 41
+    with acme.synchronizer(page_size=7) as sync:
+        report = sync.bootstrap(NEW)
+    assert report.written > 0 and report.refusals == []
+    reference = by_email(acme, ORG)
+    copied = by_email(acme, NEW)
+    assert {email: copied[email] for email in reference} == reference
+    assert without_rev(acme.docs(NEW, GROUPS)) == without_rev(acme.docs(ORG, GROUPS))
+
+
+def bootstrap_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["scripts/bootstrap-member", *args], env=world.cli_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bootstrap_member_script_copies_then_has_nothing_left_to_write(acme):
+    dry = bootstrap_cli(acme, NEW, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would write 3 (missing group)" in dry.stdout and acme.docs(NEW, GROUPS) == {}
+    done = bootstrap_cli(acme, NEW)
+    assert done.returncode == 0, done.stderr
+    # 40 directory contacts and the 3 member owners (Alice and Bob are in it: 41 people compared, 1 created).
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"{NEW}: groups 3, contacts 43, written 44, unchanged 2, refused 0")
+    again = bootstrap_cli(acme, NEW)
+    assert again.stdout.strip().splitlines()[-1] == (
+        f"{NEW}: groups 3, contacts 43, written 0, unchanged 46, refused 0")
+    unknown = bootstrap_cli(acme, "nobody.acme.twake.app")
+    assert unknown.returncode == 65 and "nobody.acme.twake.app" in unknown.stderr
+
+
+def test_the_worker_onboards_from_the_auth_exchange_and_dead_letters_an_unknown_organization(
+        acme, broker, start_worker):  # noqa: F811 (the fixture)
+    worker = start_worker(acme)
+    broker.publish([("user.created", user_created(organizationId=None, organizationDomain="acme.com")),
+                    ("user.created", user_created(organizationId="ghost", domain="x.ghost.example"))])
+    wait_until(lambda: worker.count("applied") + worker.count("dead_lettered") == 2 and drained(broker, worker),
+               60, "both messages are handled")
+    assert worker.count("applied") == 1
+    assert_onboarded(acme)
+    [letter] = dead_letters(acme, broker)
+    assert letter["routing_key"] == "user.created"
+    assert "UnknownOrganization" in letter["reason"] and "ghost" in letter["reason"]
+    assert worker.stop() == 0
