@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import directory
+import localcouch
 from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of
 from couchsync.errors import CouchUnavailable, UnknownOrganization
@@ -195,3 +197,38 @@ def test_the_worker_onboards_from_the_auth_exchange_and_dead_letters_an_unknown_
     assert letter["routing_key"] == "user.created"
     assert "UnknownOrganization" in letter["reason"] and "ghost" in letter["reason"]
     assert worker.stop() == 0
+
+
+def peak_rss_mb(command: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Run a command in a fresh parent whose only child it is: the child's peak resident set, in MB."""
+    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(done.returncode)")
+    done = subprocess.run([sys.executable, "-c", measure, *command], env=env, capture_output=True, text=True,
+                          timeout=900)
+    return int(done.stderr.strip().splitlines()[-1]) / 1024, done
+
+
+@pytest.mark.slow
+def test_bootstrap_of_5000_contacts_and_100_groups_stays_under_150_mb_and_runs_again_writing_nothing(world):
+    for domain in (ORG, NEW):
+        world.add_instance(domain, "acme", email=owner(domain))
+    for doctype, docs in ((GROUPS, directory.group_docs("acme", 5000, 100)),
+                          (CONTACTS, directory.contact_docs("acme", 5000, 100))):
+        for chunk in directory.chunks(docs):
+            assert all("error" not in row for row in localcouch.bulk(world.server, world.db(ORG, doctype), chunk))
+    command = [sys.executable, "-m", "couchsync", "bootstrap-member", NEW]
+    peak, done = peak_rss_mb(command, world.cli_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"{NEW}: groups 100, contacts 5000, written 5100, unchanged 0, refused 0")
+    assert peak < 150, f"peak RSS {peak:.0f} MB"
+    revisions = world.revisions(NEW)
+    assert len(revisions) == 5100
+    _, again = peak_rss_mb(command, world.cli_env())
+    assert again.stdout.strip().splitlines()[-1] == (
+        f"{NEW}: groups 100, contacts 5000, written 0, unchanged 5100, refused 0")
+    assert world.revisions(NEW) == revisions
+    reference, copied = by_email(world, ORG), by_email(world, NEW)
+    assert copied == reference
+    print(f"bootstrap of 5,000 contacts and 100 groups: peak RSS {peak:.0f} MB")
