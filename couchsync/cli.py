@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownI
 from couchsync.events import SECRET_FIELDS, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.metrics import Metrics, serve
+from couchsync.onboarding import DirectoryCopy
+from couchsync.reader import InstanceReader
+from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
 from couchsync.sync import EventReport, Synchronizer
 from couchsync.systemd import Notifier
+from couchsync.writer import PlanWriter
 
 EXIT_FAILED = 1
 
@@ -50,6 +55,13 @@ class Context:
     def synchronizer(self, couch: CouchGateway) -> Synchronizer:
         design = self.design()
         return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync)
+
+    def reconciler(self, couch: CouchGateway) -> Reconciler:
+        design = self.design()
+        directory = self.directory(couch, design.global_indexes)
+        reader, writer = InstanceReader(couch, directory, design), PlanWriter(couch, self.sync.max_attempts)
+        return Reconciler(couch, directory, reader, writer, DirectoryCopy(couch, reader, writer, self.sync.page_size),
+                          page_size=self.sync.page_size, concurrency=self.sync.concurrency)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -419,6 +431,53 @@ class _ProgressBar:
             self._bar.render_progress()
         elif self._bar is not None:
             self._bar.update(count)
+
+
+@cli.command()
+@click.option("--org", "org_id", metavar="ID", required=True, help="The organization to reconcile.")
+@click.option("--instance", "domain", metavar="DOMAIN", help="Only this member instance.")
+@click.option("--dry-run", is_flag=True, help="List the drift and write nothing.")
+@click.option("--max-deletions", "limit", metavar="N|P%", default="10%", show_default=True,
+              type=DeletionLimit.parse, help="Most managed documents deleted per instance, as a count or a "
+              "percentage of its managed documents; an instance needing more is refused.")
+@click.option("--force", is_flag=True, help="Delete beyond --max-deletions.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@click.pass_obj
+def reconcile(obj: Context, org_id: str, domain: str | None, dry_run: bool, limit: DeletionLimit, force: bool,
+              as_json: bool) -> None:
+    """Compare every member instance's managed documents with the organization instance's and repair drift.
+
+    Missing and different managed groups and contacts are written as the organization instance has
+    them (an event it missed is kept); extra ones are deleted, within --max-deletions. Unmanaged
+    documents are never touched. Exits 1 when an instance failed or was refused, 0 otherwise.
+    """
+    with obj.gateway() as couch:
+        results = obj.reconciler(couch).reconcile(org_id, domain=domain, dry_run=dry_run, limit=limit, force=force)
+    if as_json:
+        click.echo(json.dumps({"organization": org_id, "dry_run": dry_run,
+                               "instances": [result.as_json() for result in results]}, indent=2))
+    else:
+        _print_reconcile(results, dry_run)
+    sys.exit(EXIT_FAILED if any(result.status in (REFUSED, ERROR) for result in results) else 0)
+
+
+def _print_reconcile(results: Sequence[InstanceResult], dry_run: bool) -> None:
+    width = max([len("INSTANCE"), *(len(result.domain) for result in results)])
+    click.echo(f"{'INSTANCE':<{width}}  {'STATUS':<8}  MISSING  DIFFERENT  EXTRA")
+    for result in results:
+        click.echo(f"{result.domain:<{width}}  {result.status:<8}  {result.count('missing'):>7}  "
+                   f"{result.count('different'):>9}  {result.count('extra'):>5}")
+    verb = "would repair" if dry_run else "repaired"
+    for result in results:
+        for label, doc_id in result.items:
+            click.echo(f"{result.domain}: {verb if result.status != REFUSED else 'refused'} {label} {doc_id}")
+        for reason in result.refusals:
+            click.echo(f"{result.domain}: refused by couchsync: {reason}")
+        if result.reason:
+            click.echo(f"{result.domain}: {result.status}: {result.reason}")
+    statuses = Counter(result.status for result in results)
+    click.echo(f"{len(results)} instances: "
+               + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())))
 
 
 def main() -> None:

@@ -220,7 +220,7 @@ class CouchGateway:
 
     def find(self, db: str, selector: Doc, *, page_size: int = 1000,
              fields: Sequence[str] | None = None) -> Iterator[Doc]:
-        """Every document matching a Mango selector, page by page.
+        """Every document matching a Mango selector, page by page; none when the database does not exist.
 
         Pages follow CouchDB's bookmark; a server that returns none (PouchDB Server) is paged with
         `skip` instead, so that no page is silently dropped.
@@ -228,10 +228,13 @@ class CouchGateway:
         bookmark: str | None = None
         skip = 0
         while True:
-            with translate_errors(db):
-                page = self._service.post_find(db, selector, limit=page_size, bookmark=bookmark,
-                                               skip=None if bookmark else skip or None,
-                                               fields=list(fields) if fields else None).get_result()
+            try:
+                with translate_errors(db):
+                    page = self._service.post_find(db, selector, limit=page_size, bookmark=bookmark,
+                                                   skip=None if bookmark else skip or None,
+                                                   fields=list(fields) if fields else None).get_result()
+            except NotFound:
+                return  # no database yet: nothing in it
             docs = page.get("docs") or []
             yield from docs
             if len(docs) < page_size:

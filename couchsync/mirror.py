@@ -48,6 +48,8 @@ def repair(doctype: str, doc: Doc, old: Doc | None, what: str) -> Write:
     """The write of `doc` over `old`, labelled with the drift it repairs (`missing group`, ...)."""
     if not is_live(old) or (old is not None and not is_managed(old)):
         return Write(doctype, doc, f"{MISSING} {what}")
+    if not is_live(doc):
+        return Write(doctype, doc, f"{EXTRA} {what}")
     return Write(doctype, doc, f"{DIFFERENT} {what}: {', '.join(differing_fields(doc, old))}")
 
 
@@ -173,15 +175,19 @@ def related(contact: Doc, fallback: frozenset[str], groups: Mapping[str, GroupSt
     return contact
 
 
+def is_own_contact(contact: Doc, view: InstanceView) -> bool:
+    """Whether a contact is of the instance's owner (by Cozy host or email), whom no directory lists."""
+    email = str(managed_tag(contact).get("email") or "")
+    return view.domain.lower() in cozy_hosts_of(contact) or is_owner(email, None, view)
+
+
 def is_extra_contact(contact: Doc, expected: frozenset[str], view: InstanceView) -> bool:
     """Whether a managed contact names nobody the reference says this instance should have.
 
     `expected` holds the lower-case emails of the people the instance should have a contact for.
     """
     email = str(managed_tag(contact).get("email") or "").strip().lower()
-    if view.domain.lower() in cozy_hosts_of(contact):
-        return True
-    return email not in expected or is_owner(email, None, view)
+    return email not in expected or is_own_contact(contact, view)
 
 
 def plan_removals(groups: Sequence[Doc], contacts: Sequence[Doc], related_contacts: Sequence[Doc]) -> Plan:

@@ -187,3 +187,15 @@ def test_a_new_user_s_profile_is_created_then_only_a_newer_one_changes_it():
         "bob.acme.twake.app", contacts=(stored,)))
     assert older.writes == ()
     assert plan_profile(user.member, "acme", user.stamp, InstanceView("erin.acme.twake.app")).writes == ()
+
+
+def test_deletion_limits_are_a_count_or_a_percentage_of_the_managed_documents():
+    from couchsync.errors import ConfigError
+    from couchsync.reconcile import DeletionLimit
+    import pytest
+    assert DeletionLimit.parse("50").allowed(10_000) == 50
+    assert DeletionLimit.parse("10%").allowed(45) == 4
+    assert str(DeletionLimit.parse(" 5 % ")) == "5%"
+    for text in ("lots", "-1", "101%", "1.5"):
+        with pytest.raises(ConfigError):
+            DeletionLimit.parse(text)
