@@ -55,54 +55,56 @@ def inject_drift(world: World) -> dict[str, bytes]:
         {**bob_groups[G0], "name": "Hacked"}])[0].ok
     ghost = upsert_contact(None, Member("ghost@acme.com", name="Ghost"), "acme", "2026-06-16T12:00:00")
     assert gateway.bulk_write(world.db(ALICE, CONTACTS), [ghost])[0].ok
-    m01 = next(doc for doc in world.docs(CAROL, CONTACTS).values() if (doc.get(TAG) or {}).get("email") == "m01@acme.com")
+    m01 = next(doc for doc in world.docs(CAROL, CONTACTS).values()
+               if (doc.get(TAG) or {}).get("email") == "m01@acme.com")
     world.put(CAROL, CONTACTS, {"_id": "my-m01", "fullname": m01["fullname"], "email": m01["email"]})
     world.put(CAROL, GROUPS, {"_id": "my-group-0", "name": "Group 0"})
     return {"contact": world.raw(CAROL, CONTACTS, "my-m01"), "group": world.raw(CAROL, GROUPS, "my-group-0")}
 
 
 def test_dry_run_lists_exactly_the_drift_then_the_repair_leaves_nothing_to_do(converged):
-    acme = converged
-    look_alikes = inject_drift(acme)
-    before = {domain: acme.revisions(domain) for domain in MEMBERS}
-    dry = report(acme, "--dry-run")
+    world = converged
+    look_alikes = inject_drift(world)
+    before = {domain: world.revisions(domain) for domain in MEMBERS}
+    dry = report(world, "--dry-run")
     assert drift(dry) == {(BOB, "missing group", G1), (BOB, "different group: name", G0),
                           (ALICE, "extra contact", GHOST)}
-    assert {domain: entry["status"] for domain, entry in dry.items()} == {ALICE: "drift", BOB: "drift", CAROL: "ok",
-                                                                             NEW: "ok"}
-    assert {domain: acme.revisions(domain) for domain in MEMBERS} == before
+    assert {domain: entry["status"] for domain, entry in dry.items()} == {
+        ALICE: "drift", BOB: "drift", CAROL: "ok", NEW: "ok"}
+    assert {domain: world.revisions(domain) for domain in MEMBERS} == before
 
-    repaired = report(acme)
+    repaired = report(world)
     assert drift(repaired) == drift(dry)
     assert {domain: entry["status"] for domain, entry in repaired.items()} == {
         ALICE: "repaired", BOB: "repaired", CAROL: "ok", NEW: "ok"}
-    assert acme.docs(BOB, GROUPS)[G0]["name"] == "Group 0"
-    assert {k: v for k, v in acme.docs(BOB, GROUPS)[G1].items() if k != "_rev"} == {
-        k: v for k, v in acme.docs(ORG, GROUPS)[G1].items() if k != "_rev"}
-    assert GHOST not in acme.docs(ALICE, CONTACTS)
-    assert look_alikes == {"contact": acme.raw(CAROL, CONTACTS, "my-m01"), "group": acme.raw(CAROL, GROUPS, "my-group-0")}
+    assert world.docs(BOB, GROUPS)[G0]["name"] == "Group 0"
+    assert {k: v for k, v in world.docs(BOB, GROUPS)[G1].items() if k != "_rev"} == {
+        k: v for k, v in world.docs(ORG, GROUPS)[G1].items() if k != "_rev"}
+    assert GHOST not in world.docs(ALICE, CONTACTS)
+    assert look_alikes == {"contact": world.raw(CAROL, CONTACTS, "my-m01"),
+                           "group": world.raw(CAROL, GROUPS, "my-group-0")}
 
-    after = {domain: acme.revisions(domain) for domain in MEMBERS}
-    again = reconcile(acme)
+    after = {domain: world.revisions(domain) for domain in MEMBERS}
+    again = reconcile(world)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines()[-1] == "4 instances: 4 ok"
-    assert {domain: acme.revisions(domain) for domain in MEMBERS} == after
+    assert {domain: world.revisions(domain) for domain in MEMBERS} == after
 
 
 def test_more_deletions_than_the_threshold_are_refused_until_forced(converged):
-    acme = converged
-    gateway = acme.gateway()
-    ghosts = [upsert_contact(None, Member(f"ghost{i}@acme.com"), "acme", "s") for i in range(5)]
-    assert all(result.ok for result in gateway.bulk_write(acme.db(CAROL, CONTACTS), ghosts))
-    before = acme.revisions(CAROL)
-    refused = reconcile(acme, "--instance", CAROL, "--max-deletions", "2")
+    world = converged
+    gateway = world.gateway()
+    ghosts = [upsert_contact(None, Member(f"ghost{i}@world.com"), "acme", "s") for i in range(5)]
+    assert all(result.ok for result in gateway.bulk_write(world.db(CAROL, CONTACTS), ghosts))
+    before = world.revisions(CAROL)
+    refused = reconcile(world, "--instance", CAROL, "--max-deletions", "2")
     assert refused.returncode == 1
     assert "would delete 5 of its" in refused.stdout and "--max-deletions 2 allows (2)" in refused.stdout
-    assert acme.revisions(CAROL) == before
-    assert reconcile(acme, "--instance", CAROL, "--max-deletions", "5%").returncode == 1
-    forced = report(acme, "--instance", CAROL, "--max-deletions", "2", "--force")
+    assert world.revisions(CAROL) == before
+    assert reconcile(world, "--instance", CAROL, "--max-deletions", "5%").returncode == 1
+    forced = report(world, "--instance", CAROL, "--max-deletions", "2", "--force")
     assert forced[CAROL]["status"] == "repaired" and forced[CAROL]["extra"] == 5
-    assert not {doc["_id"] for doc in ghosts} & set(acme.docs(CAROL, CONTACTS))
+    assert not {doc["_id"] for doc in ghosts} & set(world.docs(CAROL, CONTACTS))
 
 
 @pytest.mark.parametrize("args, message", [

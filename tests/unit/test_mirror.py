@@ -2,11 +2,15 @@
 
 import json
 
+import pytest
+
 from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of, managed_contact_id, managed_group_id
+from couchsync.errors import ConfigError
 from couchsync.events import Member, parse_event
 from couchsync.mirror import (
     differing_fields, is_extra_contact, person_of_settings, plan_group_copies, plan_removals)
 from couchsync.plan import InstanceView, plan_profile, upsert_contact
+from couchsync.reconcile import DeletionLimit
 
 from tests.unit.fake_instance import FakeInstance
 
@@ -121,8 +125,8 @@ def test_relationships_follow_the_reference_where_no_memory_names_the_person():
 
 def test_members_from_settings_are_added_without_overriding_a_directory_profile():
     carol = FakeInstance("carol.acme.twake.app")
-    erin = person_of_settings("erin.acme.twake.app", {"email": "erin@acme.com", "public_name": "Erin",
-                                                        "phone": "+33 6 00"})
+    erin = person_of_settings("erin.acme.twake.app",
+                              {"email": "erin@acme.com", "public_name": "Erin", "phone": "+33 6 00"})
     bob_settings = person_of_settings("bob.acme.twake.app", {"email": "bob@acme.com", "public_name": "B."})
     carol.copy_from(organization(), members=[erin, bob_settings])
     names = {doc[TAG]["email"]: doc["fullname"] for doc in carol.docs[CONTACTS].values()}
@@ -181,8 +185,8 @@ def test_a_new_user_s_profile_is_created_then_only_a_newer_one_changes_it():
     assert doc["phone"] == [{"number": "+33 6 11", "primary": True}] and doc[TAG]["username"] == "erin"
     assert "secret" not in json.dumps(doc)
     stored = {**doc, "_rev": "1-a"}
-    assert plan_profile(user.member, "acme", user.stamp, InstanceView("bob.acme.twake.app", contacts=(stored,))) \
-        .writes == ()
+    unchanged = plan_profile(user.member, "acme", user.stamp, InstanceView("bob.acme.twake.app", contacts=(stored,)))
+    assert unchanged.writes == ()
     older = plan_profile(Member("erin@acme.com", name="Old"), "acme", "2000-01-01", InstanceView(
         "bob.acme.twake.app", contacts=(stored,)))
     assert older.writes == ()
@@ -190,9 +194,6 @@ def test_a_new_user_s_profile_is_created_then_only_a_newer_one_changes_it():
 
 
 def test_deletion_limits_are_a_count_or_a_percentage_of_the_managed_documents():
-    from couchsync.errors import ConfigError
-    from couchsync.reconcile import DeletionLimit
-    import pytest
     assert DeletionLimit.parse("50").allowed(10_000) == 50
     assert DeletionLimit.parse("10%").allowed(45) == 4
     assert str(DeletionLimit.parse(" 5 % ")) == "5%"
