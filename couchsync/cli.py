@@ -94,7 +94,9 @@ def cli(ctx: click.Context, couch_url: str, couch_user: str, couch_password_file
     _refuse_typed_secrets(ctx, "couch_password", "couch_url", "COUCHSYNC_COUCH_PASSWORD", "--couch-password-file")
     ctx.obj = Context(
         couch=config.load_couch(couch_url, username=couch_user, password=couch_password,
-                                password_file=couch_password_file, pool_size=concurrency),
+                                # The instance threads, plus the worker's event threads reading the
+                                # global database and copying into new instances.
+                                password_file=couch_password_file, pool_size=concurrency + config.DEFAULT_PREFETCH),
         sync=config.load_sync(global_db=global_db, concurrency=concurrency),
         design_source=design_source)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from functools import partial
+from itertools import islice
+from typing import TypeVar
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +29,8 @@ from couchsync.reader import InstanceReader
 from couchsync.writer import PlanWriter
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # (what, how many): ("total", an estimate of the documents to compare) once at the start, then
 # ("groups" or "contacts", how many more were compared) after each page.
@@ -58,7 +62,8 @@ class CopyReport:
     def add(self, writes: Sequence[Write], refusals: Iterable[str], *, written: bool, keep_items: bool) -> None:
         """Count a page's writes: made when `written`, planned only in a dry run."""
         self.written += len(writes) if written else 0
-        self.refusals += refusals
+        # A person may come twice (a reference contact and a member's settings): one refusal is enough.
+        self.refusals += [reason for reason in dict.fromkeys(refusals) if reason not in self.refusals]
         for write in writes:
             self.drift[write.summary.split(":", 1)[0]] += 1
             if keep_items:
@@ -120,14 +125,8 @@ class DirectoryCopy:
         return written.writes
 
     def _pages(self, db: str, organization_id: str) -> Iterator[list[Doc]]:
-        page: list[Doc] = []
-        for doc in self._couch.find(db, managed_selector(organization_id), page_size=self._page_size):
-            page.append(doc)
-            if len(page) == self._page_size:
-                yield page
-                page = []
-        if page:
-            yield page
+        return _batches(self._couch.find(db, managed_selector(organization_id), page_size=self._page_size),
+                        self._page_size)
 
     def _people(self, organization_id: str, source: Instance | None,
                 members: Iterable[Person]) -> Iterator[list[Person]]:
@@ -135,14 +134,7 @@ class DirectoryCopy:
         if source is not None:
             for page in self._pages(source.database(CONTACTS), organization_id):
                 yield [person for person in map(person_of, page) if person is not None]
-        chunk: list[Person] = []
-        for person in members:
-            chunk.append(person)
-            if len(chunk) == self._page_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+        yield from _batches(members, self._page_size)
 
     def _plan_groups(self, target: Instance, page: Sequence[Doc], recover: bool) -> Plan:
         db = target.database(GROUPS)
@@ -173,3 +165,10 @@ class DirectoryCopy:
                     state = group_state(doc)
                     memories[doc_id] = memories[doc_id].joined(state) if doc_id in memories else state
         return memories
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` items (the last one shorter), read lazily."""
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch

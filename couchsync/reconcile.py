@@ -127,7 +127,8 @@ class Reconciler:
             raise UnknownOrganization(f"organization {organization_id!r} has no organization instance to "
                                       "compare with")
         members = [instance for instance in instances if not instance.is_organization_instance]
-        targets = [instance for instance in members if domain is None or instance.domain == domain.strip().lower()]
+        targets = sorted((instance for instance in members
+                          if domain is None or instance.domain == domain.strip().lower()), key=lambda i: i.domain)
         if domain is not None and not targets:
             raise UnknownInstance(f"{domain!r} is not a member instance of organization {organization_id!r}")
         with ThreadPoolExecutor(self._concurrency, thread_name_prefix="couchsync-reconcile") as pool:

@@ -32,6 +32,7 @@ GLOBAL_DB = "global/instances"
 ACME = {"acme.twake.app": "admin@acme.com", "alice.acme.twake.app": "alice@acme.com",
         "bob.acme.twake.app": "bob@acme.com", "carol.acme.twake.app": "carol@acme.com"}
 OTHER = {"other.twake.app": "admin@other.com"}
+NEW_MEMBER = "erin.acme.twake.app"  # created once the directory is in place, then announced by user.created
 # The demo's own exchange and queues: never the directory's `b2b`, which the stack's consumers may share.
 EXCHANGE = "couchsync-demo.b2b"
 AUTH_EXCHANGE = "couchsync-demo.auth"
@@ -39,14 +40,26 @@ QUEUE_PREFIX = "couchsync-demo."
 
 
 def seed(couch: localcouch.LocalCouch) -> None:
-    docs = [localcouch.instance_doc(domain, "acme", "acme.com") for domain in ACME]
-    docs += [localcouch.instance_doc(domain, "other", "other.com") for domain in OTHER]
-    localcouch.bulk(couch, GLOBAL_DB, docs)
-    for domain, email in {**ACME, **OTHER}.items():
-        prefix = domain.replace(".", "-")
-        localcouch.bulk(couch, f"{prefix}/io-cozy-settings", [localcouch.settings_doc(email, domain)])
+    for domain in ACME:
+        add_instance(couch, domain, "acme", ACME[domain])
+    for domain in OTHER:
+        add_instance(couch, domain, "other", OTHER[domain])
     localcouch.bulk(couch, "bob-acme-twake-app/io-cozy-contacts", [
         {"_id": "carol-personal", "fullname": "Caro (tennis)", "email": [{"address": "carol@acme.com"}]}])
+
+
+def add_instance(couch: localcouch.LocalCouch, domain: str, org_id: str, email: str) -> None:
+    """What the stack does when it creates an instance: its global document, its settings."""
+    localcouch.bulk(couch, GLOBAL_DB, [localcouch.instance_doc(domain, org_id, f"{org_id}.com")])
+    localcouch.bulk(couch, f"{domain.replace('.', '-')}/io-cozy-settings", [localcouch.settings_doc(email, domain)])
+
+
+def new_member_event() -> list[tuple[str, bytes]]:
+    """The directory announces Erin's new instance (the organization by its domain; secrets included)."""
+    body = {"twakeId": "erin", "domain": NEW_MEMBER, "internalEmail": "erin@acme.com", "workplaceFqdn": NEW_MEMBER,
+            "mobile": "+33 6 12 34 56 78", "timestamp": 1781700000, "organizationDomain": "acme.com",
+            "name": "Erin Leroy", "hash": "never-stored", "privateKey": "never-stored", "iterations": 10000}
+    return [("user.created", json.dumps(body).encode())]
 
 
 def directory(couch: localcouch.LocalCouch, domain: str) -> list[str]:
@@ -66,6 +79,17 @@ def directory(couch: localcouch.LocalCouch, domain: str) -> list[str]:
         managed = "managed" if contact.get("twakeDirectory", {}).get("managed") else "personal, untouched"
         lines.append(f"  contact {contact.get('fullname')!r} <{contact['email'][0]['address']}> ({managed})")
     return lines or ["  (empty)"]
+
+
+def lose_a_group(couch: localcouch.LocalCouch, domain: str) -> None:
+    """A backup restored in one instance: its Sales group is gone (deleted as the sync identity, the only
+    one the protection lets delete it). Reconcile lists the drift, then repairs it."""
+    db = localcouch.db_path(f"{domain.replace('.', '-')}/io-cozy-contacts-groups")
+    rows = couch.request("GET", db + "/_all_docs", params={"include_docs": "true"}).json()["rows"]
+    sales = next(row["doc"] for row in rows if row["doc"].get("name") == "Sales")
+    requests.delete(f"{couch.url}{db}/{sales['_id']}", params={"rev": sales["_rev"]}, auth=couch.sync,
+                    timeout=10).raise_for_status()
+    print(f"\ndemo: a backup restored in {domain} lost its Sales group; reconcile lists the drift, then repairs it")
 
 
 def show_protection(couch: localcouch.LocalCouch) -> None:
@@ -120,7 +144,7 @@ def run_worker(env: dict[str, str], events: list[tuple[str, bytes]]) -> int:
         deadline = time.monotonic() + 60
         while handled(port) < 0 and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
-        print(f"demo: publishing {len(events)} directory events to the exchange {EXCHANGE} (one of them broken)")
+        print(f"demo: publishing {len(events)} directory events")
         publish(events)
         while handled(port) < len(events) and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
@@ -142,10 +166,17 @@ def main() -> int:
         seed(couch)
         print(f"demo: seeded organization acme ({len(ACME)} instances) and other ({len(OTHER)}) at {couch.url}")
         status = couchsync(env, "deploy-design-docs", "--create-missing").wait()
+        print(f"demo: the directory's events (one of them broken) go to the exchange {EXCHANGE}")
         status = status or run_worker(env, scripted_events())
         couchsync(env, "dlq", "list").wait()
         show_protection(couch)
-        for domain in [*ACME, *OTHER]:
+        print(f"\ndemo: the stack creates {NEW_MEMBER}; the directory announces it on {AUTH_EXCHANGE}")
+        add_instance(couch, NEW_MEMBER, "acme", "erin@acme.com")
+        status = status or run_worker(env, new_member_event())
+        lose_a_group(couch, "carol.acme.twake.app")
+        couchsync(env, "reconcile", "--org", "acme", "--dry-run").wait()
+        status = status or couchsync(env, "reconcile", "--org", "acme").wait()
+        for domain in [*ACME, NEW_MEMBER, *OTHER]:
             print(f"\n{domain}")
             print("\n".join(directory(couch, domain)))
         return status

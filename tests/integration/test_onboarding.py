@@ -54,9 +54,10 @@ def user_created(**fields) -> bytes:
 
 
 @pytest.fixture
-def acme(engine_world):
-    """The organization with its directory applied by the engine, and a new instance not yet onboarded."""
-    world = engine_world
+def acme(couch_server):
+    """The organization with its directory applied by the engine, and a new instance not yet onboarded;
+    protected as in production (the engine tests show the protection changes nothing for the sync)."""
+    world = World(couch_server, protected=True)
     for domain in [ORG, *MEMBERS]:
         world.add_instance(domain, "acme", email=owner(domain), org_domain="acme.com")
     with world.synchronizer() as sync:
@@ -64,7 +65,8 @@ def acme(engine_world):
             assert sync.apply(parse_event(routing_key, json.dumps(body))).failures == []
     world.add_instance(NEW, "acme", email="erin@acme.com", org_domain="acme.com")
     world.add_instance("other.twake.app", "other", email="admin@other.com", org_domain="other.com")
-    return world
+    yield world
+    world.cleanup()
 
 
 def by_email(world: World, domain: str) -> dict[str, dict]:

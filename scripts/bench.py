@@ -1,0 +1,418 @@
+"""couchsync's benchmarks, each a ratio against a baseline measured in the same run on the same server.
+
+    scripts/bench [--runs 3] [--only fanout,groups,bootstrap,worker,rss] [--json bench.json] [--scale 1]
+
+Against the local PouchDB Server (started in memory), or the CouchDB that COUCHSYNC_TEST_COUCH_URL names
+(with admin credentials, as for the tests). The baselines are minimal clients doing the same writes:
+one pooled requests.Session, the same concurrency, no planning, no protection, no retries.
+
+1. fanout    one member.added applied to an organization of 1,000 instances; baseline: per instance,
+             read + write the group, read + write the contact.
+2. groups    a group created with 20 members in 200 instances; baseline: the same 21 documents per
+             instance, read then written per database.
+3. bootstrap 10,000 contacts and 200 groups copied into a new instance; baselines: paged `_find` +
+             `_bulk_docs` of the same documents, and `_replicate` with a selector where it is honoured.
+4. worker    2,000 events for a 20-instance organization through RabbitMQ: events per second.
+5. rss       peak RSS of `couchsync bootstrap-member` at 1,000 and at 10,000 contacts.
+
+Each figure is the median of --runs runs (min and max beside it); couchsync and its baseline alternate,
+so that a server warming up or slowing down weighs on both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+import directory
+import localcouch
+from couchsync import config, design_docs
+from couchsync.couch import CouchGateway
+from couchsync.documents import CONTACTS, GROUPS, SETTINGS, database_name, managed_group_id
+from couchsync.events import parse_event
+from couchsync.instances import InstanceDirectory
+from couchsync.sync import Synchronizer
+
+CONCURRENCY = config.DEFAULT_CONCURRENCY
+
+
+@dataclass
+class Figure:
+    """One measured case: couchsync's samples, its baseline's, in the same unit."""
+
+    case: str
+    unit: str
+    couchsync: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+    baseline_name: str = ""
+    target: float | None = None  # the ratio to stay under
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.couchsync or not self.baseline:
+            return None
+        return statistics.median(self.couchsync) / statistics.median(self.baseline)
+
+    def as_json(self) -> dict[str, Any]:
+        def stats(samples: list[float]) -> dict[str, float] | None:
+            return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+                    "runs": len(samples)} if samples else None
+        return {"case": self.case, "unit": self.unit, "couchsync": stats(self.couchsync),
+                "baseline": stats(self.baseline), "baseline_name": self.baseline_name, "ratio": self.ratio,
+                "target": self.target, "met": None if self.ratio is None or self.target is None
+                else self.ratio <= self.target, "note": self.note}
+
+
+class Bench:
+    """An organization world on the server, named apart from everything else."""
+
+    def __init__(self, server: localcouch.LocalCouch) -> None:
+        self.server = server
+        self.tag = f"bench{secrets.token_hex(3)}"
+        self.global_db = f"{self.tag}-global/instances"
+        self.session = requests.Session()
+        self.session.auth = server.sync
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=CONCURRENCY))
+
+    def prefix(self, domain: str) -> str:
+        return f"{self.tag}-{domain}"
+
+    def db(self, domain: str, doctype: str) -> str:
+        return database_name(self.prefix(domain), doctype)
+
+    def url(self, db: str, *path: str) -> str:
+        return "/".join([self.server.url + localcouch.db_path(db), *path])
+
+    def add_instances(self, domains: list[str], org: str) -> None:
+        docs = [localcouch.instance_doc(domain, org, f"{org}.example", prefix=self.prefix(domain))
+                for domain in domains]
+        for start in range(0, len(docs), 1000):
+            localcouch.bulk(self.server, self.global_db, docs[start:start + 1000])
+
+        def prepare(domain: str) -> None:
+            localcouch.bulk(self.server, self.db(domain, SETTINGS),
+                            [localcouch.settings_doc(f"owner@{domain}", domain)])
+            for doctype in (GROUPS, CONTACTS):
+                localcouch.ensure_db(self.server, self.db(domain, doctype))
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(prepare, domains))
+
+    def deploy(self, domains: list[str]) -> None:
+        """The protection and the lookup view, as `deploy-design-docs` installs them."""
+        design = design_docs.load()
+        protection = design.protection(config.load_identity([self.server.sync[0]]))
+        targets = [target for domain in domains for target in design.instance_targets(self.prefix(domain), protection)]
+        with self.gateway() as gateway:
+            outcomes = list(design_docs.deploy_all(gateway, targets, concurrency=CONCURRENCY))
+        assert not any(outcome.error for outcome in outcomes)
+
+    def gateway(self) -> CouchGateway:
+        user, password = self.server.sync
+        return CouchGateway(config.load_couch(self.server.url, username=user, password=password,
+                                              pool_size=CONCURRENCY))
+
+    def synchronizer(self, gateway: CouchGateway) -> Synchronizer:
+        design = design_docs.load()
+        settings = config.load_sync(global_db=self.global_db, concurrency=CONCURRENCY)
+        return Synchronizer(gateway, InstanceDirectory(gateway, self.global_db, indexes=design.global_indexes),
+                            design, settings)
+
+    def cli_env(self) -> dict[str, str]:
+        user, password = self.server.sync
+        return {**os.environ, "COUCHSYNC_COUCH_URL": self.server.url, "COUCHSYNC_COUCH_USER": user,
+                "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": self.global_db}
+
+    # --- the baselines' raw requests -------------------------------------------------------------------
+
+    def read_write(self, db: str, docs: list[dict[str, Any]]) -> None:
+        """Read these documents by id, then write them (with the revisions found) in one _bulk_docs."""
+        rows = self.session.post(self.url(db, "_all_docs"), json={"keys": [doc["_id"] for doc in docs]},
+                                 timeout=60).json()["rows"]
+        revs = {row["id"]: row["value"]["rev"] for row in rows if "value" in row and not row["value"].get("deleted")}
+        written = [{**doc, **({"_rev": revs[doc["_id"]]} if doc["_id"] in revs else {})} for doc in docs]
+        response = self.session.post(self.url(db, "_bulk_docs"), json={"docs": written}, timeout=60)
+        response.raise_for_status()
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def member(org: str, n: int) -> dict[str, str]:
+    return {"email": f"member{n}@{org}.example", "firstName": "Member", "lastName": str(n),
+            "workplaceFqdn": f"member{n}.{org}.example"}
+
+
+def event(routing_key: str, org: str, group: str, second: int, **fields: Any) -> Any:
+    body = {"timestamp": f"2026-06-16T10:{second // 60 % 60:02d}:{second % 60:02d}Z", "organizationId": org,
+            "id": group, **fields}
+    return parse_event(routing_key, json.dumps(body))
+
+
+def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) -> Figure:
+    """`members` people added (one event) to a group in every instance, against raw read + write per database."""
+    org = f"{bench.tag}{case}"
+    domains = [org + ".example"] + [f"i{n:05d}.{org}.example" for n in range(instances - 1)]
+    bench.add_instances(domains, org)
+    bench.deploy(domains)
+    figure = Figure(case, "seconds", baseline_name="raw read + write per database, same concurrency", target=1.25)
+    with bench.gateway() as gateway, bench.synchronizer(gateway) as sync:
+        # Warm-up, unmeasured: the group exists, each lookup view and the owners' cache are built.
+        assert not sync.apply(event("b2b.group.created", org, "warm", 0, name="Warm", members=[])).failures
+        for run in range(runs):
+            people = [member(org, run * members + i) for i in range(members)]
+            if case == "fanout":
+                routing = ("b2b.group.member.added", dict(members=people))
+            else:
+                routing = ("b2b.group.created", dict(name=f"Group {run}", members=people))
+            group = "warm" if case == "fanout" else f"g{run}"
+            figure.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, group, run, people)))
+            report = None
+
+            def apply() -> None:
+                nonlocal report
+                report = sync.apply(event(routing[0], org, group, run + 1, **routing[1]))
+            figure.couchsync.append(timed(apply))
+            assert report is not None and not report.failures and report.writes >= instances * members
+    figure.note = f"{instances} instances, {members} member(s), {instances * (members + 1)} documents written per run"
+    return figure
+
+
+def baseline_fan_out(bench: Bench, domains: list[str], org: str, group: str, run: int,
+                     people: list[dict[str, str]]) -> None:
+    """The same documents, written the plainest way: per instance, read + write the group, then the contacts."""
+    group_id = "baseline-" + managed_group_id(org, f"{group}-{run}")
+
+    def one(domain: str) -> None:
+        bench.read_write(bench.db(domain, GROUPS), [{"_id": group_id, "name": group, "members": people}])
+        bench.read_write(bench.db(domain, CONTACTS), [
+            {"_id": f"baseline-{run}-{person['email']}", "fullname": f"{person['firstName']} {person['lastName']}",
+             "email": [{"address": person["email"], "primary": True}],
+             "relationships": {"groups": {"data": [{"_id": group_id}]}}} for person in people])
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(one, domains))
+
+
+def bootstrap(bench: Bench, runs: int, contacts: int, groups: int) -> list[Figure]:
+    """The directory copied into a new instance by couchsync, by paged _find + _bulk_docs, by _replicate."""
+    org = f"{bench.tag}boot"
+    source = f"{org}.example"
+    bench.add_instances([source], org)
+    for doctype, docs in ((GROUPS, directory.group_docs(org, contacts, groups)),
+                          (CONTACTS, directory.contact_docs(org, contacts, groups))):
+        for chunk in directory.chunks(docs):
+            localcouch.bulk(bench.server, bench.db(source, doctype), chunk)
+    copy = Figure("bootstrap", "seconds", baseline_name="paged _find (1,000, bookmarks) + _bulk_docs", target=1.2,
+                  note=f"{contacts} contacts, {groups} groups")
+    replicate = Figure("bootstrap vs _replicate", "seconds", baseline_name="_replicate with a selector",
+                       note=copy.note)
+    honours_selector = bench.server.kind != "pouchdb-server"
+    if not honours_selector:
+        replicate.note += "; not measured: PouchDB Server ignores a replication selector (servers.md)"
+    with bench.gateway() as gateway, bench.synchronizer(gateway) as sync:
+        for run in range(runs):
+            raw, mine = f"raw{run}.{org}.example", f"new{run}.{org}.example"
+            bench.add_instances([raw, mine], org)
+            copy.baseline.append(timed(lambda: baseline_copy(bench, source, raw, org)))
+            copy.couchsync.append(timed(lambda: sync.bootstrap(mine)))
+            if honours_selector:
+                replicated = f"rep{run}.{org}.example"
+                bench.add_instances([replicated], org)
+                replicate.baseline.append(timed(lambda: baseline_replicate(bench, source, replicated, org)))
+                replicate.couchsync = copy.couchsync
+    return [copy, replicate]
+
+
+def baseline_copy(bench: Bench, source: str, target: str, org: str) -> None:
+    selector = {"twakeDirectory.managed": True, "twakeDirectory.organizationId": org}
+    for doctype in (GROUPS, CONTACTS):
+        bookmark, skip = None, 0
+        while True:
+            query: dict[str, Any] = {"selector": selector, "limit": 1000}
+            query.update({"bookmark": bookmark} if bookmark else {"skip": skip})
+            page = bench.session.post(bench.url(bench.db(source, doctype), "_find"), json=query, timeout=120).json()
+            docs = [{k: v for k, v in doc.items() if k != "_rev"} for doc in page["docs"]]
+            if docs:
+                bench.session.post(bench.url(bench.db(target, doctype), "_bulk_docs"), json={"docs": docs},
+                                   timeout=120).raise_for_status()
+            if len(docs) < 1000:
+                break
+            bookmark = page.get("bookmark")
+            skip += len(docs)
+
+
+def baseline_replicate(bench: Bench, source: str, target: str, org: str) -> None:
+    for doctype in (GROUPS, CONTACTS):
+        body = {"source": bench.url(bench.db(source, doctype)).replace("://", f"://{':'.join(bench.server.sync)}@"),
+                "target": bench.url(bench.db(target, doctype)).replace("://", f"://{':'.join(bench.server.sync)}@"),
+                "selector": {"twakeDirectory.managed": True, "twakeDirectory.organizationId": org}}
+        bench.session.post(bench.server.url + "/_replicate", json=body, timeout=600).raise_for_status()
+
+
+def peak_rss(bench: Bench, runs: int, groups: int, sizes: tuple[int, ...]) -> Figure:
+    """Peak RSS of `couchsync bootstrap-member` at each directory size (MB); the ratio is largest / smallest."""
+    figure = Figure("rss", "MB", baseline_name=f"the same at {sizes[0]} contacts", target=1.2,
+                    note=f"bootstrap-member at {sizes[0]} then {sizes[-1]} contacts, {groups} groups")
+    for size in sizes:
+        org = f"{bench.tag}rss{size}"
+        source = f"{org}.example"
+        bench.add_instances([source], org)
+        for doctype, docs in ((GROUPS, directory.group_docs(org, size, groups)),
+                              (CONTACTS, directory.contact_docs(org, size, groups))):
+            for chunk in directory.chunks(docs):
+                localcouch.bulk(bench.server, bench.db(source, doctype), chunk)
+        samples = figure.baseline if size == sizes[0] else figure.couchsync
+        for run in range(runs):
+            target = f"new{run}.{org}.example"
+            bench.add_instances([target], org)
+            samples.append(child_peak_rss([sys.executable, "-m", "couchsync", "bootstrap-member", target],
+                                          bench.cli_env()))
+    return figure
+
+
+def child_peak_rss(command: list[str], env: dict[str, str]) -> float:
+    """The command's peak resident set in MB, measured by a fresh parent whose only child it is."""
+    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
+    done = subprocess.run([sys.executable, "-c", measure, *command], env=env, capture_output=True, text=True,
+                          check=True, timeout=1800)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def worker_throughput(bench: Bench, runs: int, events: int, instances: int) -> Figure:
+    """Events per second through RabbitMQ, from the first publish to the last one handled."""
+    import pika  # only this case needs the broker
+
+    figure = Figure("worker", "events/s", note=f"{events} member.added/removed events, {instances} instances, "
+                    "20 groups; one worker process, default prefetch and concurrency")
+    for run in range(runs):
+        org = f"{bench.tag}w{run}"
+        domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
+        bench.add_instances(domains, org)
+        bench.deploy(domains)
+        exchange, prefix = f"{org}.b2b", f"{org}.couchsync."
+        port = localcouch.free_port()
+        env = {**bench.cli_env(), "COUCHSYNC_EXCHANGE": exchange, "COUCHSYNC_AUTH_EXCHANGE": f"{org}.auth",
+               "COUCHSYNC_QUEUE_PREFIX": prefix}
+        worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: handled(port) >= 0, 60)
+            messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org,
+                                               "id": f"g{g}", "name": f"Group {g}", "members": []})
+                        for g in range(20)]
+            messages += [("b2b.group.member.removed" if i % 4 == 3 else "b2b.group.member.added", {
+                "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
+                "id": f"g{i % 20}", "members": [member(org, i % 500)]}) for i in range(events - 20)]
+            connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+            channel = connection.channel()
+            channel.exchange_declare(exchange, "topic", durable=True)
+            started = time.perf_counter()
+            for routing_key, body in messages:
+                channel.basic_publish(exchange, routing_key, json.dumps(body).encode())
+            connection.close()
+            wait_for(lambda: handled(port) >= events, 3600)
+            figure.couchsync.append(events / (time.perf_counter() - started))
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            remove_queues(exchange, prefix, f"{org}.auth")
+    return figure
+
+
+def handled(port: int) -> float:
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except requests.RequestException:
+        return -1
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("couchsync_events_total"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the benchmark's worker did not get there in time")
+        time.sleep(0.1)
+
+
+def remove_queues(exchange: str, prefix: str, auth_exchange: str) -> None:
+    import pika
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    channel = connection.channel()
+    for suffix in ("b2b.group", "b2b.group.retry", "b2b.group.dead"):
+        channel.queue_delete(prefix + suffix)
+    for name in (exchange, auth_exchange, prefix + "dlx"):
+        channel.exchange_delete(name)
+    connection.close()
+
+
+def print_table(figures: list[Figure]) -> None:
+    print(f"{'case':<24} {'unit':<9} {'couchsync median [min-max]':<30} {'baseline median [min-max]':<30} "
+          f"{'ratio':>6} {'target':>7}")
+    for figure in figures:
+        def cell(samples: list[float]) -> str:
+            if not samples:
+                return "-"
+            return f"{statistics.median(samples):.2f} [{min(samples):.2f}-{max(samples):.2f}]"
+        ratio = f"{figure.ratio:.2f}" if figure.ratio is not None else "-"
+        target = f"<={figure.target:g}" if figure.target else "-"
+        print(f"{figure.case:<24} {figure.unit:<9} {cell(figure.couchsync):<30} {cell(figure.baseline):<30} "
+              f"{ratio:>6} {target:>7}")
+        print(f"{'':<24} {figure.note}; baseline: {figure.baseline_name or '-'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    parser.add_argument("--scale", type=float, default=1.0, help="size factor (0.1 for a quick look)")
+    args = parser.parse_args()
+    cases = set(args.only.split(","))
+
+    def n(value: int) -> int:
+        return max(int(value * args.scale), 2)
+
+    server = localcouch.server()
+    figures: list[Figure] = []
+    try:
+        bench = Bench(server)
+        print(f"bench: {server.kind} at {server.url}, {args.runs} runs per figure", file=sys.stderr)
+        if "fanout" in cases:
+            figures.append(fan_out(bench, args.runs, n(1000), 1, "fanout"))
+        if "groups" in cases:
+            figures.append(fan_out(bench, args.runs, n(200), 20, "groups"))
+        if "bootstrap" in cases:
+            figures += bootstrap(bench, args.runs, n(10_000), n(200))
+        if "worker" in cases:
+            figures.append(worker_throughput(bench, args.runs, n(2000), 20))
+        if "rss" in cases:
+            figures.append(peak_rss(bench, args.runs, n(200), (n(1000), n(10_000))))
+    finally:
+        server.stop()
+    print_table(figures)
+    with open(args.json, "w", encoding="utf-8") as out:
+        json.dump({"server": server.kind, "runs": args.runs, "scale": args.scale,
+                   "figures": [figure.as_json() for figure in figures]}, out, indent=2)
+    print(f"bench: figures written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
