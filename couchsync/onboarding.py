@@ -17,6 +17,7 @@ from functools import partial
 from itertools import islice
 from typing import TypeVar
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from couchsync.couch import CouchGateway
@@ -99,14 +100,17 @@ class DirectoryCopy:
                 if source else 0
             progress("total", counted + len(members))
         groups = self._pages(source.database(GROUPS), organization_id) if source else iter(())
-        for page in groups:
+        # Memories are read from the target alone once the groups are written there; a dry run wrote
+        # none, so it joins the reference's in.
+        memories = [target] if not dry_run or source is None else [source, target]
+        for page in _read_ahead(groups):
             writes = self._run(target, partial(self._plan_groups, target, page), dry_run, report, keep_items)
             report.groups += len(page)
             if progress is not None:
                 progress("groups", len(page))
             logger.debug("copied %d groups into %s: %d writes", len(page), target.domain, writes)
-        for people in self._people(organization_id, source, members):
-            planner = partial(self._plan_people, organization_id, source, target, owner, people)
+        for people in _read_ahead(self._people(organization_id, source, members)):
+            planner = partial(self._plan_people, organization_id, memories, target, owner, people)
             self._run(target, planner, dry_run, report, keep_items)
             report.contacts += len(people)
             if progress is not None:
@@ -143,21 +147,16 @@ class DirectoryCopy:
                       for doc_id, doc in targets.items()} if recover else None
         return plan_group_copies(page, targets, superseded)
 
-    def _plan_people(self, organization_id: str, source: Instance | None, target: Instance, owner: str | None,
+    def _plan_people(self, organization_id: str, memories: Sequence[Instance], target: Instance, owner: str | None,
                      people: Sequence[Person], recover: bool) -> Plan:
         contacts = self._reader.contacts(target, people_keys(people))
         view = InstanceView(target.domain, owner, contacts=tuple(contacts))
         relevant = {gid for person in people for gid in person.groups}
         relevant |= {gid for doc in contacts for gid in group_ids_of(doc) if gid.startswith(MANAGED_GROUP_PREFIX)}
-        instances = [instance for instance in (source, target) if instance is not None]
-        return plan_contact_copies(people, organization_id, view, self._memories(instances, sorted(relevant)))
+        return plan_contact_copies(people, organization_id, view, self._memories(memories, sorted(relevant)))
 
     def _memories(self, instances: Sequence[Instance], group_ids: Sequence[str]) -> dict[str, GroupState]:
-        """The memories of these groups, joined across the instances (the first one winning ties).
-
-        After the groups' pass the target's already hold the reference's; joining again makes a dry run,
-        which wrote no group, plan the contacts as the real run will.
-        """
+        """The memories of these groups, joined across the instances (the first one winning ties)."""
         memories: dict[str, GroupState] = {}
         for instance in instances:
             for doc_id, doc in self._couch.get_many(instance.database(GROUPS), group_ids).items():
@@ -172,3 +171,12 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
+
+
+def _read_ahead(pages: Iterator[T]) -> Iterator[T]:
+    """The pages, the next one read while the caller writes the current one (two in memory at most)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="couchsync-read-ahead") as pool:
+        future = pool.submit(next, pages, None)
+        while (page := future.result()) is not None:
+            future = pool.submit(next, pages, None)
+            yield page
