@@ -6,6 +6,7 @@ serves all threads; quick retries of a single request (connection errors, 429, 5
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -109,6 +110,7 @@ class CouchGateway:
         # server that sits on the cluster's own network.
         self._service.set_enable_gzip_compression(False)
         self.url = settings.url
+        self._pouchdb: bool | None = None  # PouchDB Server, told by its welcome document
 
     def __enter__(self) -> CouchGateway:
         return self
@@ -141,6 +143,15 @@ class CouchGateway:
                 return int(self._service.get_database_information(db).get_result()["doc_count"])
         except NotFound:
             return 0
+
+    def holds_documents(self, db: str) -> bool:
+        """Whether the database holds a live document other than design documents (False when missing)."""
+        count = self.doc_count(db)
+        if count == 0:
+            return False
+        with translate_errors(db):
+            designs = self._service.post_all_docs(db, start_key="_design/", end_key="_design0").get_result()["rows"]
+        return count > len(designs)
 
     def create_database(self, db: str) -> None:
         """Create the database; one that already exists is fine (needs server admin rights)."""
@@ -176,6 +187,17 @@ class CouchGateway:
                 found[row["id"]] = self._tombstone(db, row["id"], row["value"]["rev"])
         return found
 
+    def revisions(self, db: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        """The current revision of each of these documents that exists or existed (deleted ones too)."""
+        if not doc_ids:
+            return {}
+        try:
+            with translate_errors(db):
+                rows = self._service.post_all_docs(db, keys=list(doc_ids)).get_result()["rows"]
+        except NotFound:
+            return {}
+        return {row["id"]: row["value"]["rev"] for row in rows if "value" in row}
+
     def _tombstone(self, db: str, doc_id: str, rev: str) -> Doc:
         with translate_errors(db, doc_id):
             doc: Doc = self._service.get_document(db, doc_id, rev=rev).get_result()
@@ -199,8 +221,11 @@ class CouchGateway:
                 continue
         return found
 
-    def view(self, db: str, ddoc: str, view: str, keys: Sequence[Any]) -> list[Doc]:
+    def view(self, db: str, ddoc: str, view: str, keys: Sequence[Any], *, stale: bool = False) -> list[Doc]:
         """The distinct documents a view emits for these keys; none when the database is missing.
+
+        `stale`: the index as it is, without indexing what was written since (the documents returned are
+        still their current revisions).
 
         Raises:
             NotFound: the database exists but the design document or view does not.
@@ -209,14 +234,29 @@ class CouchGateway:
             return []
         try:
             with translate_errors(db, f"_design/{ddoc}"):
-                rows = self._service.post_view(db, ddoc, view, keys=list(keys),
-                                               include_docs=True).get_result()["rows"]
+                rows = self._post_view(db, ddoc, view, list(keys), stale).get_result()["rows"]
         except NotFound:
             if not self.database_exists(db):
                 return []
             raise
         docs = {row["id"]: row["doc"] for row in rows if row.get("doc")}
         return list(docs.values())
+
+    def _post_view(self, db: str, ddoc: str, view: str, keys: list[Any], stale: bool) -> Any:
+        if not stale:
+            return self._service.post_view(db, ddoc, view, keys=keys, include_docs=True)
+        # CouchDB 3 reads `update: false`; PouchDB Server ignores it and honours only the older `stale: ok`.
+        body: Doc = {"keys": keys, "include_docs": True}
+        body.update({"stale": "ok"} if self._is_pouchdb() else {"update": "false"})
+        path = "/{}/_design/{}/_view/{}".format(*self._service.encode_path_vars(db, ddoc, view))
+        request = self._service.prepare_request(method="POST", url=path, data=json.dumps(body), headers={
+            "content-type": "application/json", "Accept": "application/json"})
+        return self._service.send(request)
+
+    def _is_pouchdb(self) -> bool:
+        if self._pouchdb is None:
+            self._pouchdb = "express-pouchdb" in self.server_info()
+        return self._pouchdb
 
     def find(self, db: str, selector: Doc, *, page_size: int = 1000,
              fields: Sequence[str] | None = None) -> Iterator[Doc]:

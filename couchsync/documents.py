@@ -6,6 +6,7 @@ Pure functions over plain dicts (documents as CouchDB returns them).
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,7 @@ def is_live(doc: Doc | None) -> bool:
     return doc is not None and not doc.get("_deleted")
 
 
+@lru_cache(maxsize=65536)  # a bootstrap asks it for the same hosts many times over
 def host_of(url_or_fqdn: str | None) -> str | None:
     """The lower-case host of a URL or a bare FQDN (`bob.acme.twake.app`)."""
     if not url_or_fqdn or not url_or_fqdn.strip():
@@ -126,6 +128,43 @@ def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
     keys += [["group", group_id] for group_id in group_ids]
     unique = {tuple(key): key for key in keys}
     return list(unique.values())
+
+
+class ContactIndex:
+    """Live contacts by email and Cozy host, so that matching a page of people is not quadratic."""
+
+    def __init__(self, contacts: Iterable[Doc] = ()) -> None:
+        self._docs: dict[str, Doc] = {}
+        self._ids: dict[tuple[str, str], set[str]] = {}
+        for contact in contacts:
+            self.put(contact)
+
+    @staticmethod
+    def _keys(contact: Doc) -> list[tuple[str, str]]:
+        return [("email", email) for email in emails_of(contact)] + [("cozy", host) for host in cozy_hosts_of(contact)]
+
+    def put(self, contact: Doc) -> None:
+        """Add the contact, or replace the one with its id."""
+        old = self._docs.get(contact["_id"])
+        for key in self._keys(old) if old else ():
+            self._ids[key].discard(contact["_id"])
+        if not is_live(contact):
+            self._docs.pop(contact["_id"], None)
+            return
+        self._docs[contact["_id"]] = contact
+        for key in self._keys(contact):
+            self._ids.setdefault(key, set()).add(contact["_id"])
+
+    def get(self, contact_id: str) -> Doc | None:
+        return self._docs.get(contact_id)
+
+    def candidates(self, email: str, workplace_fqdn: str | None) -> list[Doc]:
+        """The contacts that have this email or the Cozy host of this workplace (what `match_contact` weighs)."""
+        ids = set(self._ids.get(("email", email.strip().lower()), ()))
+        host = host_of(workplace_fqdn)
+        if host:
+            ids |= self._ids.get(("cozy", host), set())
+        return [self._docs[contact_id] for contact_id in sorted(ids)]
 
 
 @dataclass(frozen=True, slots=True)

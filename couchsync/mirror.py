@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from couchsync.documents import (
-    CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, Doc, cozy_hosts_of, group_ids_of, host_of, is_live,
+    CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, ContactIndex, Doc, cozy_hosts_of, group_ids_of, host_of, is_live,
     is_managed, lookup_keys, managed_tag, match_contact, with_group)
 from couchsync.events import Member
 from couchsync.plan import GroupState, InstanceView, Plan, Refusal, Write, changed, is_owner, upsert_contact
@@ -36,12 +36,13 @@ class Person:
     """Someone the instance should have a managed contact for, with the profile to give it.
 
     `groups` are the managed groups the reference contact is related to (the fallback where no
-    group memory names the person).
+    group memory names the person); None for a person the reference has no contact for (a member
+    known from their settings), whose relationships then only follow the memories.
     """
 
     member: Member
     stamp: str
-    groups: frozenset[str] = frozenset()
+    groups: frozenset[str] | None = None
 
 
 def repair(doctype: str, doc: Doc, old: Doc | None, what: str) -> Write:
@@ -137,39 +138,40 @@ def plan_contact_copies(people: Iterable[Person], organization_id: str, view: In
     `groups` the memories, in the instance, of the managed groups they are related to.
     """
     existing = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
-    planned = dict(existing)
-    touched: list[str] = []
+    planned = ContactIndex(existing.values())
+    touched: dict[str, Doc] = {}
     refusals: list[Refusal] = []
     for person in people:
         member = person.member
         if is_owner(member.email, member.workplace_fqdn, view):
             continue
-        match = match_contact(member.email, member.workplace_fqdn, planned.values(), organization_id)
+        candidates = planned.candidates(member.email, member.workplace_fqdn)
+        match = match_contact(member.email, member.workplace_fqdn, candidates, organization_id)
         if match.refusal:
             refusals.append(Refusal(None, match.refusal))
             continue
         doc = upsert_contact(match.contact, member, organization_id, person.stamp, reassert=True)
         doc = related(doc, person.groups, groups)
-        planned[doc["_id"]] = doc
-        touched.append(doc["_id"])
-    writes = [repair(CONTACTS, planned[doc_id], existing.get(doc_id), "contact")
-              for doc_id in dict.fromkeys(touched) if changed(planned[doc_id], existing.get(doc_id))]
+        planned.put(doc)
+        touched[doc["_id"]] = doc
+    writes = [repair(CONTACTS, doc, existing.get(doc_id), "contact")
+              for doc_id, doc in touched.items() if changed(doc, existing.get(doc_id))]
     return Plan(tuple(writes), tuple(refusals))
 
 
-def related(contact: Doc, fallback: frozenset[str], groups: Mapping[str, GroupState]) -> Doc:
+def related(contact: Doc, fallback: frozenset[str] | None, groups: Mapping[str, GroupState]) -> Doc:
     """The contact with its managed-group relationships as the groups' memories say.
 
-    Where a memory does not name the person, or the group is not known, `fallback` (the reference's
-    relationships) decides.
+    Where a memory does not name the person, or the group is not given, `fallback` (the reference's
+    relationships) decides; with no fallback, the relationship stays as it is.
     """
     email = str(managed_tag(contact).get("email") or "")
     current = {gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX)}
-    for group_id in sorted(current | fallback):
+    for group_id in sorted(current | (fallback or frozenset())):
         state = groups.get(group_id)
         wanted = None if state is None else (state.membership(email) if state.alive else False)
         if wanted is None:
-            wanted = group_id in fallback
+            wanted = group_id in current if fallback is None else group_id in fallback
         if (group_id in current) != wanted:
             contact = with_group(contact, group_id, wanted)
     return contact

@@ -12,26 +12,31 @@ exists and whose memory decides it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from functools import partial
 from itertools import islice
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from couchsync.couch import CouchGateway
-from couchsync.documents import CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, Doc, group_ids_of, is_managed
+from couchsync.documents import (
+    CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, Doc, group_ids_of, is_managed, managed_contact_id)
 from couchsync.instances import Instance
 from couchsync.mirror import (
     Person, group_state, people_keys, person_of, plan_contact_copies, plan_group_copies)
 from couchsync.plan import GroupState, InstanceView, Plan, Write
 from couchsync.reader import InstanceReader
-from couchsync.writer import PlanWriter
+from couchsync.writer import Planner, PlanWriter
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How a page of people finds the contacts it may match (see DirectoryCopy.copy).
+_FRESH, _STALE, _IDS, _NONE = "fresh", "stale", "ids", "none"
 
 # (what, how many): ("total", an estimate of the documents to compare) once at the start, then
 # ("groups" or "contacts", how many more were compared) after each page.
@@ -102,29 +107,39 @@ class DirectoryCopy:
         groups = self._pages(source.database(GROUPS), organization_id) if source else iter(())
         # Memories are read from the target alone once the groups are written there; a dry run wrote
         # none, so it joins the reference's in.
-        memories = [target] if not dry_run or source is None else [source, target]
+        memories = _JoinedMemories(self._couch, [source, target] if source else [target]) if dry_run \
+            else _TargetMemories(self._couch, target)
+        # Groups first, all of them written before any contact is planned: their memories decide the
+        # contacts' relationships.
         for page in _read_ahead(groups):
-            writes = self._run(target, partial(self._plan_groups, target, page), dry_run, report, keep_items)
+            plan_page = partial(self._plan_groups, target, page)
+            writes = self._run(target, plan_page, plan_page(False), dry_run, report, keep_items)
+            memories.copied(page)
             report.groups += len(page)
             if progress is not None:
                 progress("groups", len(page))
             logger.debug("copied %d groups into %s: %d writes", len(page), target.domain, writes)
-        for people in _read_ahead(self._people(organization_id, source, members)):
-            planner = partial(self._plan_people, organization_id, memories, target, owner, people)
-            self._run(target, planner, dry_run, report, keep_items)
-            report.contacts += len(people)
+        # How a page finds the contacts it may match. The first page's lookup brings the view up to date;
+        # later pages read it as it is, sparing the indexing of each page just written (the contacts
+        # couchsync creates are found by their ids instead). A new instance, with no contact when the
+        # copy starts, has nothing to find: its pages are planned over nothing, and only a page that
+        # meets a 409 (a person met twice, a worker's contact) is planned again over what its ids find.
+        new = not self._couch.holds_documents(target.database(CONTACTS))
+        for count, planner, plan in _planned_ahead(self._contact_steps(
+                organization_id, source, members, target, owner, memories, new)):
+            self._run(target, planner, plan, dry_run, report, keep_items)
+            report.contacts += count
             if progress is not None:
-                progress("contacts", len(people))
+                progress("contacts", count)
         return report
 
-    def _run(self, target: Instance, planner: Callable[[bool], Plan], dry_run: bool, report: CopyReport,
+    def _run(self, target: Instance, planner: Planner, plan: Plan, dry_run: bool, report: CopyReport,
              keep_items: bool) -> int:
         if dry_run:
-            plan = planner(False)
             report.add(plan.writes, [refusal.reason for refusal in plan.refusals], written=False,
                        keep_items=keep_items)
             return len(plan.writes)
-        written = self._writer.converge(target, planner)
+        written = self._writer.converge(target, planner, first=plan)
         report.add(written.done, written.refusals, written=True, keep_items=keep_items)
         return written.writes
 
@@ -147,23 +162,98 @@ class DirectoryCopy:
                       for doc_id, doc in targets.items()} if recover else None
         return plan_group_copies(page, targets, superseded)
 
-    def _plan_people(self, organization_id: str, memories: Sequence[Instance], target: Instance, owner: str | None,
-                     people: Sequence[Person], recover: bool) -> Plan:
-        contacts = self._reader.contacts(target, people_keys(people))
-        view = InstanceView(target.domain, owner, contacts=tuple(contacts))
-        relevant = {gid for person in people for gid in person.groups}
-        relevant |= {gid for doc in contacts for gid in group_ids_of(doc) if gid.startswith(MANAGED_GROUP_PREFIX)}
-        return plan_contact_copies(people, organization_id, view, self._memories(memories, sorted(relevant)))
+    def _contact_steps(self, organization_id: str, source: Instance | None, members: Iterable[Person],
+                       target: Instance, owner: str | None, memories: _Memories,
+                       new: bool) -> Iterator[tuple[int, Planner, Callable[[], Plan]]]:
+        """(size, planner, first plan) of each page of people."""
+        for number, people in enumerate(_read_ahead(self._people(organization_id, source, members))):
+            plan = partial(self._plan_people, organization_id, memories, target, owner, people)
+            lookup = _IDS if new else _STALE if number else _FRESH
+            yield len(people), partial(plan, lookup), partial(plan, _NONE if new else lookup, False)
 
-    def _memories(self, instances: Sequence[Instance], group_ids: Sequence[str]) -> dict[str, GroupState]:
-        """The memories of these groups, joined across the instances (the first one winning ties)."""
+    def _plan_people(self, organization_id: str, memories: _Memories, target: Instance, owner: str | None,
+                     people: Sequence[Person], lookup: str, recover: bool) -> Plan:
+        found = {} if lookup in (_IDS, _NONE) else {
+            doc["_id"]: doc for doc in self._reader.contacts(target, people_keys(people), stale=lookup == _STALE)}
+        if lookup in (_STALE, _IDS):
+            derived = [managed_contact_id(organization_id, person.member.email) for person in people]
+            found.update(self._couch.get_many(target.database(CONTACTS), derived))
+        contacts = list(found.values())
+        view = InstanceView(target.domain, owner, contacts=tuple(contacts))
+        relevant = {gid for person in people for gid in person.groups or ()}
+        relevant |= {gid for doc in contacts for gid in group_ids_of(doc) if gid.startswith(MANAGED_GROUP_PREFIX)}
+        return plan_contact_copies(people, organization_id, view, memories.of(sorted(relevant)))
+
+
+class _Memories(Protocol):
+    """The group memories the contacts' relationships follow (see `mirror.related`)."""
+
+    def copied(self, reference: Sequence[Doc]) -> None:
+        """The groups' pass is done with these reference groups."""
+
+    def of(self, group_ids: Sequence[str]) -> dict[str, GroupState]:
+        """The memories that decide these groups' relationships; a group left out follows the reference's."""
+
+
+class _JoinedMemories:
+    """For a dry run, which wrote no group: each page reads the memories and joins them (the first
+    instance winning ties), as the groups' pass would have."""
+
+    def __init__(self, couch: CouchGateway, instances: Sequence[Instance]) -> None:
+        self._couch = couch
+        self._instances = instances
+
+    def copied(self, reference: Sequence[Doc]) -> None:
+        pass
+
+    def of(self, group_ids: Sequence[str]) -> dict[str, GroupState]:
         memories: dict[str, GroupState] = {}
-        for instance in instances:
+        for instance in self._instances:
             for doc_id, doc in self._couch.get_many(instance.database(GROUPS), group_ids).items():
                 if is_managed(doc):
                     state = group_state(doc)
                     memories[doc_id] = memories[doc_id].joined(state) if doc_id in memories else state
         return memories
+
+
+class _TargetMemories:
+    """The target's memories, read only where they can differ from the reference contacts' relationships.
+
+    A group whose memory in the target is the reference's, once copied, needs none: the reference
+    contacts' relationships already project it. Only the groups whose memory differs (the target held
+    newer events) and those written since (a worker), told by their revisions in one light `_all_docs`
+    per page, are read and kept: memory grows with the groups that differ, not with the directory.
+    """
+
+    def __init__(self, couch: CouchGateway, target: Instance) -> None:
+        self._couch = couch
+        self._db = target.database(GROUPS)
+        self._revs: dict[str, str] = {}
+        self._states: dict[str, GroupState] = {}
+        self._lock = threading.Lock()  # the plan-ahead thread and re-plans on the caller's
+
+    def copied(self, reference: Sequence[Doc]) -> None:
+        current = self._couch.get_many(self._db, [doc["_id"] for doc in reference])
+        with self._lock:
+            for doc in reference:
+                copy = current.get(doc["_id"])
+                if copy is None:
+                    continue
+                self._revs[doc["_id"]] = copy["_rev"]
+                if not is_managed(copy) or group_state(copy) != group_state(doc):
+                    self._states[doc["_id"]] = group_state(copy)
+
+    def of(self, group_ids: Sequence[str]) -> dict[str, GroupState]:
+        revs = self._couch.revisions(self._db, group_ids)
+        with self._lock:
+            changed = [gid for gid in group_ids if revs.get(gid) != self._revs.get(gid)]
+        docs = self._couch.get_many(self._db, changed)
+        with self._lock:
+            for gid, doc in docs.items():
+                self._revs[gid] = doc["_rev"]
+                if is_managed(doc):
+                    self._states[gid] = group_state(doc)
+            return {gid: self._states[gid] for gid in group_ids if gid in self._states}
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -180,3 +270,20 @@ def _read_ahead(pages: Iterator[T]) -> Iterator[T]:
         while (page := future.result()) is not None:
             future = pool.submit(next, pages, None)
             yield page
+
+
+def _planned_ahead(steps: Iterator[tuple[int, Planner, Callable[[], Plan]]]) -> Iterator[tuple[int, Planner, Plan]]:
+    """Each (size, planner, first plan) step with its first plan made while the caller writes the one before.
+
+    Safe because writing is optimistic: a plan made before the previous page was written and
+    touching the same document (one person in two pages) meets a 409 and is made again by the planner.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="couchsync-plan-ahead") as pool:
+        ahead: tuple[int, Planner, Future[Plan]] | None = None
+        for count, planner, first in steps:
+            future = pool.submit(first)
+            if ahead is not None:
+                yield ahead[0], ahead[1], ahead[2].result()
+            ahead = (count, planner, future)
+        if ahead is not None:
+            yield ahead[0], ahead[1], ahead[2].result()

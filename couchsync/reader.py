@@ -32,11 +32,14 @@ class InstanceReader:
         self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=OWNER_CACHE_SECONDS)
         self._owners_lock = threading.Lock()
 
-    def contacts(self, instance: Instance, keys: Sequence[list[str]]) -> list[Doc]:
-        """The distinct contacts the lookup view emits for these keys (see `documents.lookup_keys`)."""
+    def contacts(self, instance: Instance, keys: Sequence[list[str]], *, stale: bool = False) -> list[Doc]:
+        """The distinct contacts the lookup view emits for these keys (see `documents.lookup_keys`).
+
+        `stale`: as the view was last indexed (see `CouchGateway.view`).
+        """
         db = instance.database(CONTACTS)
         try:
-            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys, stale=stale)
         except NotFound:
             # The database exists without our view (a new instance): install it, once.
             design_docs.ensure(self._couch, db, LOOKUP_DDOC, self._design.lookup)

@@ -48,8 +48,8 @@ class PlanWriter:
         self._couch = couch
         self._max_attempts = max_attempts
 
-    def converge(self, instance: Instance, planner: Planner) -> Written:
-        """Plan, write, and plan again while a write conflicts.
+    def converge(self, instance: Instance, planner: Planner, *, first: Plan | None = None) -> Written:
+        """Plan, write, and plan again while a write conflicts; `first`: the first plan, made already.
 
         Raises:
             DocumentConflict: still conflicting after the last attempt.
@@ -58,7 +58,7 @@ class PlanWriter:
         done: list[Write] = []
         recover = False
         for attempt in range(1, self._max_attempts + 1):
-            plan = planner(recover)
+            plan = first if attempt == 1 and first is not None else planner(recover)
             results = self.write(instance, plan)
             done += [write for write, result in zip(plan.writes, results) if result.ok]
             replaced = replaced_unseen(plan, results)
