@@ -62,7 +62,7 @@ def is_live(doc: Doc | None) -> bool:
     return doc is not None and not doc.get("_deleted")
 
 
-@lru_cache(maxsize=65536)  # a bootstrap asks it for the same hosts many times over
+@lru_cache(maxsize=4096)  # a page of a bootstrap asks it for the same hosts several times
 def host_of(url_or_fqdn: str | None) -> str | None:
     """The lower-case host of a URL or a bare FQDN (`bob.acme.twake.app`)."""
     if not url_or_fqdn or not url_or_fqdn.strip():
