@@ -14,19 +14,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from typing import Protocol, TypeVar
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from couchsync.couch import CouchGateway
 from couchsync.documents import (
     CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, Doc, group_ids_of, is_managed, managed_contact_id)
-from couchsync.instances import Instance
+from couchsync.instances import Instance, InstanceDirectory
 from couchsync.mirror import (
-    Person, group_state, people_keys, person_of, plan_contact_copies, plan_group_copies)
+    Person, group_state, people_keys, person_of, person_of_settings, plan_contact_copies, plan_group_copies)
 from couchsync.plan import GroupState, InstanceView, Plan, Write
 from couchsync.reader import InstanceReader
 from couchsync.writer import Planner, PlanWriter
@@ -254,6 +254,13 @@ class _TargetMemories:
                 if is_managed(doc):
                     self._states[gid] = group_state(doc)
             return {gid: self._states[gid] for gid in group_ids if gid in self._states}
+
+
+def members_as_people(directory: InstanceDirectory, members: Sequence[Instance], pool: Executor) -> list[Person]:
+    """The owners of these member instances, from their settings, read at once (one request each: they
+    are the organization's size, not the directory's); those whose settings name no email left out."""
+    people = pool.map(lambda instance: person_of_settings(instance.domain, directory.settings(instance)), members)
+    return [person for person in people if person is not None]
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:

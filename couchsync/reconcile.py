@@ -24,8 +24,8 @@ from couchsync.documents import CONTACTS, GROUPS, Doc, is_live, is_managed, look
 from couchsync.errors import ConfigError, CouchsyncError, UnknownInstance, UnknownOrganization
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.mirror import (
-    EXTRA, Person, is_extra_contact, is_own_contact, person_of_settings, plan_group_copies, plan_removals)
-from couchsync.onboarding import DirectoryCopy, managed_selector
+    EXTRA, Person, is_extra_contact, is_own_contact, plan_group_copies, plan_removals)
+from couchsync.onboarding import DirectoryCopy, managed_selector, members_as_people
 from couchsync.plan import InstanceView, Plan
 from couchsync.reader import InstanceReader
 from couchsync.writer import PlanWriter
@@ -132,9 +132,7 @@ class Reconciler:
         if domain is not None and not targets:
             raise UnknownInstance(f"{domain!r} is not a member instance of organization {organization_id!r}")
         with ThreadPoolExecutor(self._concurrency, thread_name_prefix="couchsync-reconcile") as pool:
-            people = [person for person in pool.map(
-                lambda instance: person_of_settings(instance.domain, self._directory.settings(instance)), members)
-                if person is not None]
+            people = members_as_people(self._directory, members, pool)
             groups, expected = self._reference(source, people)
 
             def one(target: Instance) -> InstanceResult:

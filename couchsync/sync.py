@@ -20,8 +20,7 @@ from couchsync.documents import GROUPS, host_of, lookup_keys, managed_group_id
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
 from couchsync.events import Event, GroupEvent, Member, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
-from couchsync.mirror import person_of_settings
-from couchsync.onboarding import CopyReport, DirectoryCopy, Progress
+from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, members_as_people
 from couchsync.plan import InstanceView, lookup_keys_for, plan_group_event, plan_profile
 from couchsync.reader import InstanceReader
 from couchsync.writer import Planner, PlanWriter
@@ -190,10 +189,7 @@ class Synchronizer:
         source = next((instance for instance in instances if instance.is_organization_instance), None)
         members = [instance for instance in instances
                    if not instance.is_organization_instance and instance.domain != target.domain]
-        # Read at once, a member instance each: they are the organization's size, not the directory's.
-        people = [person for person in self._pool.map(
-            lambda instance: person_of_settings(instance.domain, self._directory.settings(instance)), members)
-            if person is not None]
+        people = members_as_people(self._directory, members, self._pool)
         report = self._copier.copy(target.org_id, None if source == target else source, target, people,
                                    owner_email=owner_email, dry_run=dry_run, progress=progress)
         if source is None:

@@ -37,6 +37,7 @@ from typing import Any
 import requests
 
 import directory
+import localbroker
 import localcouch
 from couchsync import config, design_docs
 from couchsync.couch import CouchGateway
@@ -215,10 +216,7 @@ def bootstrap(bench: Bench, runs: int, contacts: int, groups: int) -> list[Figur
     org = f"{bench.tag}boot"
     source = f"{org}.example"
     bench.add_instances([source], org)
-    for doctype, docs in ((GROUPS, directory.group_docs(org, contacts, groups)),
-                          (CONTACTS, directory.contact_docs(org, contacts, groups))):
-        for chunk in directory.chunks(docs):
-            localcouch.bulk(bench.server, bench.db(source, doctype), chunk)
+    directory.seed(bench.server, bench.db(source, GROUPS), bench.db(source, CONTACTS), org, contacts, groups)
     copy = Figure("bootstrap", "seconds", baseline_name="paged _find (1,000, bookmarks) + _bulk_docs", target=1.2,
                   note=f"{contacts} contacts, {groups} groups")
     replicate = Figure("bootstrap vs _replicate", "seconds", baseline_name="_replicate with a selector",
@@ -274,10 +272,7 @@ def peak_rss(bench: Bench, runs: int, groups: int, sizes: tuple[int, ...]) -> Fi
         org = f"{bench.tag}rss{size}"
         source = f"{org}.example"
         bench.add_instances([source], org)
-        for doctype, docs in ((GROUPS, directory.group_docs(org, size, groups)),
-                              (CONTACTS, directory.contact_docs(org, size, groups))):
-            for chunk in directory.chunks(docs):
-                localcouch.bulk(bench.server, bench.db(source, doctype), chunk)
+        directory.seed(bench.server, bench.db(source, GROUPS), bench.db(source, CONTACTS), org, size, groups)
         samples = figure.baseline if size == sizes[0] else figure.couchsync
         for run in range(runs):
             target = f"new{run}.{org}.example"
@@ -314,7 +309,7 @@ def worker_throughput(bench: Bench, runs: int, events: int, instances: int) -> F
         worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: handled(port) >= 0, 60)
+            wait_for(lambda: localbroker.events_handled(port) >= 0, 60)
             messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org,
                                                "id": f"g{g}", "name": f"Group {g}", "members": []})
                         for g in range(20)]
@@ -328,21 +323,13 @@ def worker_throughput(bench: Bench, runs: int, events: int, instances: int) -> F
             for routing_key, body in messages:
                 channel.basic_publish(exchange, routing_key, json.dumps(body).encode())
             connection.close()
-            wait_for(lambda: handled(port) >= events, 3600)
+            wait_for(lambda: localbroker.events_handled(port) >= events, 3600)
             figure.couchsync.append(events / (time.perf_counter() - started))
         finally:
             worker.terminate()
             worker.wait(60)
-            remove_queues(exchange, prefix, f"{org}.auth")
+            localbroker.remove(prefix, exchange, f"{org}.auth")
     return figure
-
-
-def handled(port: int) -> float:
-    try:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    except requests.RequestException:
-        return -1
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("couchsync_events_total"))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> None:
@@ -351,17 +338,6 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the benchmark's worker did not get there in time")
         time.sleep(0.1)
-
-
-def remove_queues(exchange: str, prefix: str, auth_exchange: str) -> None:
-    import pika
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
-    channel = connection.channel()
-    for suffix in ("b2b.group", "b2b.group.retry", "b2b.group.dead"):
-        channel.queue_delete(prefix + suffix)
-    for name in (exchange, auth_exchange, prefix + "dlx"):
-        channel.exchange_delete(name)
-    connection.close()
 
 
 def print_table(figures: list[Figure]) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import localbroker
 import localcouch
 import pika
 import pika.exceptions
@@ -128,25 +129,17 @@ def scripted_events() -> list[tuple[str, bytes]]:
     return events + [("b2b.group.member.added", b'{"organizationId": "acme", "id": "sales"')]  # broken on purpose
 
 
-def handled(port: int) -> float:
-    try:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except requests.RequestException:
-        return -1
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("couchsync_events_total"))
-
-
 def run_worker(env: dict[str, str], events: list[tuple[str, bytes]]) -> int:
     """Start the worker, publish the events, wait until it handled them all, stop it with SIGTERM."""
     port = localcouch.free_port()
     worker = couchsync(env, "--log-level", "INFO", "worker", "--metrics-port", str(port))
     try:
         deadline = time.monotonic() + 60
-        while handled(port) < 0 and time.monotonic() < deadline and worker.poll() is None:
+        while localbroker.events_handled(port) < 0 and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
         print(f"demo: publishing {len(events)} directory events")
         publish(events)
-        while handled(port) < len(events) and time.monotonic() < deadline and worker.poll() is None:
+        while localbroker.events_handled(port) < len(events) and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -186,17 +179,8 @@ def main() -> int:
 
 
 def remove_demo_queues() -> None:
-    """The demo's exchange and queues go with it (a real worker's, named couchsync.*, are not touched)."""
-    try:
-        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
-    except pika.exceptions.AMQPError:
-        return
-    channel = connection.channel()
-    for suffix in ("b2b.group", "b2b.group.retry", "b2b.group.dead"):
-        channel.queue_delete(QUEUE_PREFIX + suffix)
-    for exchange in (EXCHANGE, AUTH_EXCHANGE, QUEUE_PREFIX + "dlx"):
-        channel.exchange_delete(exchange)
-    connection.close()
+    """The demo's exchanges and queues go with it (a real worker's, named couchsync.*, are not touched)."""
+    localbroker.remove(QUEUE_PREFIX, EXCHANGE, AUTH_EXCHANGE)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
+import localcouch
 from couchsync.documents import managed_group_id, with_group
 from couchsync.events import GroupEventKind, Member, event_stamp
 from couchsync.plan import GroupState, upsert_contact
@@ -61,3 +62,18 @@ def chunks(docs: Iterator[dict[str, Any]], size: int = 1000) -> Iterator[list[di
             chunk = []
     if chunk:
         yield chunk
+
+
+def seed(couch: localcouch.LocalCouch, groups_db: str, contacts_db: str, org_id: str, contacts: int,
+         groups: int) -> None:
+    """Write the directory into these databases of an instance, as the stack's admin.
+
+    Raises:
+        RuntimeError: a document was not written.
+    """
+    for db, docs in ((groups_db, group_docs(org_id, contacts, groups)),
+                     (contacts_db, contact_docs(org_id, contacts, groups))):
+        for chunk in chunks(docs):
+            failed = [row for row in localcouch.bulk(couch, db, chunk) if "error" in row]
+            if failed:
+                raise RuntimeError(f"{len(failed)} documents not written, the first: {failed[0]}")

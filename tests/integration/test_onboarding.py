@@ -9,7 +9,6 @@ import sys
 import pytest
 
 import directory
-import localcouch
 from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of
 from couchsync.errors import CouchUnavailable, UnknownOrganization
@@ -215,10 +214,7 @@ def peak_rss_mb(command: list[str], env: dict[str, str]) -> tuple[float, subproc
 def test_bootstrap_of_5000_contacts_and_100_groups_stays_under_150_mb_and_runs_again_writing_nothing(world):
     for domain in (ORG, NEW):
         world.add_instance(domain, "acme", email=owner(domain))
-    for doctype, docs in ((GROUPS, directory.group_docs("acme", 5000, 100)),
-                          (CONTACTS, directory.contact_docs("acme", 5000, 100))):
-        for chunk in directory.chunks(docs):
-            assert all("error" not in row for row in localcouch.bulk(world.server, world.db(ORG, doctype), chunk))
+    directory.seed(world.server, world.db(ORG, GROUPS), world.db(ORG, CONTACTS), "acme", 5000, 100)
     command = [sys.executable, "-m", "couchsync", "bootstrap-member", NEW]
     peak, done = peak_rss_mb(command, world.cli_env())
     assert done.returncode == 0, done.stderr

@@ -32,9 +32,7 @@ class FakeInstance:
 
     def apply(self, event) -> Plan:
         plan = self.plan(event)
-        for write in plan.writes:
-            self.put(write.doctype, write.doc)
-            self.revisions += 1
+        self._put_all(plan)
         return plan
 
     def managed(self) -> dict[str, dict[str, dict]]:

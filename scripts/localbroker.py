@@ -1,0 +1,32 @@
+"""The local RabbitMQ and a `couchsync worker` on it, for the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import pika
+import pika.exceptions
+import requests
+
+QUEUE_SUFFIXES = ("b2b.group", "b2b.group.retry", "b2b.group.dead")
+
+
+def events_handled(metrics_port: int) -> float:
+    """Events the worker has handled (every outcome), from its /metrics; -1 while it does not answer."""
+    try:
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    except requests.RequestException:
+        return -1
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("couchsync_events_total"))
+
+
+def remove(queue_prefix: str, *exchanges: str) -> None:
+    """Delete couchsync's queues of this prefix, its dead-letter exchange and these exchanges."""
+    try:
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    except pika.exceptions.AMQPError:
+        return
+    channel = connection.channel()
+    for suffix in QUEUE_SUFFIXES:
+        channel.queue_delete(queue_prefix + suffix)
+    for exchange in (*exchanges, queue_prefix + "dlx"):
+        channel.exchange_delete(exchange)
+    connection.close()
