@@ -45,11 +45,26 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class Basis:
+    """The document a plan's writes were derived from, and its revision when read (None: absent)."""
+
+    doctype: str
+    doc_id: str
+    rev: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """The writes and refusals for one event in one instance."""
+    """The writes and refusals for one event in one instance.
+
+    `basis`: the document the writes were derived from (a group's memory). Reads are not a snapshot:
+    a write checked only by its own revision can carry a projection of a memory that changed since,
+    so the writer plans again when the basis moved under the writes (see `writer.PlanWriter`).
+    """
 
     writes: tuple[Write, ...] = ()
     refusals: tuple[Refusal, ...] = ()
+    basis: Basis | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +186,7 @@ def plan_group_event(event: GroupEvent, view: InstanceView) -> Plan:
     # Writes go in this order. A living group is written before the contacts that point to it; a
     # dying one after they let go of it, so that a crash in between leaves no dangling relationship.
     writes = group + contacts if after.alive else contacts + group
-    return Plan(tuple(writes), tuple(refusals))
+    return Plan(tuple(writes), tuple(refusals), Basis(GROUPS, group_id, (view.group or {}).get("_rev")))
 
 
 def _group_summary(before: GroupState, after: GroupState) -> str:

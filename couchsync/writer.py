@@ -64,15 +64,40 @@ class PlanWriter:
             replaced = replaced_unseen(plan, results)
             recover = recover or replaced
             if not any(result.conflict for result in results) and not replaced:
-                refusals = [refusal.reason for refusal in plan.refusals]
-                refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
-                             if not r.ok and r.error == "forbidden"]
                 _raise_unexpected(instance, results)
-                return Written(tuple(done), tuple(refusals), attempt)
-            logger.debug("conflict in %s, planning again", instance.domain)
+                if not self._basis_moved(instance, plan, results):
+                    refusals = [refusal.reason for refusal in plan.refusals]
+                    refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
+                                 if not r.ok and r.error == "forbidden"]
+                    return Written(tuple(done), tuple(refusals), attempt)
+            logger.debug("conflict in %s (or the plan's basis moved), planning again", instance.domain)
             # Writers of the same document re-plan at once and collide again: spread them out.
             time.sleep(random.uniform(0, REPLAN_PAUSE * attempt))
         raise DocumentConflict(f"still conflicting after {self._max_attempts} attempts", db=instance.prefix)
+
+    def _basis_moved(self, instance: Instance, plan: Plan, results: Sequence[WriteResult]) -> bool:
+        """Whether the document the plan was derived from changed under its writes (see `Plan.basis`).
+
+        A basis written first guarded every later write with its revision: nothing to check. One not
+        written must still be at the revision it was read at; one written last must find the writes
+        before it as it left them. Either way the writes are idempotent: planning again only repairs.
+        """
+        basis = plan.basis
+        written = [(write, result) for write, result in zip(plan.writes, results) if result.ok]
+        if basis is None or not written:
+            return False
+        ids = [(write.doctype, write.doc["_id"]) for write, _ in written]
+        if (basis.doctype, basis.doc_id) not in ids:
+            current = self._couch.revisions(instance.database(basis.doctype), [basis.doc_id])
+            return current.get(basis.doc_id) != basis.rev
+        expected: dict[str, dict[str, str | None]] = {}
+        for write, result in written[:ids.index((basis.doctype, basis.doc_id))]:
+            expected.setdefault(write.doctype, {})[write.doc["_id"]] = result.rev
+        for doctype, revs in expected.items():
+            current = self._couch.revisions(instance.database(doctype), list(revs))
+            if {doc_id: current.get(doc_id) for doc_id in revs} != revs:
+                return True
+        return False
 
     def write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
         """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""

@@ -286,3 +286,39 @@ def test_a_group_created_over_a_tombstone_nobody_read_keeps_its_memory(acme):
         group = acme.docs(domain, GROUPS)[ENGINEERING]
         assert group["name"] == "Engineering & Platform"
         assert group["twakeDirectory"]["stamps"]["name"].startswith("2026-06-16T10:33:00")
+
+
+def test_contacts_planned_from_a_memory_that_changed_before_they_were_written_are_planned_again(acme):
+    """A late copy of the creation reads the group before a removal is applied and Dave's contact after
+    it: planned from the old memory, it relates Dave again and has no group change to write, so no 409
+    stops it. Its writer must see that the memory it planned from is gone and plan again."""
+    from couchsync import config, design_docs
+    from couchsync.sync import Synchronizer
+
+    with acme.synchronizer() as sync:
+        sync.apply(created("dave"))
+    removal = event("b2b.group.member.removed", 31, members=[PEOPLE["dave"]])
+
+    class RemovedMeanwhile(CouchGateway):
+        """Reads the group, then lets the removal be applied everywhere before anything else is read."""
+
+        applied = False
+
+        def get_many(self, db, doc_ids):
+            found = super().get_many(db, doc_ids)
+            if ENGINEERING in doc_ids and not self.applied:
+                self.applied = True
+                with acme.synchronizer() as other:
+                    assert other.apply(removal).failures == []
+            return found
+
+    with RemovedMeanwhile(acme.couch_settings()) as couch:
+        directory = InstanceDirectory(couch, acme.global_db)
+        settings = config.load_sync(global_db=acme.global_db, concurrency=1)
+        with Synchronizer(couch, directory, design_docs.load(), settings) as late:
+            report = late.apply(created("dave"))
+        assert report.failures == [] and couch.applied
+    dave = managed_contact_id("acme", "dave@acme.com")
+    for domain in ACME:
+        assert acme.docs(domain, CONTACTS)[dave]["relationships"]["groups"]["data"] == [], domain
+        assert acme.docs(domain, GROUPS)[ENGINEERING]["twakeDirectory"]["members"]["dave@acme.com"][1] is False
