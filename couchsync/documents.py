@@ -130,6 +130,27 @@ def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
     return list(unique.values())
 
 
+@dataclass(frozen=True, slots=True)
+class ContactLookup:
+    """The contacts planning needs in an instance: those of these people, and those related to these groups.
+
+    `people` are (email, Cozy host) pairs. A person's own managed contact is read by the id couchsync
+    gives it (`managed_contact_id`); only for a person without one are candidates looked up by email
+    and host (see `reader.InstanceReader.find`).
+    """
+
+    organization_id: str
+    people: tuple[tuple[str, str | None], ...] = ()
+    group_ids: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.people or self.group_ids)
+
+    def own_ids(self) -> dict[str, tuple[str, str | None]]:
+        """Each person by the id of the managed contact couchsync would have given them."""
+        return {managed_contact_id(self.organization_id, email): (email, host) for email, host in self.people}
+
+
 class ContactIndex:
     """Live contacts by email and Cozy host, so that matching a page of people is not quadratic."""
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from couchsync.documents import (
-    CONTACTS, GROUPS, SORT_INDEX, TAG, Doc, cozy_hosts_of, cozy_url, group_ids_of, host_of,
-    is_live, is_managed, lookup_keys, managed_contact_id, managed_tag, managed_group_id, match_contact, with_group)
+    CONTACTS, GROUPS, SORT_INDEX, TAG, ContactLookup, Doc, cozy_hosts_of, cozy_url, group_ids_of, host_of,
+    is_live, is_managed, managed_contact_id, managed_tag, managed_group_id, match_contact, with_group)
 from couchsync.events import GroupEvent, GroupEventKind, Member
 
 GROUP_VALUES = ("name", "description", "color", "createdAt")
@@ -329,20 +329,20 @@ def _with_entry(entries: Any, key: str, value: str | None, *, replaces: str | No
     return kept + [{key: value, "primary": primary}]
 
 
-def lookup_keys_for(event: GroupEvent, group_doc: Doc | None) -> list[list[str]]:
-    """The `couchsync/lookup` keys of the contacts an event may change in an instance.
+def lookup_for(event: GroupEvent, group_doc: Doc | None) -> ContactLookup:
+    """The contacts an event may change in an instance.
 
-    The event's members always; when the group may come to life or die, also every contact related
-    to it and every member its memory names, whose relationships follow its existence.
+    The event's members always; when the group may come to life or die, also every member its
+    memory names and every contact related to it, whose relationships follow its existence.
     """
     if event.kind is GroupEventKind.UPDATED:
-        return []
-    emails = [member.email for member in event.members]
-    hosts = [host_of(member.workplace_fqdn) for member in event.members]
+        return ContactLookup(event.organization_id)
+    people = [(member.email, host_of(member.workplace_fqdn)) for member in event.members]
     groups: list[str] = []
     if event.kind is GroupEventKind.DELETED:
         # Even over a tombstone: a deletion interrupted before its contacts were written is finished.
         groups.append(managed_group_id(event.organization_id, event.group_id))
     if event.kind is GroupEventKind.CREATED and not is_live(group_doc):
-        emails += list(GroupState.from_doc(group_doc, event.organization_id, event.group_id).members)
-    return lookup_keys(emails, hosts, groups)
+        memory = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
+        people += [(email, None) for email in memory.members]
+    return ContactLookup(event.organization_id, tuple(dict.fromkeys(people)), tuple(groups))

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs
-from couchsync.documents import GROUPS, host_of, lookup_keys, managed_group_id
+from couchsync.documents import GROUPS, ContactLookup, host_of, managed_group_id
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
 from couchsync.events import Event, GroupEvent, Member, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, members_as_people
-from couchsync.plan import InstanceView, lookup_keys_for, plan_group_event, plan_profile
+from couchsync.plan import InstanceView, lookup_for, plan_group_event, plan_profile
 from couchsync.reader import InstanceReader
 from couchsync.writer import Planner, PlanWriter
 
@@ -174,7 +174,7 @@ class Synchronizer:
         others = [instance for instance in instances if instance is not new]
         member = event.member
         fanned = self._pool.map(lambda instance: self._converge(instance, lambda _: plan_profile(
-            member, organization_id, event.stamp, self._read_person(instance, member))), others)
+            member, organization_id, event.stamp, self._read_person(instance, organization_id, member))), others)
         try:
             # The settings of a new instance may not name its owner yet; the event does.
             copied = self._bootstrap(new, instances, owner_email=event.email)
@@ -197,8 +197,9 @@ class Synchronizer:
                                    "its groups and contacts were not copied")
         return report
 
-    def _read_person(self, instance: Instance, member: Member) -> InstanceView:
-        contacts = self._reader.contacts(instance, lookup_keys([member.email], [host_of(member.workplace_fqdn)]))
+    def _read_person(self, instance: Instance, organization_id: str, member: Member) -> InstanceView:
+        lookup = ContactLookup(organization_id, ((member.email, host_of(member.workplace_fqdn)),))
+        contacts = self._reader.find(instance, lookup)
         return InstanceView(instance.domain, self._reader.owner_email(instance), contacts=tuple(contacts))
 
     def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
@@ -231,8 +232,8 @@ class Synchronizer:
         group = self._couch.get_many(instance.database(GROUPS), [group_id]).get(group_id)
         superseded = tuple(self._couch.ancestors(instance.database(GROUPS), group_id, group["_rev"])
                            if recover and group else ())
-        keys = lookup_keys_for(event, group)
-        if not keys:
+        lookup = lookup_for(event, group)
+        if not lookup:
             return InstanceView(instance.domain, group=group, superseded=superseded)
-        contacts = self._reader.contacts(instance, keys)
+        contacts = self._reader.find(instance, lookup)
         return InstanceView(instance.domain, self._reader.owner_email(instance), group, tuple(contacts), superseded)

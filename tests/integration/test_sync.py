@@ -199,6 +199,19 @@ def test_an_external_contact_is_reused_made_managed_and_keeps_its_other_fields(a
     assert bob["relationships"]["groups"]["data"] == [{"_id": ENGINEERING, "_type": GROUPS}]
 
 
+def test_a_members_own_contact_stays_their_match_when_the_user_adds_a_look_alike(acme, sync):
+    carol = "carol.acme.twake.app"
+    sync.apply(created("bob"))
+    acme.put(carol, CONTACTS, {"_id": "bob-later", "fullname": "B.", "email": [{"address": "bob@acme.com"}],
+                               "metadata": {"external": True}})
+    before = acme.raw(carol, CONTACTS, "bob-later")
+    renamed = {**PEOPLE["bob"], "firstName": "Robert"}
+    report = sync.apply(event("b2b.group.member.added", 31, members=[renamed]))
+    assert report.refusals == []
+    assert acme.raw(carol, CONTACTS, "bob-later") == before
+    assert acme.docs(carol, CONTACTS)[managed_contact_id("acme", "bob@acme.com")]["fullname"] == "Robert Martin"
+
+
 def test_applying_the_same_events_twice_creates_no_revision(acme, sync):
     events = [created("alice", "bob"), event("b2b.group.updated", 31, name="P"),
               event("b2b.group.member.removed", 32, members=[PEOPLE["bob"]]), event("b2b.group.deleted", 33)]
