@@ -1,8 +1,9 @@
 """PlanWriter: brings one instance to a plan, planning again from a fresh read after a conflict.
 
 Every use case (an event, a bootstrap page, a reconcile repair) is read → plan → write. The writer
-owns the write half and the loop: one `_bulk_docs` per database in the plan's order, and on a 409 a
-new plan from a new read, since plans merge rather than overwrite.
+owns the write half and the loop: one `_bulk_docs` per database in the plan's order, and on a 409 (or
+when the document a plan was derived from moved under its writes, see `Plan.basis`) a new plan from a
+new read, since plans merge rather than overwrite.
 """
 
 from __future__ import annotations

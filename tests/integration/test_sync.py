@@ -335,3 +335,37 @@ def test_contacts_planned_from_a_memory_that_changed_before_they_were_written_ar
     for domain in ACME:
         assert acme.docs(domain, CONTACTS)[dave]["relationships"]["groups"]["data"] == [], domain
         assert acme.docs(domain, GROUPS)[ENGINEERING]["twakeDirectory"]["members"]["dave@acme.com"][1] is False
+
+
+def test_a_deletion_finds_its_contacts_changed_before_its_tombstone_was_written_and_plans_again(acme):
+    """A deletion lets Dave's contact go of the group, then writes the tombstone. In between, a late copy
+    of the creation reads the group still alive and relates Dave again: the tombstone's writer must see
+    the contact it wrote has moved, and plan again."""
+    from couchsync import config, design_docs
+    from couchsync.sync import Synchronizer
+
+    with acme.synchronizer() as sync:
+        sync.apply(created("dave"))
+
+    class LateCopyMeanwhile(CouchGateway):
+        """Lets the late creation be applied everywhere just before the first tombstone is written."""
+
+        applied = False
+
+        def bulk_write(self, db, docs, **kwargs):
+            if db.endswith("contacts-groups") and not self.applied:
+                self.applied = True
+                with acme.synchronizer() as other:
+                    assert other.apply(created("dave")).failures == []
+            return super().bulk_write(db, docs, **kwargs)
+
+    with LateCopyMeanwhile(acme.couch_settings()) as couch:
+        directory = InstanceDirectory(couch, acme.global_db)
+        settings = config.load_sync(global_db=acme.global_db, concurrency=1)
+        with Synchronizer(couch, directory, design_docs.load(), settings) as deleting:
+            report = deleting.apply(event("b2b.group.deleted", 32))
+        assert report.failures == [] and couch.applied
+    dave = managed_contact_id("acme", "dave@acme.com")
+    for domain in ACME:
+        assert acme.docs(domain, CONTACTS)[dave]["relationships"]["groups"]["data"] == [], domain
+        assert ENGINEERING not in acme.docs(domain, GROUPS)
