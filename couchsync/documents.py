@@ -134,21 +134,29 @@ def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
 class ContactLookup:
     """The contacts planning needs in an instance: those of these people, and those related to these groups.
 
-    `people` are (email, Cozy host) pairs. A person's own managed contact is read by the id couchsync
-    gives it (`managed_contact_id`); only for a person without one are candidates looked up by email
-    and host (see `reader.InstanceReader.find`).
+    `people` are (email, Cozy host) pairs. `known` are the emails of people who should have a contact of
+    couchsync's already (a group's memory names them): theirs is read by its id, and candidates are
+    looked up by email and host only for the others (see `reader.InstanceReader.find`).
     """
 
     organization_id: str
     people: tuple[tuple[str, str | None], ...] = ()
     group_ids: tuple[str, ...] = ()
+    known: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.people or self.group_ids)
 
-    def own_ids(self) -> dict[str, tuple[str, str | None]]:
-        """Each person by the id of the managed contact couchsync would have given them."""
-        return {managed_contact_id(self.organization_id, email): (email, host) for email, host in self.people}
+    def known_ids(self) -> list[str]:
+        """The ids of the contacts couchsync gave the known people."""
+        return [managed_contact_id(self.organization_id, email) for email, _ in self.people
+                if email.strip().lower() in self.known]
+
+    def others(self, found: Iterable[str]) -> list[tuple[str, str | None]]:
+        """The people whose own contact is not among these ids."""
+        found = set(found)
+        return [(email, host) for email, host in self.people
+                if managed_contact_id(self.organization_id, email) not in found]
 
 
 class ContactIndex:
@@ -215,16 +223,22 @@ def _belongs_to_another_member(contact: Doc, email: str, organization_id: str) -
 
 def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc],
                   organization_id: str) -> ContactMatch:
-    """The contact to use for a member: by email first, then by Cozy URL; never a guess.
+    """The contact to use for a member: their own, else by email, then by Cozy URL; never a guess.
 
+    The contact couchsync created for the member (its id is `managed_contact_id`) is their match
+    whatever else has their email: a look-alike the user adds later is theirs, not an ambiguity.
     A managed contact is only ever its own member's (its recorded email), so matching by Cozy URL
     adopts external contacts only. No candidate gives an empty match (create one); a single reusable
-    candidate is the match;
-    candidates that may not be reused, or two reusable ones, give a refusal with the reason.
+    candidate is the match; candidates that may not be reused, or two reusable ones, give a refusal
+    with the reason.
     """
     wanted = email.strip().lower()
     live = [contact for contact in contacts if is_live(contact) and not _belongs_to_another_member(
         contact, wanted, organization_id)]
+    own_id = managed_contact_id(organization_id, wanted)
+    own = next((contact for contact in live if contact["_id"] == own_id and is_managed(contact)), None)
+    if own is not None:
+        return ContactMatch(contact=own)
     candidates = [contact for contact in live if wanted in emails_of(contact)]
     how = "email"
     host = host_of(workplace_fqdn)

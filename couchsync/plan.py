@@ -337,12 +337,14 @@ def lookup_for(event: GroupEvent, group_doc: Doc | None) -> ContactLookup:
     """
     if event.kind is GroupEventKind.UPDATED:
         return ContactLookup(event.organization_id)
+    memory = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
     people = [(member.email, host_of(member.workplace_fqdn)) for member in event.members]
     groups: list[str] = []
     if event.kind is GroupEventKind.DELETED:
         # Even over a tombstone: a deletion interrupted before its contacts were written is finished.
         groups.append(managed_group_id(event.organization_id, event.group_id))
     if event.kind is GroupEventKind.CREATED and not is_live(group_doc):
-        memory = GroupState.from_doc(group_doc, event.organization_id, event.group_id)
         people += [(email, None) for email in memory.members]
-    return ContactLookup(event.organization_id, tuple(dict.fromkeys(people)), tuple(groups))
+    # Whoever the memory names was given a contact by the first addition that named them.
+    return ContactLookup(event.organization_id, tuple(dict.fromkeys(people)), tuple(groups),
+                         known=frozenset(memory.members))

@@ -46,20 +46,19 @@ class InstanceReader:
             return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
 
     def find(self, instance: Instance, lookup: ContactLookup) -> list[Doc]:
-        """The contacts a lookup names: each person's own managed contact, else the candidates to match.
+        """The contacts a lookup names: the known people's own contacts, and candidates for the others.
 
         A view answers only once it has indexed every write since its last query: in an instance that
         receives events, that is most of what a query costs (PouchDB Server indexes about a thousand
-        contacts a second). A person couchsync already gave a contact is read by its id instead, and
-        that contact is their match whatever look-alike the user adds later (the user's own business,
-        not an ambiguity). The view is asked for the others (personal or external contacts to adopt
-        or respect, a contact adopted under another id) and for the groups' related contacts.
+        contacts a second). A person a group's memory names has a contact of couchsync's, which is
+        their match (`documents.match_contact`): it is read by its id. The view is asked for the others
+        (personal or external contacts to adopt or respect, a contact adopted under another id) and
+        for the groups' related contacts.
         """
-        people = lookup.own_ids()
-        own = [doc for doc in self._couch.get_many(instance.database(CONTACTS), list(people)).values()
+        own = [doc for doc in self._couch.get_many(instance.database(CONTACTS), lookup.known_ids()).values()
                if is_live(doc) and is_managed(doc)]
         found = {doc["_id"] for doc in own}
-        rest = [person for doc_id, person in people.items() if doc_id not in found]
+        rest = lookup.others(found)
         keys = lookup_keys([email for email, _ in rest], [host for _, host in rest], lookup.group_ids)
         return own + [doc for doc in self.contacts(instance, keys) if doc["_id"] not in found]
 

@@ -71,6 +71,12 @@ def test_two_reusable_candidates_are_an_error_never_a_guess():
     assert found.contact is None and "2 contacts match" in found.refusal
 
 
+def test_the_contact_couchsync_gave_a_member_is_their_match_beside_look_alikes():
+    own = contact(managed_contact_id("acme", "bob@acme.com"), "bob@acme.com", managed_org="acme")
+    candidates = [contact("a", "Bob@acme.com", external=True), own, contact("p", "bob@acme.com")]
+    assert match_contact("BOB@acme.com", None, candidates, "acme").contact is own
+
+
 def test_a_contact_managed_for_another_organization_is_not_reused():
     found = match_contact("bob@acme.com", None, [contact("x", "bob@acme.com", managed_org="other")], "acme")
     assert found.contact is None and found.refusal
