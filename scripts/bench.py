@@ -10,6 +10,10 @@ one pooled requests.Session, the same concurrency, no planning, no protection, n
              read + write the group, read + write the contact.
 2. groups    a group created with 20 members in 200 instances; baseline: the same 21 documents per
              instance, read then written per database.
+   Both also against a second baseline that, like couchsync, finds the members' contacts by email
+   through the `couchsync/lookup` view before writing them: the part of the gap that is the server's
+   index rather than couchsync. Each baseline writes into databases of its own, so that nobody's view
+   indexes another's documents.
 3. bootstrap 10,000 contacts and 200 groups copied into a new instance; baselines: paged `_find` +
              `_bulk_docs` of the same documents, and `_replicate` with a selector where it is honoured.
 4. worker    2,000 events for a 20-instance organization through RabbitMQ: events per second.
@@ -41,12 +45,15 @@ import localbroker
 import localcouch
 from couchsync import config, design_docs
 from couchsync.couch import CouchGateway
-from couchsync.documents import CONTACTS, GROUPS, SETTINGS, database_name, managed_group_id
+from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW
+from couchsync.documents import (
+    CONTACTS, GROUPS, SETTINGS, database_name, lookup_keys, managed_contact_id, managed_group_id)
 from couchsync.events import parse_event
 from couchsync.instances import InstanceDirectory
 from couchsync.sync import Synchronizer
 
 CONCURRENCY = config.DEFAULT_CONCURRENCY
+RAW, LOOKUP = "raw", "lookup"  # the fan-out baselines, each writing into databases of its own
 
 
 @dataclass
@@ -91,8 +98,25 @@ class Bench:
     def prefix(self, domain: str) -> str:
         return f"{self.tag}-{domain}"
 
-    def db(self, domain: str, doctype: str) -> str:
-        return database_name(self.prefix(domain), doctype)
+    def db(self, domain: str, doctype: str, baseline: str | None = None) -> str:
+        """An instance's database, or the one of the same instance that a baseline writes into."""
+        prefix = self.prefix(domain) if baseline is None else f"{self.tag}-{baseline}-{domain}"
+        return database_name(prefix, doctype)
+
+    def add_baselines(self, domains: list[str], *baselines: str) -> None:
+        """Databases for these baselines in each instance; the lookup view where a baseline looks up."""
+        lookup = design_docs.load().lookup
+
+        def prepare(domain: str) -> None:
+            for baseline in baselines:
+                for doctype in (GROUPS, CONTACTS):
+                    localcouch.ensure_db(self.server, self.db(domain, doctype, baseline))
+                if baseline == LOOKUP:
+                    db = self.db(domain, CONTACTS, baseline)
+                    design_docs.ensure(gateway, db, LOOKUP_DDOC, lookup)
+                    gateway.view(db, LOOKUP_DDOC, LOOKUP_VIEW, [["email", "warm-up"]])  # built, as couchsync's
+        with self.gateway() as gateway, ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(prepare, domains))
 
     def url(self, db: str, *path: str) -> str:
         return "/".join([self.server.url + localcouch.db_path(db), *path])
@@ -143,6 +167,15 @@ class Bench:
         rows = self.session.post(self.url(db, "_all_docs"), json={"keys": [doc["_id"] for doc in docs]},
                                  timeout=60).json()["rows"]
         revs = {row["id"]: row["value"]["rev"] for row in rows if "value" in row and not row["value"].get("deleted")}
+        self.write(db, docs, revs)
+
+    def look_up_write(self, db: str, docs: list[dict[str, Any]], keys: list[list[str]]) -> None:
+        """Find contacts through the lookup view by these keys, then write the documents over those found."""
+        rows = self.session.post(self.url(db, "_design", LOOKUP_DDOC, "_view", LOOKUP_VIEW),
+                                 json={"keys": keys, "include_docs": True}, timeout=60).json()["rows"]
+        self.write(db, docs, {row["id"]: row["doc"]["_rev"] for row in rows if row.get("doc")})
+
+    def write(self, db: str, docs: list[dict[str, Any]], revs: dict[str, str]) -> None:
         written = [{**doc, **({"_rev": revs[doc["_id"]]} if doc["_id"] in revs else {})} for doc in docs]
         response = self.session.post(self.url(db, "_bulk_docs"), json={"docs": written}, timeout=60)
         response.raise_for_status()
@@ -165,13 +198,19 @@ def event(routing_key: str, org: str, group: str, second: int, **fields: Any) ->
     return parse_event(routing_key, json.dumps(body))
 
 
-def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) -> Figure:
-    """`members` people added (one event) to a group in every instance, against raw read + write per database."""
+def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) -> list[Figure]:
+    """`members` people added (one event) to a group in every instance, against raw read + write per
+    database, and against the same with the contacts looked up through the view."""
     org = f"{bench.tag}{case}"
     domains = [org + ".example"] + [f"i{n:05d}.{org}.example" for n in range(instances - 1)]
     bench.add_instances(domains, org)
     bench.deploy(domains)
-    figure = Figure(case, "seconds", baseline_name="raw read + write per database, same concurrency", target=1.25)
+    bench.add_baselines(domains, RAW, LOOKUP)
+    note = f"{instances} instances, {members} member(s), {instances * (members + 1)} documents written per run"
+    figure = Figure(case, "seconds", baseline_name="raw read + write per database, same concurrency", target=1.25,
+                    note=note)
+    looked_up = Figure(f"{case} vs raw + lookup", "seconds", note=note,
+                       baseline_name="the same, contacts found through the lookup view first")
     with bench.gateway() as gateway, bench.synchronizer(gateway) as sync:
         # Warm-up, unmeasured: the group exists, each lookup view and the owners' cache are built.
         assert not sync.apply(event("b2b.group.created", org, "warm", 0, name="Warm", members=[])).failures
@@ -182,7 +221,8 @@ def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) ->
             else:
                 routing = ("b2b.group.created", dict(name=f"Group {run}", members=people))
             group = "warm" if case == "fanout" else f"g{run}"
-            figure.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, group, run, people)))
+            figure.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, group, people, RAW)))
+            looked_up.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, group, people, LOOKUP)))
             report = None
 
             def apply() -> None:
@@ -191,22 +231,29 @@ def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) ->
             figure.couchsync.append(timed(apply))
             assert report is not None and not report.failures and report.writes >= instances * members, \
                 report.fields() if report else None
-    figure.note = f"{instances} instances, {members} member(s), {instances * (members + 1)} documents written per run"
-    return figure
+    looked_up.couchsync = figure.couchsync
+    return [figure, looked_up]
 
 
-def baseline_fan_out(bench: Bench, domains: list[str], org: str, group: str, run: int,
-                     people: list[dict[str, str]]) -> None:
-    """The same documents, written the plainest way: per instance, read + write the group, then the contacts."""
-    group_id = "baseline-" + managed_group_id(org, f"{group}-{run}")
+def baseline_fan_out(bench: Bench, domains: list[str], org: str, group: str, people: list[dict[str, str]],
+                     baseline: str) -> None:
+    """The same documents, written the plainest way into the baseline's databases: per instance, read +
+    write the group, then read (by id, or through the lookup view by email and host) + write the contacts."""
+    group_id = managed_group_id(org, group)
 
     def one(domain: str) -> None:
-        bench.read_write(bench.db(domain, GROUPS), [{"_id": group_id, "name": group, "members": people}])
-        bench.read_write(bench.db(domain, CONTACTS), [
-            {"_id": f"baseline-{run}-{person['email']}", "fullname": f"{person['firstName']} {person['lastName']}",
-             # Another address: couchsync, run next, must not meet these as personal look-alikes.
-             "email": [{"address": "baseline." + person["email"], "primary": True}],
-             "relationships": {"groups": {"data": [{"_id": group_id}]}}} for person in people])
+        bench.read_write(bench.db(domain, GROUPS, baseline), [{"_id": group_id, "name": group, "members": people}])
+        contacts = [{"_id": managed_contact_id(org, person["email"]),
+                     "fullname": f"{person['firstName']} {person['lastName']}",
+                     "email": [{"address": person["email"], "primary": True}],
+                     "cozy": [{"url": f"https://{person['workplaceFqdn']}", "primary": True}],
+                     "relationships": {"groups": {"data": [{"_id": group_id}]}}} for person in people]
+        db = bench.db(domain, CONTACTS, baseline)
+        if baseline == LOOKUP:
+            bench.look_up_write(db, contacts, lookup_keys([p["email"] for p in people],
+                                                          [p["workplaceFqdn"] for p in people]))
+        else:
+            bench.read_write(db, contacts)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(one, domains))
 
@@ -373,9 +420,9 @@ def main() -> int:
         bench = Bench(server)
         print(f"bench: {server.kind} at {server.url}, {args.runs} runs per figure", file=sys.stderr)
         if "fanout" in cases:
-            figures.append(fan_out(bench, args.runs, n(1000), 1, "fanout"))
+            figures += fan_out(bench, args.runs, n(1000), 1, "fanout")
         if "groups" in cases:
-            figures.append(fan_out(bench, args.runs, n(200), 20, "groups"))
+            figures += fan_out(bench, args.runs, n(200), 20, "groups")
         if "bootstrap" in cases:
             figures += bootstrap(bench, args.runs, n(10_000), n(200))
         if "worker" in cases:
