@@ -240,13 +240,19 @@ def test_dead_letters_are_listed_with_reasons_and_replayed_once_fixed(world, bro
     assert [letter["routing_key"] for letter in dead_letters(world, broker)] == ["b2b.group.updated"]
 
 
-def test_a_worker_killed_mid_stream_and_restarted_leaves_the_uninterrupted_directory(
-        couch_server, world, broker, start_worker):
+def worker_under_load(world, broker, start_worker):
+    """A worker on the seeded world, 275 group events published, and some of them applied already."""
     seed(world)
     messages = group_messages(275)
-    first = start_worker(world)
+    worker = start_worker(world)
     broker.publish(messages)
-    wait_until(lambda: first.count("applied") >= 60, 120, "some events are applied")
+    wait_until(lambda: worker.count("applied") >= 60, 120, "some events are applied")
+    return worker, messages
+
+
+def test_a_worker_killed_mid_stream_and_restarted_leaves_the_uninterrupted_directory(
+        couch_server, world, broker, start_worker):
+    first, messages = worker_under_load(world, broker, start_worker)
     first.stop(signal.SIGKILL)
     second = start_worker(world)
     wait_until(lambda: drained(broker, second), 300, "the queue is drained after the restart")
@@ -256,11 +262,7 @@ def test_a_worker_killed_mid_stream_and_restarted_leaves_the_uninterrupted_direc
 
 def test_broker_connections_closed_under_load_are_reopened_and_nothing_is_lost(
         couch_server, world, broker, start_worker):
-    seed(world)
-    messages = group_messages(275)
-    worker = start_worker(world)
-    broker.publish(messages)
-    wait_until(lambda: worker.count("applied") >= 60, 120, "some events are applied")
+    worker, messages = worker_under_load(world, broker, start_worker)
     subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "closed by a couchsync test"], check=True,
                    timeout=60)
     wait_until(lambda: worker.metrics().get("couchsync_broker_reconnects_total", 0) >= 1, 60, "it reconnects")
