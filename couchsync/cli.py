@@ -25,12 +25,9 @@ from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownI
 from couchsync.events import SECRET_FIELDS, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.metrics import Metrics, serve
-from couchsync.onboarding import DirectoryCopy
-from couchsync.reader import InstanceReader
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
 from couchsync.sync import EventReport, Synchronizer
 from couchsync.systemd import Notifier
-from couchsync.writer import PlanWriter
 
 EXIT_FAILED = 1
 
@@ -56,12 +53,9 @@ class Context:
         design = self.design()
         return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync)
 
-    def reconciler(self, couch: CouchGateway) -> Reconciler:
-        design = self.design()
-        directory = self.directory(couch, design.global_indexes)
-        reader, writer = InstanceReader(couch, directory, design), PlanWriter(couch, self.sync.max_attempts)
-        return Reconciler(couch, directory, reader, writer, DirectoryCopy(couch, reader, writer, self.sync.page_size),
-                          page_size=self.sync.page_size, concurrency=self.sync.concurrency)
+    def reconciler(self, couch: CouchGateway, sync: Synchronizer) -> Reconciler:
+        return Reconciler(couch, sync.directory, sync.states, sync.instances_of, sync.reader, sync.writer,
+                          sync.copier, page_size=self.sync.page_size, concurrency=self.sync.concurrency)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -76,6 +70,8 @@ class Context:
 @click.option("--couch-password", envvar="COUCHSYNC_COUCH_PASSWORD", hidden=True,
               help="Only from the environment: a password on the command line is refused.")
 @click.option("--global-db", envvar="COUCHSYNC_GLOBAL_DB", default=config.DEFAULT_GLOBAL_DB, show_default=True)
+@click.option("--state-db", envvar="COUCHSYNC_STATE_DB", default=config.DEFAULT_STATE_DB, show_default=True,
+              help="couchsync's own database: the directory state, one per cluster.")
 @click.option("--concurrency", envvar="COUCHSYNC_CONCURRENCY", type=int, default=config.DEFAULT_CONCURRENCY,
               show_default=True, help="Instances written at once.")
 @click.option("--design-docs", "design_source", envvar="COUCHSYNC_DESIGN_DOCS",
@@ -87,8 +83,8 @@ class Context:
               type=click.Choice(["text", "json"]), help="json: one JSON object per line (journald, log pipelines).")
 @click.pass_context
 def cli(ctx: click.Context, couch_url: str, couch_user: str, couch_password_file: str | None,
-        couch_password: str | None, global_db: str, concurrency: int, design_source: Path, log_level: str,
-        log_format: str) -> None:
+        couch_password: str | None, global_db: str, state_db: str, concurrency: int, design_source: Path,
+        log_level: str, log_format: str) -> None:
     """Keep an organization's directory in every instance of the organization."""
     logs.setup(log_level, log_format)
     _refuse_typed_secrets(ctx, "couch_password", "couch_url", "COUCHSYNC_COUCH_PASSWORD", "--couch-password-file")
@@ -97,7 +93,7 @@ def cli(ctx: click.Context, couch_url: str, couch_user: str, couch_password_file
                                 # The instance threads, plus the worker's event threads reading the
                                 # global database and copying into new instances.
                                 password_file=couch_password_file, pool_size=concurrency + config.DEFAULT_PREFETCH),
-        sync=config.load_sync(global_db=global_db, concurrency=concurrency),
+        sync=config.load_sync(global_db=global_db, state_db=state_db, concurrency=concurrency),
         design_source=design_source)
 
 
@@ -330,7 +326,10 @@ def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry
     with obj.gateway() as couch:
         # The global database first: its indexes serve the instance lookups that follow.
         outcomes = [design_docs.deploy(couch, design.global_target(obj.sync.global_db), dry_run=dry_run,
-                                       create_missing=create_missing)]
+                                       create_missing=create_missing),
+                    # couchsync's own database is made here whatever --create-missing says.
+                    design_docs.deploy(couch, design.state_target(obj.sync.state_db, identity), dry_run=dry_run,
+                                       create_missing=True)]
         # No index creation here: in a dry run it would be a write.
         instances = _chosen_instances(obj.directory(couch), org_id, domain)
         targets = [target for instance in instances for target in design.instance_targets(instance.prefix, protection)]
@@ -447,14 +446,15 @@ class _ProgressBar:
 @click.pass_obj
 def reconcile(obj: Context, org_id: str, domain: str | None, dry_run: bool, limit: DeletionLimit, force: bool,
               as_json: bool) -> None:
-    """Compare every member instance's managed documents with the organization instance's and repair drift.
+    """Compare every instance's managed documents with the directory state and repair drift.
 
-    Missing and different managed groups and contacts are written as the organization instance has
-    them (an event it missed is kept); extra ones are deleted, within --max-deletions. Unmanaged
-    documents are never touched. Exits 1 when an instance failed or was refused, 0 otherwise.
+    Missing and different managed groups and contacts are written as the state has them; extra ones
+    are deleted, within --max-deletions. Unmanaged documents are never touched. Exits 1 when an
+    instance failed or was refused, 0 otherwise.
     """
-    with obj.gateway() as couch:
-        results = obj.reconciler(couch).reconcile(org_id, domain=domain, dry_run=dry_run, limit=limit, force=force)
+    with obj.gateway() as couch, obj.synchronizer(couch) as sync:
+        results = obj.reconciler(couch, sync).reconcile(org_id, domain=domain, dry_run=dry_run, limit=limit,
+                                                        force=force)
     if as_json:
         click.echo(json.dumps({"organization": org_id, "dry_run": dry_run,
                                "instances": [result.as_json() for result in results]}, indent=2))

@@ -17,6 +17,7 @@ from couchsync.errors import ConfigError
 DEFAULT_COUCH_URL = "http://127.0.0.1:5984"
 DEFAULT_COUCH_USER = "couchsync"
 DEFAULT_GLOBAL_DB = "global/instances"
+DEFAULT_STATE_DB = "couchsync/directory"  # one per cluster: the directory state (see couchsync.state)
 DEFAULT_CONCURRENCY = 16      # instances written at once for one event
 DEFAULT_PAGE_SIZE = 1000      # the stack pages its organization lists by 1,000
 DEFAULT_TIMEOUT = 30.0        # seconds for one CouchDB request
@@ -63,6 +64,7 @@ class SyncSettings:
     """How the engine fans out and pages."""
 
     global_db: str = DEFAULT_GLOBAL_DB
+    state_db: str = DEFAULT_STATE_DB
     concurrency: int = DEFAULT_CONCURRENCY
     page_size: int = DEFAULT_PAGE_SIZE
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -237,15 +239,15 @@ def load_couch(url: str, *, username: str | None = None, password: str | None = 
                          password=_password(password, password_file, parts), timeout=timeout, pool_size=pool_size)
 
 
-def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, concurrency: int = DEFAULT_CONCURRENCY,
-              page_size: int = DEFAULT_PAGE_SIZE) -> SyncSettings:
+def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, state_db: str = DEFAULT_STATE_DB,
+              concurrency: int = DEFAULT_CONCURRENCY, page_size: int = DEFAULT_PAGE_SIZE) -> SyncSettings:
     """SyncSettings, checked.
 
     Raises:
         ConfigError: a number out of range or an empty database name.
     """
-    if not global_db:
-        raise ConfigError("the global instances database name is empty")
+    if not global_db or not state_db:
+        raise ConfigError("the global instances and directory state database names must not be empty")
     if concurrency < 1 or page_size < 1:
         raise ConfigError("concurrency and page size must be at least 1")
-    return SyncSettings(global_db=global_db, concurrency=concurrency, page_size=page_size)
+    return SyncSettings(global_db=global_db, state_db=state_db, concurrency=concurrency, page_size=page_size)

@@ -27,6 +27,7 @@ from couchsync.errors import (
 logger = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
+BULK_CHUNK = 1000  # documents per `_bulk_docs` request
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,24 +172,35 @@ class CouchGateway:
             return None
 
     def get_many(self, db: str, doc_ids: Sequence[str]) -> dict[str, Doc]:
-        """The documents with these ids, tombstones included (with `_deleted` and their body)."""
+        """The live documents with these ids (CouchDB's winning leaf, `_conflicts` listing the others)."""
+        return {doc_id: leaves[0] for doc_id, leaves in self.leaves(db, doc_ids).items()}
+
+    def leaves(self, db: str, doc_ids: Sequence[str]) -> dict[str, list[Doc]]:
+        """Every live leaf of each of these documents, CouchDB's winner first; deleted ones left out.
+
+        A cluster accepts concurrent updates of one revision through different nodes, and a replication
+        copies branches: whoever reads a document several writers touch reads all of its leaves.
+        """
         if not doc_ids:
             return {}
         try:
             with translate_errors(db):
-                rows = self._service.post_all_docs(db, keys=list(doc_ids), include_docs=True).get_result()["rows"]
+                rows = self._service.post_all_docs(db, keys=list(doc_ids), include_docs=True,
+                                                   conflicts=True).get_result()["rows"]
         except NotFound:
             return {}
-        found: dict[str, Doc] = {}
-        for row in rows:
-            if row.get("doc"):
-                found[row["id"]] = row["doc"]
-            elif (row.get("value") or {}).get("deleted"):
-                found[row["id"]] = self._tombstone(db, row["id"], row["value"]["rev"])
+        return self.with_leaves(db, [row["doc"] for row in rows if row.get("doc")])
+
+    def with_leaves(self, db: str, docs: Sequence[Doc]) -> dict[str, list[Doc]]:
+        """Each document (read with `conflicts=true`) with its other live leaves after it."""
+        found = {doc["_id"]: [doc] for doc in docs}
+        losers = [(doc_id, rev) for doc_id, leaves in found.items() for rev in leaves[0].get("_conflicts") or ()]
+        for doc_id, doc in self._revisions_of(db, losers):
+            found[doc_id].append(doc)
         return found
 
     def revisions(self, db: str, doc_ids: Sequence[str]) -> dict[str, str]:
-        """The current revision of each of these documents that exists or existed (deleted ones too)."""
+        """The winning revision of each of these documents that is live."""
         if not doc_ids:
             return {}
         try:
@@ -196,33 +208,48 @@ class CouchGateway:
                 rows = self._service.post_all_docs(db, keys=list(doc_ids)).get_result()["rows"]
         except NotFound:
             return {}
-        return {row["id"]: row["value"]["rev"] for row in rows if "value" in row}
+        return {row["id"]: row["value"]["rev"] for row in rows
+                if "value" in row and not row["value"].get("deleted")}
 
-    def _tombstone(self, db: str, doc_id: str, rev: str) -> Doc:
-        with translate_errors(db, doc_id):
-            doc: Doc = self._service.get_document(db, doc_id, rev=rev).get_result()
-        doc["_deleted"] = True
-        return doc
+    def _revisions_of(self, db: str, revisions: Sequence[tuple[str, str]]) -> Iterator[tuple[str, Doc]]:
+        """The bodies of these (id, revision) pairs that are live (`_bulk_get`)."""
+        if not revisions:
+            return
+        body = json.dumps({"docs": [{"id": doc_id, "rev": rev} for doc_id, rev in revisions]})
+        path = "/{}/_bulk_get".format(*self._service.encode_path_vars(db))
+        with translate_errors(db):
+            request = self._service.prepare_request(method="POST", url=path, data=body, headers={
+                "content-type": "application/json", "Accept": "application/json"})
+            results = self._service.send(request).get_result()["results"]
+        for result in results:
+            for entry in result.get("docs") or ():
+                doc = entry.get("ok")
+                if isinstance(doc, dict) and not doc.get("_deleted"):
+                    yield result["id"], doc
 
-    def ancestors(self, db: str, doc_id: str, rev: str, *, limit: int = 50) -> list[Doc]:
-        """The bodies of the revisions before `rev`, newest first, tombstones included; those that
-        compaction already removed are left out."""
-        with translate_errors(db, doc_id):
-            history = self._service.get_document(db, doc_id, rev=rev, revs=True).get_result().get("_revisions")
-        if not history:
-            return []
-        found = []
-        for back, rev_id in enumerate(history["ids"][1:limit + 1], start=1):
+    def range(self, db: str, start: str, end: str, *, page_size: int = 1000,
+              include_docs: bool = True) -> Iterator[Doc]:
+        """The live documents whose ids sort from `start` to `end`, page by page, with `_conflicts`
+        (without `include_docs`, only `{"_id", "_rev"}`)."""
+        after: str | None = None
+        while True:
             try:
-                with translate_errors(db, doc_id):
-                    found.append(self._service.get_document(db, doc_id, rev=f"{history['start'] - back}-{rev_id}")
-                                 .get_result())
+                with translate_errors(db):
+                    rows = self._service.post_all_docs(
+                        db, start_key=after or start, end_key=end, skip=1 if after else None, limit=page_size,
+                        include_docs=include_docs, conflicts=include_docs or None).get_result()["rows"]
             except NotFound:
-                continue
-        return found
+                return  # no database yet: nothing in it
+            if include_docs:
+                yield from (row["doc"] for row in rows if row.get("doc"))
+            else:
+                yield from ({"_id": row["id"], "_rev": row["value"]["rev"]} for row in rows)
+            if len(rows) < page_size:
+                return
+            after = rows[-1]["id"]
 
     def view(self, db: str, ddoc: str, view: str, keys: Sequence[Any], *, stale: bool = False) -> list[Doc]:
-        """The distinct documents a view emits for these keys; none when the database is missing.
+        """The distinct documents a view emits for these keys (with `_conflicts`); none when the database is missing.
 
         `stale`: the index as it is, without indexing what was written since (the documents returned are
         still their current revisions).
@@ -244,9 +271,9 @@ class CouchGateway:
 
     def _post_view(self, db: str, ddoc: str, view: str, keys: list[Any], stale: bool) -> Any:
         if not stale:
-            return self._service.post_view(db, ddoc, view, keys=keys, include_docs=True)
+            return self._service.post_view(db, ddoc, view, keys=keys, include_docs=True, conflicts=True)
         # CouchDB 3 reads `update: false`; PouchDB Server ignores it and honours only the older `stale: ok`.
-        body: Doc = {"keys": keys, "include_docs": True}
+        body: Doc = {"keys": keys, "include_docs": True, "conflicts": True}
         body.update({"stale": "ok"} if self._is_pouchdb() else {"update": "false"})
         path = "/{}/_design/{}/_view/{}".format(*self._service.encode_path_vars(db, ddoc, view))
         request = self._service.prepare_request(method="POST", url=path, data=json.dumps(body), headers={
@@ -284,12 +311,17 @@ class CouchGateway:
                 skip += len(docs)
 
     def bulk_write(self, db: str, docs: Sequence[Doc], *, create_database: bool = True) -> list[WriteResult]:
-        """Write documents in one `_bulk_docs`; one result per document, in order.
+        """Write documents in `_bulk_docs` of at most BULK_CHUNK each; one result per document, in order.
 
         A missing database is created first when `create_database` (the sync identity is an admin).
+        Chunks keep each request well within the read timeout whatever an event's size.
         """
-        if not docs:
-            return []
+        results: list[WriteResult] = []
+        for start in range(0, len(docs), BULK_CHUNK):
+            results += self._bulk(db, docs[start:start + BULK_CHUNK], create_database)
+        return results
+
+    def _bulk(self, db: str, docs: Sequence[Doc], create_database: bool) -> list[WriteResult]:
         try:
             with translate_errors(db):
                 rows = self._service.post_bulk_docs(db, {"docs": list(docs)}).get_result()
@@ -297,7 +329,7 @@ class CouchGateway:
             if not create_database:
                 raise
             self.create_database(db)
-            return self.bulk_write(db, docs, create_database=False)
+            return self._bulk(db, docs, False)
         return [WriteResult(doc_id=row.get("id", doc.get("_id", "")), rev=row.get("rev"),
                             error=row.get("error"), reason=row.get("reason"))
                 for row, doc in zip(rows, docs)]

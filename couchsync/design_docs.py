@@ -6,6 +6,7 @@ from. It holds:
 
     contacts-lookup.map.js        the `couchsync/lookup` view of every io.cozy.contacts database
     protection.validate.js        the validate_doc_update of every contacts and groups database
+    state.validate.js             the validate_doc_update of couchsync's directory state database
     global-*.index.json           the Mango indexes of the global database (`_index` request bodies)
 
 Deployment compares before it writes, so an unchanged design document gets no new revision.
@@ -43,12 +44,15 @@ class DesignDocs:
     lookup: Doc                            # `_design/couchsync` of every io.cozy.contacts database
     validation_source: str                 # protection.validate.js, identity not rendered yet
     global_indexes: tuple[MangoIndex, ...]  # `by-orgid`, `by-orgdomain`
+    state_validation_source: str = ""      # state.validate.js, identity not rendered yet
 
     def protection(self, identity: SyncIdentity) -> Doc:
         """`_design/couchsync-protection`, letting only `identity` write managed documents."""
-        rendered = json.dumps({"names": list(identity.names), "roles": list(identity.roles)}, sort_keys=True)
-        return {"language": "javascript",
-                "validate_doc_update": self.validation_source.replace(IDENTITY_MARKER, rendered)}
+        return _rendered(self.validation_source, identity)
+
+    def state_target(self, state_db: str, identity: SyncIdentity) -> Target:
+        """couchsync's directory state database, which only `identity` writes."""
+        return Target(state_db, ((PROTECTION_DDOC, _rendered(self.state_validation_source, identity)),))
 
     def instance_targets(self, prefix: str, protection: Doc) -> tuple[Target, Target]:
         """An instance's contacts and groups databases, with the design documents each must hold."""
@@ -59,6 +63,11 @@ class DesignDocs:
     def global_target(self, global_db: str) -> Target:
         """The global instances database, with its indexes."""
         return Target(global_db, indexes=self.global_indexes)
+
+
+def _rendered(source: str, identity: SyncIdentity) -> Doc:
+    rendered = json.dumps({"names": list(identity.names), "roles": list(identity.roles)}, sort_keys=True)
+    return {"language": "javascript", "validate_doc_update": source.replace(IDENTITY_MARKER, rendered)}
 
 
 def _read(path: Path) -> str:
@@ -87,13 +96,18 @@ def load(source: Path = DEFAULT_SOURCE) -> DesignDocs:
     """
     lookup = {"language": "javascript",
               "views": {LOOKUP_VIEW: {"map": _read(source / "contacts-lookup.map.js").strip()}}}
-    validation = _read(source / "protection.validate.js").strip()
-    if not validation.startswith("function") or validation.count(IDENTITY_MARKER) != 1:
-        # PouchDB Server evaluates `return <source>`: a leading comment would return nothing.
-        raise ConfigError(f"{source / 'protection.validate.js'} must start with `function` and hold "
-                          f"{IDENTITY_MARKER!r} once")
+    validation, state = (_validation(source / name) for name in ("protection.validate.js", "state.validate.js"))
     indexes = tuple(_index(path) for path in sorted(source.glob("global-*.index.json")))
-    return DesignDocs(lookup=lookup, validation_source=validation, global_indexes=indexes)
+    return DesignDocs(lookup=lookup, validation_source=validation, global_indexes=indexes,
+                      state_validation_source=state)
+
+
+def _validation(path: Path) -> str:
+    source = _read(path).strip()
+    if not source.startswith("function") or source.count(IDENTITY_MARKER) != 1:
+        # PouchDB Server evaluates `return <source>`: a leading comment would return nothing.
+        raise ConfigError(f"{path} must start with `function` and hold {IDENTITY_MARKER!r} once")
+    return source
 
 
 def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,13 +23,13 @@ MANAGED_GROUP_PREFIX = "b2b-group-"
 Doc = dict[str, Any]
 
 
-def _digest(*parts: str) -> str:
+def digest(*parts: str) -> str:
     return hashlib.sha256("\u0000".join(parts).encode("utf-8")).hexdigest()[:32]
 
 
 def managed_group_id(organization_id: str, group_id: str) -> str:
     """The group's id in every instance: b2b-group-<sha256(org NUL group)[:32]>."""
-    return MANAGED_GROUP_PREFIX + _digest(organization_id.strip(), group_id.strip())
+    return MANAGED_GROUP_PREFIX + digest(organization_id.strip(), group_id.strip())
 
 
 def managed_contact_id(organization_id: str, email: str) -> str:
@@ -38,7 +38,7 @@ def managed_contact_id(organization_id: str, email: str) -> str:
     Derived, not random, so that two workers creating the same member's contact at once collide
     on one id (a 409, re-planned) instead of leaving two contacts behind.
     """
-    return f"b2b-contact-{_digest(organization_id.strip(), email.strip().lower())}"
+    return f"b2b-contact-{digest(organization_id.strip(), email.strip().lower())}"
 
 
 def database_name(prefix: str, doctype: str) -> str:
@@ -255,3 +255,38 @@ def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc
         return ContactMatch(refusal=f"{len(reusable)} contacts match {wanted} by {how} ({ids})")
     return ContactMatch(refusal=f"contact {ids} has the {how} of {wanted} and is neither "
                                 "managed nor external")
+
+
+CONFLICTS = "_conflicts"
+
+
+def choose_leaf(leaves: Sequence[Doc], organization_id: str) -> Doc | None:
+    """The leaf of a conflicted document to build on, the other leaves' revisions in `_conflicts`.
+
+    `leaves` are every live revision, CouchDB's winner first. A managed leaf of the organization wins
+    over an unmanaged one: a second admin's disjoint branch (written with `new_edits: false`, which no
+    validation sees as an edit) must not take a managed document over by winning CouchDB's choice.
+    """
+    if not leaves:
+        return None
+    ours = [leaf for leaf in leaves if managed_tag(leaf).get("organizationId") == organization_id]
+    chosen = max(ours, key=lambda leaf: _revision_order(leaf["_rev"])) if ours else leaves[0]
+    others = [leaf["_rev"] for leaf in leaves if leaf["_rev"] != chosen["_rev"]]
+    doc = {key: value for key, value in chosen.items() if key != CONFLICTS}
+    if others:
+        doc[CONFLICTS] = sorted(others)
+    return doc
+
+
+def _revision_order(rev: str) -> tuple[int, str]:
+    number, _, rest = rev.partition("-")
+    return (int(number) if number.isdigit() else 0, rest)
+
+
+def losing_deletions(doc: Doc) -> list[Doc]:
+    """The deletions of the other leaves of a document read with `choose_leaf`."""
+    return [{"_id": doc["_id"], "_rev": rev, "_deleted": True} for rev in doc.get(CONFLICTS) or ()]
+
+
+def without_conflicts(doc: Doc) -> Doc:
+    return {key: value for key, value in doc.items() if key != CONFLICTS}

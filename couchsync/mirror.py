@@ -1,16 +1,13 @@
-"""The pure core of onboarding and repair: what a member instance's managed documents should be.
+"""The pure core of onboarding and repair: an instance's managed documents as the directory state says.
 
-The organization instance is the reference. Its managed groups and contacts are copied into a member
-instance (a bootstrap adds, a reconcile also removes what the reference does not have), one page at a
-time, planned here and written by the caller:
+A bootstrap projects the whole state into an instance, page by page (planned here, written by the
+caller); a reconcile does the same and also removes what the state does not account for:
 
-- A group's memory is joined with the one already there, the newer stamp winning each register and
-  the organization instance's winning ties: a hand edit in a member instance keeps the stamps it
-  found, so it loses to the reference, while an event the organization instance missed is kept.
-- A contact gets the reference's profile back (the same stamp re-asserted), and its relationships
-  to managed groups follow the memories of the groups in the member instance, falling back to the
-  reference contact's own relationships where no memory names the person (groups the stack made
-  before couchsync keep none).
+- each group alive in the state is present with the state's fields (a hand edit is put back);
+- each person of the state has a managed contact with their profile, and relationships to managed
+  groups following the memberships; each member instance's owner (from their settings) gets one
+  too, created only where no contact has them yet, since any directory profile is newer;
+- a conflicted document is resolved (its chosen leaf written, the others deleted).
 
 Writes are labelled with the drift they repair: `missing`, `different` (with the fields) or `extra`.
 Nothing here does I/O.
@@ -22,27 +19,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from couchsync.documents import (
-    CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, ContactIndex, Doc, cozy_hosts_of, group_ids_of, host_of, is_live,
-    is_managed, lookup_keys, managed_tag, match_contact, with_group)
+    CONFLICTS, CONTACTS, GROUPS, TAG, ContactIndex, Doc, group_ids_of, host_of, is_live, is_managed, lookup_keys,
+    managed_tag, with_group)
 from couchsync.events import Member
-from couchsync.plan import GroupState, InstanceView, Plan, Refusal, Write, changed, is_owner, upsert_contact
+from couchsync.plan import (
+    InstanceView, Plan, Refusal, Write, changed, is_own_contact, plan_group, profile_contact, put, related)
+from couchsync.state import SEED_STAMP, GroupState, PersonState
 
 MISSING, DIFFERENT, EXTRA = "missing", "different", "extra"
-SETTINGS_STAMP = ""  # a profile read from an instance's settings: any event's profile is newer
+CONFLICT_WRITE = "delete conflicting revision"
 
 
 @dataclass(frozen=True, slots=True)
 class Person:
-    """Someone the instance should have a managed contact for, with the profile to give it.
+    """Someone the instance should have a managed contact for, with the profile to give them.
 
-    `groups` are the managed groups the reference contact is related to (the fallback where no
-    group memory names the person); None for a person the reference has no contact for (a member
-    known from their settings), whose relationships then only follow the memories.
+    `settings`: known only from their instance's settings, so their contact is created where none
+    matches them, never rewritten (any directory profile is newer).
     """
 
-    member: Member
-    stamp: str
-    groups: frozenset[str] | None = None
+    state: PersonState
+    settings: bool = False
 
 
 def repair(doctype: str, doc: Doc, old: Doc | None, what: str) -> Write:
@@ -51,14 +48,20 @@ def repair(doctype: str, doc: Doc, old: Doc | None, what: str) -> Write:
         return Write(doctype, doc, f"{MISSING} {what}")
     if not is_live(doc):
         return Write(doctype, doc, f"{EXTRA} {what}")
-    return Write(doctype, doc, f"{DIFFERENT} {what}: {', '.join(differing_fields(doc, old))}")
+    fields = differing_fields(doc, old) or ["conflicting revisions"]
+    return Write(doctype, doc, f"{DIFFERENT} {what}: {', '.join(fields)}")
+
+
+def _labelled(writes: Sequence[Write], old: Doc | None, what: str) -> list[Write]:
+    return [Write(write.doctype, write.doc, f"{DIFFERENT} {what}: conflicting revision")
+            if write.summary == CONFLICT_WRITE else repair(write.doctype, write.doc, old, what) for write in writes]
 
 
 def differing_fields(new: Doc, old: Doc | None) -> list[str]:
-    """The top-level fields (and twakeDirectory's own) whose values differ, `_rev` aside."""
+    """The top-level fields (and twakeDirectory's own) whose values differ, bookkeeping aside."""
     old = old or {}
     fields = []
-    for key in sorted((set(new) | set(old)) - {"_rev", "_revisions"}):
+    for key in sorted((set(new) | set(old)) - {"_rev", "_revisions", CONFLICTS}):
         if new.get(key) == old.get(key):
             continue
         if key == TAG and isinstance(new.get(key), dict) and isinstance(old.get(key), dict):
@@ -69,122 +72,69 @@ def differing_fields(new: Doc, old: Doc | None) -> list[str]:
     return fields
 
 
-def group_state(doc: Doc) -> GroupState:
-    """The memory a managed group's document holds (its own organization and external id)."""
-    tag = managed_tag(doc)
-    return GroupState.from_doc(doc, str(tag.get("organizationId", "")), str(tag.get("externalId", "")))
-
-
-def plan_group_copies(sources: Iterable[Doc], targets: Mapping[str, Doc],
-                      superseded: Mapping[str, Sequence[Doc]] | None = None) -> Plan:
-    """The writes that bring the instance's groups (`targets`, by id) to the reference's `sources`.
-
-    `superseded` holds, by id, earlier revisions a write replaced unseen (see `writer.replaced_unseen`).
-    """
+def plan_group_copies(states: Iterable[GroupState], current: Mapping[str, Doc]) -> Plan:
+    """The writes that give the instance (`current`: its groups, by id) each living group of the state."""
     writes: list[Write] = []
     refusals: list[Refusal] = []
-    for source in sources:
-        tag = managed_tag(source)
-        target = targets.get(source["_id"])
-        if is_live(target) and not is_managed(target):
-            refusals.append(Refusal(source["_id"], "an unmanaged document has the managed group id"))
-            continue
-        state = group_state(source)
-        for doc in (target, *(superseded or {}).get(source["_id"], ())):
-            if doc is not None:
-                state = state.joined(GroupState.from_doc(doc, tag["organizationId"], tag["externalId"]))
-        doc = state.to_doc(target)
-        if changed(doc, target) and (is_live(doc) or is_live(target)):
-            writes.append(repair(GROUPS, doc, target, "group"))
+    for state in states:
+        if not state.alive:
+            continue  # deleted groups are reconcile's to remove, after their contacts let go
+        base = current.get(state.group_id)
+        planned, refusal = plan_group(state, base)
+        if refusal is not None:
+            refusals.append(refusal)
+        writes += _labelled(planned, base, "group")
     return Plan(tuple(writes), tuple(refusals))
 
 
-def person_of(contact: Doc) -> Person | None:
-    """The person a reference contact is, with its profile; None when it names no email."""
-    tag = managed_tag(contact)
-    email = tag.get("email") or next((entry.get("address") for entry in contact.get("email") or ()
-                                      if isinstance(entry, dict) and entry.get("address")), None)
-    if not isinstance(email, str) or not email.strip():
-        return None
-    member = Member(email=email.strip(), username=tag.get("username"), name=contact.get("fullname"),
-                    workplace_fqdn=tag.get("workplaceFqdn"), phone=tag.get("phone"))
-    groups = frozenset(gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX))
-    return Person(member, str(tag.get("stamp", "")), groups)
-
-
-def person_of_settings(domain: str, settings: Doc | None) -> Person | None:
+def person_of_settings(organization_id: str, domain: str, settings: Doc | None) -> Person | None:
     """An instance's owner as their settings describe them, for the other instances' directories."""
     email = (settings or {}).get("email")
     if not isinstance(email, str) or not email.strip():
         return None
     name = (settings or {}).get("public_name")
     phone = (settings or {}).get("phone")
-    return Person(Member(email=email.strip(), name=name if isinstance(name, str) else None, workplace_fqdn=domain,
-                         phone=phone if isinstance(phone, str) and phone.strip() else None), SETTINGS_STAMP)
+    member = Member(email=email.strip(), name=name if isinstance(name, str) else None, workplace_fqdn=domain,
+                    phone=phone if isinstance(phone, str) and phone.strip() else None)
+    return Person(PersonState.of(organization_id, member, SEED_STAMP), settings=True)
 
 
 def people_keys(people: Iterable[Person]) -> list[list[str]]:
     """The lookup keys of these people's contacts in an instance (by email and Cozy host)."""
-    people = list(people)
-    return lookup_keys([person.member.email for person in people],
-                       [host_of(person.member.workplace_fqdn) for person in people])
+    members = [person.state.member for person in people]
+    return lookup_keys([member.email for member in members], [host_of(member.workplace_fqdn) for member in members])
 
 
-def plan_contact_copies(people: Iterable[Person], organization_id: str, view: InstanceView,
-                        groups: Mapping[str, GroupState]) -> Plan:
-    """The writes that give the instance a managed contact for each person, as the reference has it.
+def plan_contact_copies(people: Iterable[Person], view: InstanceView, groups: Mapping[str, GroupState]) -> Plan:
+    """The writes that give the instance a managed contact for each person, as the state has them.
 
     `view.contacts` holds the instance's contacts looked up by the people's emails and hosts;
-    `groups` the memories, in the instance, of the managed groups they are related to.
+    `groups` every group state of the organization, by managed group id.
     """
     existing = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
     planned = ContactIndex(existing.values())
     touched: dict[str, Doc] = {}
     refusals: list[Refusal] = []
     for person in people:
-        member = person.member
-        if is_owner(member.email, member.workplace_fqdn, view):
-            continue
+        member = person.state.member
         candidates = planned.candidates(member.email, member.workplace_fqdn)
-        match = match_contact(member.email, member.workplace_fqdn, candidates, organization_id)
-        if match.refusal:
-            refusals.append(Refusal(None, match.refusal))
+        if person.settings and any(is_live(doc) for doc in candidates):
             continue
-        doc = upsert_contact(match.contact, member, organization_id, person.stamp, reassert=True)
-        doc = related(doc, person.groups, groups)
+        doc, refusal = profile_contact(person.state, candidates, view)
+        if refusal is not None:
+            refusals.append(refusal)
+        if doc is None:
+            continue
+        doc = related(doc, groups)
         planned.put(doc)
         touched[doc["_id"]] = doc
-    writes = [repair(CONTACTS, doc, existing.get(doc_id), "contact")
-              for doc_id, doc in touched.items() if changed(doc, existing.get(doc_id))]
+    writes = [write for doc_id, doc in touched.items()
+              for write in _labelled(put(CONTACTS, doc, existing.get(doc_id), ""), existing.get(doc_id), "contact")]
     return Plan(tuple(writes), tuple(refusals))
 
 
-def related(contact: Doc, fallback: frozenset[str] | None, groups: Mapping[str, GroupState]) -> Doc:
-    """The contact with its managed-group relationships as the groups' memories say.
-
-    Where a memory does not name the person, or the group is not given, `fallback` (the reference's
-    relationships) decides; with no fallback, the relationship stays as it is.
-    """
-    email = str(managed_tag(contact).get("email") or "")
-    current = {gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX)}
-    for group_id in sorted(current | (fallback or frozenset())):
-        state = groups.get(group_id)
-        wanted = None if state is None else (state.membership(email) if state.alive else False)
-        if wanted is None:
-            wanted = group_id in current if fallback is None else group_id in fallback
-        if (group_id in current) != wanted:
-            contact = with_group(contact, group_id, wanted)
-    return contact
-
-
-def is_own_contact(contact: Doc, view: InstanceView) -> bool:
-    """Whether a contact is of the instance's owner (by Cozy host or email), whom no directory lists."""
-    email = str(managed_tag(contact).get("email") or "")
-    return view.domain.lower() in cozy_hosts_of(contact) or is_owner(email, None, view)
-
-
 def is_extra_contact(contact: Doc, expected: frozenset[str], view: InstanceView) -> bool:
-    """Whether a managed contact names nobody the reference says this instance should have.
+    """Whether a managed contact names nobody this instance should have a contact for.
 
     `expected` holds the lower-case emails of the people the instance should have a contact for.
     """
@@ -196,7 +146,7 @@ def plan_removals(groups: Sequence[Doc], contacts: Sequence[Doc], related_contac
     """The writes that remove extra managed groups and contacts from an instance.
 
     Contacts related to a removed group let go of it first, so that a crash in between leaves no
-    dangling relationship; then the groups and the extra contacts are deleted.
+    dangling relationship; then the groups and the extra contacts are deleted (every leaf of them).
     """
     removed = {doc["_id"] for doc in groups}
     doomed = {doc["_id"] for doc in contacts}
@@ -208,11 +158,13 @@ def plan_removals(groups: Sequence[Doc], contacts: Sequence[Doc], related_contac
         for group_id in removed & set(group_ids_of(contact)):
             updated = with_group(updated, group_id, False)
         if changed(updated, contact):
-            writes.append(Write(CONTACTS, updated, f"{DIFFERENT} contact: relationships (extra group removed)"))
-    writes += [Write(GROUPS, _deletion(doc), f"{EXTRA} group") for doc in groups]
-    writes += [Write(CONTACTS, _deletion(doc), f"{EXTRA} contact") for doc in contacts]
+            writes += [Write(CONTACTS, write.doc, f"{DIFFERENT} contact: relationships (extra group removed)")
+                       for write in put(CONTACTS, updated, contact, "")]
+    writes += [Write(GROUPS, deletion, f"{EXTRA} group") for doc in groups for deletion in _deletions(doc)]
+    writes += [Write(CONTACTS, deletion, f"{EXTRA} contact") for doc in contacts for deletion in _deletions(doc)]
     return Plan(tuple(writes))
 
 
-def _deletion(doc: Doc) -> Doc:
-    return {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True}
+def _deletions(doc: Doc) -> list[Doc]:
+    revs = [doc["_rev"], *(doc.get(CONFLICTS) or ())]
+    return [{"_id": doc["_id"], "_rev": rev, "_deleted": True} for rev in revs]

@@ -1,12 +1,13 @@
-"""DirectoryCopy: copies the organization instance's managed groups and contacts into a member instance.
+"""DirectoryCopy: projects an organization's directory state into one instance, page by page.
 
-The reference is read page by page (Mango `_find`, bookmarks), and each page is planned by
-`couchsync.mirror` against what the member instance holds and written in bulk, so memory stays flat
-whatever the directory's size. A page is re-read and re-planned after a conflict. Running the copy
-again writes nothing that is already there, which also makes it resumable: after a crash, run it again.
+The state is read page by page (`_all_docs` ranges of the state database), and each page is planned
+by `couchsync.mirror` against what the instance holds and written in bulk, so memory stays flat
+whatever the directory's size (the group states, a few hundred, are held whole: every contact's
+relationships follow them). A page is re-read and re-planned after a conflict, or when the states it
+was projected from moved. Running the copy again writes nothing that is already there, which also
+makes it resumable: after a crash, run it again.
 
-Groups are copied before contacts, so that every relationship a contact gets points to a group that
-exists and whose memory decides it.
+Groups are copied before contacts, so that every relationship a contact gets points to a group that exists.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import islice
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from couchsync.couch import CouchGateway
-from couchsync.documents import (
-    CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, TAG, Doc, group_ids_of, is_managed, managed_contact_id)
+from couchsync.documents import CONTACTS, GROUPS, TAG, Doc, managed_contact_id
 from couchsync.instances import Instance, InstanceDirectory
-from couchsync.mirror import (
-    Person, group_state, people_keys, person_of, person_of_settings, plan_contact_copies, plan_group_copies)
-from couchsync.plan import GroupState, InstanceView, Plan, Write
+from couchsync.mirror import Person, people_keys, person_of_settings, plan_contact_copies, plan_group_copies
+from couchsync.plan import InstanceView, Plan, Write
 from couchsync.reader import InstanceReader
+from couchsync.state import GroupState, PersonState
+from couchsync.state_store import StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
 
 logger = logging.getLogger(__name__)
@@ -79,19 +80,20 @@ class CopyReport:
 class DirectoryCopy:
     """Copies through a CouchGateway; pages of `page_size` documents."""
 
-    def __init__(self, couch: CouchGateway, reader: InstanceReader, writer: PlanWriter, page_size: int) -> None:
+    def __init__(self, couch: CouchGateway, states: StateStore, reader: InstanceReader, writer: PlanWriter,
+                 page_size: int) -> None:
         self._couch = couch
+        self._states = states
         self._reader = reader
         self._writer = writer
         self._page_size = page_size
 
-    def copy(self, organization_id: str, source: Instance | None, target: Instance, members: Iterable[Person] = (),
-             *, owner_email: str | None = None, dry_run: bool = False, keep_items: bool = False,
+    def copy(self, organization_id: str, target: Instance, members: Iterable[Person] = (), *,
+             owner_email: str | None = None, dry_run: bool = False, keep_items: bool = False,
              progress: Progress | None = None) -> CopyReport:
-        """Copy the source's managed documents into the target, then a contact for each of `members`.
+        """Project the organization's state into the target, then a contact for each of `members`.
 
-        `source` is the organization instance (None: the members only); `owner_email` overrides the
-        target's settings (a new instance may have none yet).
+        `owner_email` overrides the target's settings (a new instance may have none yet).
 
         Raises:
             CouchError: a page could not be read or written.
@@ -99,34 +101,23 @@ class DirectoryCopy:
         report = CopyReport(target.domain)
         owner = owner_email or self._reader.owner_email(target)
         members = list(members)
+        groups = _Groups(self._states, organization_id)
         if progress is not None:
-            # An upper bound (unmanaged documents count too) that costs two requests, not a scan.
-            counted = sum(self._couch.doc_count(source.database(doctype)) for doctype in (GROUPS, CONTACTS)) \
-                if source else 0
-            progress("total", counted + len(members))
-        groups = self._pages(source.database(GROUPS), organization_id) if source else iter(())
-        # Memories are read from the target alone once the groups are written there; a dry run wrote
-        # none, so it joins the reference's in.
-        memories = _JoinedMemories(self._couch, [source, target] if source else [target]) if dry_run \
-            else _TargetMemories(self._couch, target)
-        # Groups first, all of them written before any contact is planned: their memories decide the
-        # contacts' relationships.
-        for page in _read_ahead(groups):
-            plan_page = partial(self._plan_groups, target, page)
-            writes = self._run(target, plan_page, plan_page(False), dry_run, report, keep_items)
-            memories.copied(page)
+            progress("total", len(groups.stored) + self._states.count_people(organization_id) + len(members))
+        for page in _batches(groups.stored.values(), self._page_size):
+            plan_page = partial(self._plan_groups, organization_id, target, [s.state.state_id for s in page], groups)
+            self._run(target, plan_page, plan_page(1), dry_run, report, keep_items)
             report.groups += len(page)
             if progress is not None:
                 progress("groups", len(page))
-            logger.debug("copied %d groups into %s: %d writes", len(page), target.domain, writes)
         # How a page finds the contacts it may match. The first page's lookup brings the view up to date;
         # later pages read it as it is, sparing the indexing of each page just written (the contacts
         # couchsync creates are found by their ids instead). A new instance, with no contact when the
         # copy starts, has nothing to find: its pages are planned over nothing, and only a page that
         # meets a 409 (a person met twice, a worker's contact) is planned again over what its ids find.
         new = not self._couch.holds_documents(target.database(CONTACTS))
-        for count, planner, plan in _planned_ahead(self._contact_steps(
-                organization_id, source, members, target, owner, memories, new)):
+        for count, planner, plan in _planned_ahead(self._contact_steps(organization_id, members, target, owner,
+                                                                       groups, new)):
             self._run(target, planner, plan, dry_run, report, keep_items)
             report.contacts += count
             if progress is not None:
@@ -143,123 +134,98 @@ class DirectoryCopy:
         report.add(written.done, written.refusals, written=True, keep_items=keep_items)
         return written.writes
 
-    def _pages(self, db: str, organization_id: str) -> Iterator[list[Doc]]:
-        return _batches(self._couch.find(db, managed_selector(organization_id), page_size=self._page_size),
-                        self._page_size)
+    def _plan_groups(self, organization_id: str, target: Instance, state_ids: Sequence[str], groups: _Groups,
+                     attempt: int) -> Plan:
+        page = [groups.stored[state_id] for state_id in state_ids] if attempt == 1 else groups.reread(state_ids)
+        current = self._reader.documents(target, GROUPS, [stored.state.group_id for stored in page], organization_id)
+        plan = plan_group_copies([stored.state for stored in page], current)
+        return replace(plan, basis=tuple((stored.state.state_id, stored.rev) for stored in page))
 
-    def _people(self, organization_id: str, source: Instance | None,
-                members: Iterable[Person]) -> Iterator[list[Person]]:
-        """The reference's contacts as people, page by page, then the members in pages of the same size."""
-        if source is not None:
-            for page in self._pages(source.database(CONTACTS), organization_id):
-                yield [person for person in map(person_of, page) if person is not None]
-        yield from _batches(members, self._page_size)
+    def _people(self, organization_id: str, members: Sequence[Person]) -> Iterator[list[_Entry]]:
+        """The state's people page by page (with their revisions), then the members (from their settings)."""
+        for page in self._states.people(organization_id):
+            yield [(Person(stored.state), stored.rev) for stored in page]
+        for batch in _batches(members, self._page_size):
+            yield [(person, None) for person in batch]
 
-    def _plan_groups(self, target: Instance, page: Sequence[Doc], recover: bool) -> Plan:
-        db = target.database(GROUPS)
-        targets = self._couch.get_many(db, [doc["_id"] for doc in page])
-        superseded = {doc_id: self._couch.ancestors(db, doc_id, doc["_rev"])
-                      for doc_id, doc in targets.items()} if recover else None
-        return plan_group_copies(page, targets, superseded)
-
-    def _contact_steps(self, organization_id: str, source: Instance | None, members: Iterable[Person],
-                       target: Instance, owner: str | None, memories: _Memories,
-                       new: bool) -> Iterator[tuple[int, Planner, Callable[[], Plan]]]:
+    def _contact_steps(self, organization_id: str, members: Sequence[Person], target: Instance, owner: str | None,
+                       groups: _Groups, new: bool) -> Iterator[tuple[int, Planner, Callable[[], Plan]]]:
         """(size, planner, first plan) of each page of people."""
-        for number, people in enumerate(_read_ahead(self._people(organization_id, source, members))):
-            plan = partial(self._plan_people, organization_id, memories, target, owner, people)
+        for number, page in enumerate(_read_ahead(self._people(organization_id, members))):
+            plan = partial(self._plan_people, organization_id, groups, target, owner, page)
             lookup = _IDS if new else _STALE if number else _FRESH
-            yield len(people), partial(plan, lookup), partial(plan, _NONE if new else lookup, False)
+            yield len(page), partial(plan, lookup), partial(plan, _NONE if new else lookup, 1)
 
-    def _plan_people(self, organization_id: str, memories: _Memories, target: Instance, owner: str | None,
-                     people: Sequence[Person], lookup: str, recover: bool) -> Plan:
+    def _plan_people(self, organization_id: str, groups: _Groups, target: Instance, owner: str | None,
+                     page: Sequence[_Entry], lookup: str, attempt: int) -> Plan:
+        if attempt > 1:  # a conflict, or the states moved: read them again
+            groups.refresh()
+            page = self._reread(page)
+        people = [person for person, _ in page]
         found = {} if lookup in (_IDS, _NONE) else {
-            doc["_id"]: doc for doc in self._reader.contacts(target, people_keys(people), stale=lookup == _STALE)}
+            doc["_id"]: doc for doc in self._reader.contacts(target, people_keys(people), organization_id,
+                                                             stale=lookup == _STALE)}
         if lookup in (_STALE, _IDS):
-            derived = [managed_contact_id(organization_id, person.member.email) for person in people]
-            found.update(self._couch.get_many(target.database(CONTACTS), derived))
-        contacts = list(found.values())
-        view = InstanceView(target.domain, owner, contacts=tuple(contacts))
-        relevant = {gid for person in people for gid in person.groups or ()}
-        relevant |= {gid for doc in contacts for gid in group_ids_of(doc) if gid.startswith(MANAGED_GROUP_PREFIX)}
-        return plan_contact_copies(people, organization_id, view, memories.of(sorted(relevant)))
+            derived = [managed_contact_id(organization_id, person.state.email) for person in people]
+            found.update(self._reader.documents(target, CONTACTS, derived, organization_id))
+        view = InstanceView(target.domain, owner, contacts=tuple(found.values()))
+        plan = plan_contact_copies(people, view, groups.states())
+        basis = [(person.state.state_id, rev) for person, rev in page if rev is not None] + groups.basis()
+        return replace(plan, basis=tuple(basis))
+
+    def _reread(self, page: Sequence[_Entry]) -> list[_Entry]:
+        fresh = self._states.read([person.state.state_id for person, rev in page if rev is not None])
+        entries: list[_Entry] = []
+        for person, rev in page:
+            stored = fresh.get(person.state.state_id) if rev is not None else None
+            if stored is not None and isinstance(stored.state, PersonState):
+                entries.append((Person(stored.state), stored.rev))
+            else:
+                entries.append((person, rev))
+        return entries
 
 
-class _Memories(Protocol):
-    """The group memories the contacts' relationships follow (see `mirror.related`)."""
-
-    def copied(self, reference: Sequence[Doc]) -> None:
-        """The groups' pass is done with these reference groups."""
-
-    def of(self, group_ids: Sequence[str]) -> dict[str, GroupState]:
-        """The memories that decide these groups' relationships; a group left out follows the reference's."""
+# A person to copy, with the revision of their state (None: known from their settings only).
+_Entry = tuple[Person, str | None]
 
 
-class _JoinedMemories:
-    """For a dry run, which wrote no group: each page reads the memories and joins them (the first
-    instance winning ties), as the groups' pass would have."""
+class _Groups:
+    """The organization's group states, held whole (a few hundred), refreshed when a page finds them moved."""
 
-    def __init__(self, couch: CouchGateway, instances: Sequence[Instance]) -> None:
-        self._couch = couch
-        self._instances = instances
-
-    def copied(self, reference: Sequence[Doc]) -> None:
-        pass
-
-    def of(self, group_ids: Sequence[str]) -> dict[str, GroupState]:
-        memories: dict[str, GroupState] = {}
-        for instance in self._instances:
-            for doc_id, doc in self._couch.get_many(instance.database(GROUPS), group_ids).items():
-                if is_managed(doc):
-                    state = group_state(doc)
-                    memories[doc_id] = memories[doc_id].joined(state) if doc_id in memories else state
-        return memories
-
-
-class _TargetMemories:
-    """The target's memories, read only where they can differ from the reference contacts' relationships.
-
-    A group whose memory in the target is the reference's, once copied, needs none: the reference
-    contacts' relationships already project it. Only the groups whose memory differs (the target held
-    newer events) and those written since (a worker), told by their revisions in one light `_all_docs`
-    per page, are read and kept: memory grows with the groups that differ, not with the directory.
-    """
-
-    def __init__(self, couch: CouchGateway, target: Instance) -> None:
-        self._couch = couch
-        self._db = target.database(GROUPS)
-        self._revs: dict[str, str] = {}
-        self._states: dict[str, GroupState] = {}
+    def __init__(self, states: StateStore, organization_id: str) -> None:
+        self._states = states
+        self._organization_id = organization_id
         self._lock = threading.Lock()  # the plan-ahead thread and re-plans on the caller's
+        self.stored: dict[str, Stored[GroupState]] = {}
+        self.refresh()
 
-    def copied(self, reference: Sequence[Doc]) -> None:
-        current = self._couch.get_many(self._db, [doc["_id"] for doc in reference])
+    def refresh(self) -> None:
+        stored = {s.state.state_id: s for s in self._states.groups(self._organization_id)}
         with self._lock:
-            for doc in reference:
-                copy = current.get(doc["_id"])
-                if copy is None:
-                    continue
-                self._revs[doc["_id"]] = copy["_rev"]
-                if not is_managed(copy) or group_state(copy) != group_state(doc):
-                    self._states[doc["_id"]] = group_state(copy)
+            self.stored = stored
 
-    def of(self, group_ids: Sequence[str]) -> dict[str, GroupState]:
-        revs = self._couch.revisions(self._db, group_ids)
+    def reread(self, state_ids: Sequence[str]) -> list[Stored[GroupState]]:
+        fresh = self._states.read(state_ids)
         with self._lock:
-            changed = [gid for gid in group_ids if revs.get(gid) != self._revs.get(gid)]
-        docs = self._couch.get_many(self._db, changed)
+            for state_id, stored in fresh.items():
+                if isinstance(stored.state, GroupState):
+                    self.stored[state_id] = Stored(stored.state, stored.rev)
+            return [self.stored[state_id] for state_id in state_ids if state_id in self.stored]
+
+    def states(self) -> dict[str, GroupState]:
         with self._lock:
-            for gid, doc in docs.items():
-                self._revs[gid] = doc["_rev"]
-                if is_managed(doc):
-                    self._states[gid] = group_state(doc)
-            return {gid: self._states[gid] for gid in group_ids if gid in self._states}
+            return {stored.state.group_id: stored.state for stored in self.stored.values()}
+
+    def basis(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(state_id, stored.rev) for state_id, stored in self.stored.items()]
 
 
 def members_as_people(directory: InstanceDirectory, members: Sequence[Instance], pool: Executor) -> list[Person]:
     """The owners of these member instances, from their settings, read at once (one request each: they
     are the organization's size, not the directory's); those whose settings name no email left out."""
-    people = pool.map(lambda instance: person_of_settings(instance.domain, directory.settings(instance)), members)
+    people = pool.map(lambda instance: person_of_settings(instance.org_id or "", instance.domain,
+                                                          directory.settings(instance)), members)
     return [person for person in people if person is not None]
 
 

@@ -15,7 +15,7 @@ from cachetools import TTLCache
 from couchsync import design_docs
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW, DesignDocs
-from couchsync.documents import CONTACTS, ContactLookup, Doc, is_live, is_managed, lookup_keys
+from couchsync.documents import CONTACTS, ContactLookup, Doc, choose_leaf, is_managed, lookup_keys
 from couchsync.errors import NotFound
 from couchsync.instances import Instance, InstanceDirectory
 
@@ -32,35 +32,42 @@ class InstanceReader:
         self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=OWNER_CACHE_SECONDS)
         self._owners_lock = threading.Lock()
 
-    def contacts(self, instance: Instance, keys: Sequence[list[str]], *, stale: bool = False) -> list[Doc]:
-        """The distinct contacts the lookup view emits for these keys (see `documents.lookup_keys`).
-
-        `stale`: as the view was last indexed (see `CouchGateway.view`).
+    def contacts(self, instance: Instance, keys: Sequence[list[str]], organization_id: str, *,
+                 stale: bool = False) -> list[Doc]:
+        """The distinct contacts the lookup view emits for these keys (see `documents.lookup_keys`), each
+        the leaf `documents.choose_leaf` picks. `stale`: as the view was last indexed (see `CouchGateway.view`).
         """
         db = instance.database(CONTACTS)
         try:
-            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys, stale=stale)
+            docs = self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys, stale=stale)
         except NotFound:
             # The database exists without our view (a new instance): install it, once.
             design_docs.ensure(self._couch, db, LOOKUP_DDOC, self._design.lookup)
-            return self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+            docs = self._couch.view(db, LOOKUP_DDOC, LOOKUP_VIEW, keys)
+        return _chosen(self._couch.with_leaves(db, docs), organization_id)
+
+    def documents(self, instance: Instance, doctype: str, doc_ids: Sequence[str],
+                  organization_id: str) -> dict[str, Doc]:
+        """The live documents with these ids, each the leaf `documents.choose_leaf` picks."""
+        chosen = _chosen(self._couch.leaves(instance.database(doctype), doc_ids), organization_id)
+        return {doc["_id"]: doc for doc in chosen}
 
     def find(self, instance: Instance, lookup: ContactLookup) -> list[Doc]:
         """The contacts a lookup names: the known people's own contacts, and candidates for the others.
 
         A view answers only once it has indexed every write since its last query: in an instance that
         receives events, that is most of what a query costs (PouchDB Server indexes about a thousand
-        contacts a second). A person a group's memory names has a contact of couchsync's, which is
-        their match (`documents.match_contact`): it is read by its id. The view is asked for the others
+        contacts a second). A person the state knows has a contact of couchsync's, which is their
+        match (`documents.match_contact`): it is read by its id. The view is asked for the others
         (personal or external contacts to adopt or respect, a contact adopted under another id) and
         for the groups' related contacts.
         """
-        own = [doc for doc in self._couch.get_many(instance.database(CONTACTS), lookup.known_ids()).values()
-               if is_live(doc) and is_managed(doc)]
+        org = lookup.organization_id
+        own = [doc for doc in self.documents(instance, CONTACTS, lookup.known_ids(), org).values() if is_managed(doc)]
         found = {doc["_id"] for doc in own}
         rest = lookup.others(found)
         keys = lookup_keys([email for email, _ in rest], [host for _, host in rest], lookup.group_ids)
-        return own + [doc for doc in self.contacts(instance, keys) if doc["_id"] not in found]
+        return own + [doc for doc in self.contacts(instance, keys, org) if doc["_id"] not in found]
 
     def owner_email(self, instance: Instance) -> str | None:
         """The email of the instance's owner (its settings), cached for OWNER_CACHE_SECONDS."""
@@ -71,3 +78,7 @@ class InstanceReader:
         with self._owners_lock:
             self._owners[instance.domain] = email
         return email
+
+
+def _chosen(leaves: dict[str, list[Doc]], organization_id: str) -> list[Doc]:
+    return [doc for doc in (choose_leaf(found, organization_id) for found in leaves.values()) if doc is not None]

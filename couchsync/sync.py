@@ -1,8 +1,10 @@
-"""The use cases: apply an event to every instance of its organization (read → plan → write).
+"""The use cases of events: merge an event into the directory state, then project it everywhere.
 
-Instances are handled concurrently (bounded by `SyncSettings.concurrency`), each on its own: a
-failure in one is reported with the instance and does not stop the others. A 409 makes the instance
-be read and planned again, since the plan merges rather than overwrites.
+An event is merged into the organization's state (`couchsync.state_store`) with one compare-and-set
+write, then projected into every instance of the organization concurrently (bounded by
+`SyncSettings.concurrency`), each on its own: a failure in one is reported with the instance and does
+not stop the others. A 409, or a state that moved under a projection's writes, makes the instance be
+read and projected again.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs
-from couchsync.documents import GROUPS, ContactLookup, host_of, managed_group_id
+from couchsync.documents import CONTACTS, GROUPS, ContactLookup, is_live
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
-from couchsync.events import Event, GroupEvent, Member, UserCreated, parse_event
+from couchsync.events import Event, GroupEvent, GroupEventKind, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
-from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, members_as_people
-from couchsync.plan import InstanceView, lookup_for, plan_group_event, plan_profile
+from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
+from couchsync.plan import InstanceView, Plan, plan_group_event, plan_profile
 from couchsync.reader import InstanceReader
+from couchsync.state import GroupState, PersonState, group_state_id, person_state_id, seed
+from couchsync.state_store import StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
 
 logger = logging.getLogger(__name__)
@@ -95,13 +99,15 @@ class Synchronizer:
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
                  settings: SyncSettings) -> None:
         self._couch = couch
-        self._directory = directory
+        self.directory = self._directory = directory
         self._design = design
         self._settings = settings
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="couchsync-instance")
-        self._reader = InstanceReader(couch, directory, design)
-        self._writer = PlanWriter(couch, settings.max_attempts)
-        self._copier = DirectoryCopy(couch, self._reader, self._writer, settings.page_size)
+        self.states = StateStore(couch, settings.state_db, max_attempts=settings.max_attempts,
+                                 page_size=settings.page_size)
+        self.reader = InstanceReader(couch, directory, design)
+        self.writer = PlanWriter(couch, self.states, settings.max_attempts)
+        self.copier = DirectoryCopy(couch, self.states, self.reader, self.writer, settings.page_size)
 
     def __enter__(self) -> Synchronizer:
         return self
@@ -119,7 +125,7 @@ class Synchronizer:
         Raises:
             UnknownOrganization: the organization has no usable instance.
             UnknownInstance: a user.created names an instance the organization does not (yet) have.
-            CouchError: the global database could not be read.
+            CouchError: the global database or the directory state could not be read or written.
         """
         started = time.monotonic()
         if isinstance(event, UserCreated):
@@ -127,8 +133,10 @@ class Synchronizer:
             reports = self._onboard(event, organization_id)
         else:
             organization_id, subject = event.organization_id, event.group_id
-            instances = self._instances_of(organization_id)
-            reports = tuple(self._pool.map(lambda instance: self._apply_to_instance(event, instance), instances))
+            instances = self.instances_of(organization_id)
+            projection = _GroupProjection(self, event)
+            reports = tuple(self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
+                                           instances))
         report = EventReport(event.routing_key, organization_id, subject, reports, time.monotonic() - started)
         logger.debug("%s %s/%s: %d instances, %d writes, %d refusals, %d failed in %.3fs",
                      event.routing_key, organization_id, subject, len(reports),
@@ -137,8 +145,8 @@ class Synchronizer:
 
     def bootstrap(self, domain: str, *, owner_email: str | None = None, dry_run: bool = False,
                   progress: Progress | None = None) -> CopyReport:
-        """Give an instance its organization's directory: the organization instance's managed groups and
-        contacts, and a managed contact for each member of the organization.
+        """Give an instance its organization's directory, as the state holds it, and a managed contact for
+        each member of the organization.
 
         Raises:
             UnknownInstance: no usable instance has the domain, or it belongs to no organization.
@@ -147,14 +155,38 @@ class Synchronizer:
         instance = self._directory.instance(domain)
         if instance is None or not instance.org_id:
             raise UnknownInstance(f"no usable instance of an organization has the domain {domain!r}")
-        return self._bootstrap(instance, self._instances_of(instance.org_id), owner_email=owner_email,
+        return self._bootstrap(instance, self.instances_of(instance.org_id), owner_email=owner_email,
                                dry_run=dry_run, progress=progress)
 
-    def _instances_of(self, organization_id: str) -> list[Instance]:
+    def instances_of(self, organization_id: str) -> list[Instance]:
+        """The organization's instances, its state taken over first if it never was (see `take_over`).
+
+        Raises:
+            UnknownOrganization: it has none.
+        """
         instances = self._directory.instances_of(organization_id)
         if not instances:
             raise UnknownOrganization(f"organization {organization_id!r} has no instance")
+        if not self.states.is_seeded(organization_id):
+            self.take_over(organization_id, instances)
         return instances
+
+    def take_over(self, organization_id: str, instances: Sequence[Instance]) -> None:
+        """Seed the organization's state from its organization instance's managed documents.
+
+        A directory the stack's own consumer (or an earlier couchsync) wrote has no state of couchsync's:
+        it is taken at the lowest stamp, so that every event applies on top. Seeding twice changes nothing.
+        """
+        source = next((instance for instance in instances if instance.is_organization_instance), None)
+        if source is not None:
+            selector = managed_selector(organization_id)
+            groups = self._couch.find(source.database(GROUPS), selector, page_size=self._settings.page_size)
+            contacts = self._couch.find(source.database(CONTACTS), selector, page_size=self._settings.page_size)
+            group_states, people = seed(organization_id, groups, contacts)
+            states: list[GroupState | PersonState] = [*group_states, *people]
+            for start in range(0, len(states), self._settings.page_size):
+                self.states.merge(states[start:start + self._settings.page_size])
+        self.states.mark_seeded(organization_id, source.domain if source else None)
 
     def _organization_of(self, event: UserCreated) -> str:
         """The organization of a new user: named by the event, else found by the organization's domain."""
@@ -167,14 +199,15 @@ class Synchronizer:
 
     def _onboard(self, event: UserCreated, organization_id: str) -> tuple[InstanceReport, ...]:
         """user.created: the new user's contact everywhere else, and the directory in the new instance."""
-        instances = self._instances_of(organization_id)
+        instances = self.instances_of(organization_id)
         new = next((instance for instance in instances if instance.domain == event.domain), None)
         if new is None:
             raise UnknownInstance(f"organization {organization_id!r} has no usable instance {event.domain!r} (yet)")
+        person = PersonState.of(organization_id, event.member, event.stamp)
+        self.states.merge([person])
         others = [instance for instance in instances if instance is not new]
-        member = event.member
-        fanned = self._pool.map(lambda instance: self._converge(instance, lambda _: plan_profile(
-            member, organization_id, event.stamp, self._read_person(instance, organization_id, member))), others)
+        fanned = self._pool.map(lambda instance: self._converge(
+            instance, lambda _: self._plan_person(instance, person.state_id)), others)
         try:
             # The settings of a new instance may not name its owner yet; the event does.
             copied = self._bootstrap(new, instances, owner_email=event.email)
@@ -184,23 +217,27 @@ class Synchronizer:
             mine = InstanceReport(new.domain, error=str(exc), retryable=exc.retryable)
         return (*fanned, mine)
 
+    def _plan_person(self, instance: Instance, state_id: str) -> Plan:
+        """A person's contact in one instance, their memberships as the organization's groups say."""
+        stored = self.states.read([state_id])[state_id]
+        person = stored.state
+        assert isinstance(person, PersonState)
+        groups = list(self.states.groups(person.organization_id))
+        lookup = ContactLookup(person.organization_id, ((person.email, person.member.workplace_fqdn),),
+                               known=frozenset({person.email}))
+        view = InstanceView(instance.domain, self.reader.owner_email(instance),
+                            contacts=tuple(self.reader.find(instance, lookup)))
+        plan = plan_profile(person, {group.state.group_id: group.state for group in groups}, view)
+        basis = [(state_id, stored.rev)] + [(group.state.state_id, group.rev) for group in groups]
+        return replace(plan, basis=tuple(basis))
+
     def _bootstrap(self, target: Instance, instances: Sequence[Instance], *, owner_email: str | None,
                    dry_run: bool = False, progress: Progress | None = None) -> CopyReport:
-        source = next((instance for instance in instances if instance.is_organization_instance), None)
         members = [instance for instance in instances
                    if not instance.is_organization_instance and instance.domain != target.domain]
         people = members_as_people(self._directory, members, self._pool)
-        report = self._copier.copy(target.org_id, None if source == target else source, target, people,
-                                   owner_email=owner_email, dry_run=dry_run, progress=progress)
-        if source is None:
-            report.refusals.append(f"organization {target.org_id!r} has no organization instance: "
-                                   "its groups and contacts were not copied")
-        return report
-
-    def _read_person(self, instance: Instance, organization_id: str, member: Member) -> InstanceView:
-        lookup = ContactLookup(organization_id, ((member.email, host_of(member.workplace_fqdn)),))
-        contacts = self._reader.find(instance, lookup)
-        return InstanceView(instance.domain, self._reader.owner_email(instance), contacts=tuple(contacts))
+        return self.copier.copy(target.org_id, target, people, owner_email=owner_email, dry_run=dry_run,
+                                progress=progress)
 
     def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
         """Apply one message's event everywhere; its log fields (what the worker gives the consumer).
@@ -214,26 +251,76 @@ class Synchronizer:
         report.raise_for_failures()
         return report.fields()
 
-    def _apply_to_instance(self, event: GroupEvent, instance: Instance) -> InstanceReport:
-        return self._converge(instance, lambda recover: plan_group_event(event, self._read(event, instance, recover)))
-
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""
         try:
-            written = self._writer.converge(instance, planner)
+            written = self.writer.converge(instance, planner)
         except CouchsyncError as exc:
             logger.warning("failed in %s: %s", instance.domain, exc)
             return InstanceReport(instance.domain, error=str(exc), retryable=exc.retryable)
         return InstanceReport(instance.domain, written.writes, written.refusals, attempts=written.attempts)
 
-    def _read(self, event: GroupEvent, instance: Instance, recover: bool = False) -> InstanceView:
-        """What planning needs; with `recover`, also the group's earlier revisions (see writer.replaced_unseen)."""
-        group_id = managed_group_id(event.organization_id, event.group_id)
-        group = self._couch.get_many(instance.database(GROUPS), [group_id]).get(group_id)
-        superseded = tuple(self._couch.ancestors(instance.database(GROUPS), group_id, group["_rev"])
-                           if recover and group else ())
-        lookup = lookup_for(event, group)
-        if not lookup:
-            return InstanceView(instance.domain, group=group, superseded=superseded)
-        contacts = self._reader.find(instance, lookup)
-        return InstanceView(instance.domain, self._reader.owner_email(instance), group, tuple(contacts), superseded)
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The states one projection of a group event is made from."""
+
+    group: Stored[GroupState]
+    people: dict[str, Stored[PersonState]]
+
+    @property
+    def basis(self) -> tuple[tuple[str, str], ...]:
+        stored = [self.group, *self.people.values()]
+        return tuple((s.state.state_id, s.rev) for s in stored if s.rev)
+
+
+class _GroupProjection:
+    """A group event merged into the state, then projected into each instance (see `planner`)."""
+
+    def __init__(self, sync: Synchronizer, event: GroupEvent) -> None:
+        self._sync = sync
+        self._event = event
+        organization_id, group_id = event.organization_id, event.group_id
+        contribution: list[GroupState | PersonState] = [GroupState(organization_id, group_id).merged(event)]
+        if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
+            contribution += [PersonState.of(organization_id, member, event.stamp) for member in event.members]
+        sync.states.merge(contribution)
+        self.named = frozenset(member.email.strip().lower() for member in event.members)
+        self._snapshot = self.read()
+
+    def read(self) -> _Snapshot:
+        """The group's state and the profiles of everyone a projection may name, read afresh."""
+        org, group_id = self._event.organization_id, self._event.group_id
+        group_id_in_state = group_state_id(org, group_id)
+        group = self._sync.states.read([group_id_in_state]).get(group_id_in_state)
+        state = group.state if group and isinstance(group.state, GroupState) else GroupState(org, group_id)
+        emails = set(self.named)
+        if self._event.kind is GroupEventKind.CREATED:
+            emails |= set(state.members)  # a group coming to life shows every member it remembers
+        ids = {person_state_id(org, email): email for email in emails}
+        people = {ids[state_id]: stored for state_id, stored in self._sync.states.read(list(ids)).items()}
+        return _Snapshot(Stored(state, group.rev if group else ""),
+                         {email: Stored(stored.state, stored.rev) for email, stored in people.items()
+                          if isinstance(stored.state, PersonState)})
+
+    def planner(self, instance: Instance) -> Planner:
+        """Plans for one instance: the first from the state the merge left, later ones from a fresh read."""
+        return lambda attempt: self._plan(instance, self._snapshot if attempt == 1 else self.read())
+
+    def _plan(self, instance: Instance, snapshot: _Snapshot) -> Plan:
+        event, state = self._event, snapshot.group.state
+        reader = self._sync.reader
+        groups = reader.documents(instance, GROUPS, [state.group_id], event.organization_id)
+        named = set(self.named)
+        if event.kind is GroupEventKind.CREATED and not is_live(groups.get(state.group_id)):
+            named |= set(state.members)
+        related = not state.alive
+        people = {email: stored.state for email, stored in snapshot.people.items()}
+        lookup = ContactLookup(event.organization_id,
+                               tuple((email, people[email].member.workplace_fqdn if email in people else None)
+                                     for email in sorted(named)),
+                               (state.group_id,) if related else (), known=frozenset(people))
+        view = InstanceView(instance.domain, groups=groups) if not lookup else InstanceView(
+            instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
+        plan = plan_group_event(state, people, view, named=named, related=related)
+        return replace(plan, basis=snapshot.basis)

@@ -1,9 +1,9 @@
 """PlanWriter: brings one instance to a plan, planning again from a fresh read after a conflict.
 
-Every use case (an event, a bootstrap page, a reconcile repair) is read → plan → write. The writer
+Every use case (an event, a bootstrap page, a reconcile repair) is read → project → write. The writer
 owns the write half and the loop: one `_bulk_docs` per database in the plan's order, and on a 409 (or
-when the document a plan was derived from moved under its writes, see `Plan.basis`) a new plan from a
-new read, since plans merge rather than overwrite.
+when the state a plan was projected from moved under its writes, see `Plan.basis`) a new plan from a
+new read of the state and of the instance.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from couchsync.couch import CouchGateway, WriteResult
 from couchsync.errors import AccessDenied, CouchError, DocumentConflict
 from couchsync.instances import Instance
 from couchsync.plan import Plan, Write
+from couchsync.state_store import StateStore
 
 logger = logging.getLogger(__name__)
 
 REPLAN_PAUSE = 0.02  # seconds, times the attempt: the most a re-plan after a 409 waits
 
-# Reads the instance and plans; True asks for the earlier revisions a write replaced unseen to be read
-# too (see `replaced_unseen`).
-Planner = Callable[[bool], Plan]
+# Reads the state and the instance and plans; the argument is the attempt (1 first: the caller may hold
+# the state already).
+Planner = Callable[[int], Plan]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +46,9 @@ class Written:
 class PlanWriter:
     """Writes plans through a CouchGateway, each document at most once per attempt."""
 
-    def __init__(self, couch: CouchGateway, max_attempts: int) -> None:
+    def __init__(self, couch: CouchGateway, states: StateStore, max_attempts: int) -> None:
         self._couch = couch
+        self._states = states
         self._max_attempts = max_attempts
 
     def converge(self, instance: Instance, planner: Planner, *, first: Plan | None = None) -> Written:
@@ -57,48 +59,22 @@ class PlanWriter:
             CouchError: a document failed for another reason than a conflict or a validation refusal.
         """
         done: list[Write] = []
-        recover = False
         for attempt in range(1, self._max_attempts + 1):
-            plan = first if attempt == 1 and first is not None else planner(recover)
+            plan = first if attempt == 1 and first is not None else planner(attempt)
             results = self.write(instance, plan)
             done += [write for write, result in zip(plan.writes, results) if result.ok]
-            replaced = replaced_unseen(plan, results)
-            recover = recover or replaced
-            if not any(result.conflict for result in results) and not replaced:
+            if not any(result.conflict for result in results):
                 _raise_unexpected(instance, results)
-                if not self._basis_moved(instance, plan, results):
+                # Nothing written changes nothing: a stale projection is only harmful once written.
+                if not any(result.ok for result in results) or not self._states.moved(plan.basis):
                     refusals = [refusal.reason for refusal in plan.refusals]
                     refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
                                  if not r.ok and r.error == "forbidden"]
                     return Written(tuple(done), tuple(refusals), attempt)
-            logger.debug("conflict in %s (or the plan's basis moved), planning again", instance.domain)
+            logger.debug("conflict in %s (or the state moved), planning again", instance.domain)
             # Writers of the same document re-plan at once and collide again: spread them out.
             time.sleep(random.uniform(0, REPLAN_PAUSE * attempt))
         raise DocumentConflict(f"still conflicting after {self._max_attempts} attempts", db=instance.prefix)
-
-    def _basis_moved(self, instance: Instance, plan: Plan, results: Sequence[WriteResult]) -> bool:
-        """Whether the document the plan was derived from changed under its writes (see `Plan.basis`).
-
-        A basis written first guarded every later write with its revision: nothing to check. One not
-        written must still be at the revision it was read at; one written last must find the writes
-        before it as it left them. Either way the writes are idempotent: planning again only repairs.
-        """
-        basis = plan.basis
-        written = [(write, result) for write, result in zip(plan.writes, results) if result.ok]
-        if basis is None or not written:
-            return False
-        ids = [(write.doctype, write.doc["_id"]) for write, _ in written]
-        if (basis.doctype, basis.doc_id) not in ids:
-            current = self._couch.revisions(instance.database(basis.doctype), [basis.doc_id])
-            return current.get(basis.doc_id) != basis.rev
-        expected: dict[str, dict[str, str | None]] = {}
-        for write, result in written[:ids.index((basis.doctype, basis.doc_id))]:
-            expected.setdefault(write.doctype, {})[write.doc["_id"]] = result.rev
-        for doctype, revs in expected.items():
-            current = self._couch.revisions(instance.database(doctype), list(revs))
-            if {doc_id: current.get(doc_id) for doc_id in revs} != revs:
-                return True
-        return False
 
     def write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
         """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""
@@ -108,19 +84,6 @@ class PlanWriter:
             if any(result.conflict for result in results):
                 break
         return results
-
-
-def replaced_unseen(plan: Plan, results: Sequence[WriteResult]) -> bool:
-    """Whether a write planned over no document replaced a revision nobody read.
-
-    CouchDB accepts a write without `_rev` over a deleted document, with no conflict: two workers that
-    both saw no group and both wrote its memory as a tombstone leave only the second one's. Such a
-    write comes back as revision 2 or later; its writer then plans again with the memory of the
-    revisions it replaced merged back in.
-    """
-    return any("_rev" not in write.doc and result.ok and result.rev is not None
-               and int(result.rev.split("-", 1)[0]) > 1
-               for write, result in zip(plan.writes, results))
 
 
 def _raise_unexpected(instance: Instance, results: Sequence[WriteResult]) -> None:

@@ -53,6 +53,12 @@ class World:
     def global_db(self) -> str:
         return f"t{self.tag}-global/instances"
 
+    @property
+    def state_db(self) -> str:
+        """couchsync's directory state database of this world (one per cluster in production)."""
+        self.databases.add(f"t{self.tag}-couchsync/directory")
+        return f"t{self.tag}-couchsync/directory"
+
     def prefix(self, domain: str) -> str:
         return f"t{self.tag}-{domain}"
 
@@ -134,7 +140,7 @@ class World:
         """The environment an operator gives `couchsync` to run as the sync identity on this world."""
         user, password = self.server.sync
         return {**os.environ, "COUCHSYNC_COUCH_URL": self.server.url, "COUCHSYNC_COUCH_USER": user,
-                "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": self.global_db, **overrides}
+                "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": self.global_db, "COUCHSYNC_STATE_DB": self.state_db, **overrides}
 
     def couch_settings(self, **overrides: Any) -> config.CouchSettings:
         user, password = self.server.sync
@@ -150,7 +156,8 @@ class World:
         gateway = self.gateway(pool_size=concurrency)
         design = design_docs.load()
         directory = InstanceDirectory(gateway, self.global_db, indexes=design.global_indexes, page_size=page_size)
-        settings = config.load_sync(global_db=self.global_db, concurrency=concurrency, page_size=page_size)
+        settings = config.load_sync(global_db=self.global_db, state_db=self.state_db, concurrency=concurrency,
+                                    page_size=page_size)
         return Synchronizer(gateway, directory, design, settings)
 
     def cleanup(self) -> None:

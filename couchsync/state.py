@@ -1,0 +1,334 @@
+"""The directory state: what couchsync knows of an organization's directory, kept in live documents.
+
+Every register (a group's field, its existence, its last deletion, one membership, one field of a
+person's profile) holds the stamp (see `couchsync.events`) of the newest event that set it. An event
+is merged register by register, the newer stamp winning; two states are joined the same way. Both
+are commutative, associative and idempotent, so any order of events, any number of times, and any
+number of conflicting revisions of one state document give the same state. The instances' managed
+documents are a projection of it (`couchsync.plan`); nothing here does I/O.
+
+The documents live in couchsync's own database (`couchsync/directory` by default), never as
+tombstones: on CouchDB 3 a tombstone's body cannot be edited, and a deleted document comes back only
+by a write without `_rev`, so a memory kept on tombstones cannot be updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from couchsync.documents import (
+    Doc, digest, group_ids_of, host_of, is_live, managed_contact_id, managed_group_id,
+    managed_tag)
+from couchsync.events import GroupEvent, GroupEventKind, Member
+
+GROUP_VALUES = ("name", "description", "color", "createdAt")
+PROFILE_FIELDS = ("email", "username", "firstName", "lastName", "name", "workplaceFqdn", "phone")
+EXISTS = "exists"    # stamp key of the group's existence register
+CLEARED = "cleared"  # stamp of the newest deletion: memberships older than it are void
+# Below every event's stamp (years are four digits from 0001): what is taken over from documents the
+# stack's own consumer wrote loses to any event.
+SEED_STAMP = "0000-00-00T00:00:00.000000Z#0#seed"
+GROUP, PERSON, ORGANIZATION = "group", "person", "organization"
+
+
+def organization_key(organization_id: str) -> str:
+    """The prefix of an organization's state document ids (its id may hold any character)."""
+    return f"org-{digest(organization_id.strip())}"
+
+
+def group_state_id(organization_id: str, external_id: str) -> str:
+    return f"{organization_key(organization_id)}:{GROUP}:{managed_group_id(organization_id, external_id)}"
+
+
+def person_state_id(organization_id: str, email: str) -> str:
+    return f"{organization_key(organization_id)}:{PERSON}:{managed_contact_id(organization_id, email)}"
+
+
+def organization_state_id(organization_id: str) -> str:
+    """The document recording that an organization's state was taken over (see `seed`)."""
+    return f"{organization_key(organization_id)}:{ORGANIZATION}"
+
+
+def id_range(organization_id: str, kind: str) -> tuple[str, str]:
+    """The `_all_docs` start and end keys of an organization's state documents of one kind."""
+    start = f"{organization_key(organization_id)}:{kind}:"
+    return start, start + "\ufff0"
+
+
+def _newer(stamp: str, registers: Mapping[str, Any], key: str, position: int | None = None) -> bool:
+    current = registers.get(key)
+    if current is None:
+        return True
+    return bool(stamp > (current[position] if position is not None else current))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """A managed group's memory: fields, existence, deletion and memberships, each with its stamp."""
+
+    organization_id: str
+    external_id: str
+    alive: bool = False
+    values: dict[str, str] = field(default_factory=dict)
+    stamps: dict[str, str] = field(default_factory=dict)
+    members: dict[str, tuple[str, bool]] = field(default_factory=dict)
+
+    @property
+    def group_id(self) -> str:
+        """The managed group's id in every instance."""
+        return managed_group_id(self.organization_id, self.external_id)
+
+    @property
+    def state_id(self) -> str:
+        return group_state_id(self.organization_id, self.external_id)
+
+    def membership(self, email: str) -> bool | None:
+        """Whether the email is a member now; None when no event ever named it."""
+        entry = self.members.get(email.strip().lower())
+        if entry is None:
+            return None
+        stamp, present = entry
+        return present and stamp > self.stamps.get(CLEARED, "")
+
+    def is_member(self, email: str) -> bool:
+        """Whether the group exists and the email is a member of it."""
+        return self.alive and self.membership(email) is True
+
+    def joined(self, other: GroupState) -> GroupState:
+        """Both memories in one, register by register, the newer stamp winning (commutative, idempotent)."""
+        stamps, values, members = dict(self.stamps), dict(self.values), dict(self.members)
+        alive = other.alive if other.stamps.get(EXISTS, "") > self.stamps.get(EXISTS, "") else self.alive
+        for key, stamp in other.stamps.items():
+            if stamp > stamps.get(key, ""):
+                stamps[key] = stamp
+                if key in other.values:
+                    values[key] = other.values[key]
+        for email, (stamp, present) in other.members.items():
+            if _newer(stamp, members, email, 0):
+                members[email] = (stamp, present)
+        return replace(self, alive=alive, values=values, stamps=stamps, members=members)
+
+    def merged(self, event: GroupEvent) -> GroupState:
+        """This state with one event merged in: each register keeps the newer stamp."""
+        stamp, kind = event.stamp, event.kind
+        stamps, values, members = dict(self.stamps), dict(self.values), dict(self.members)
+        alive = self.alive
+        if kind in (GroupEventKind.CREATED, GroupEventKind.DELETED) and stamp > stamps.get(EXISTS, ""):
+            stamps[EXISTS], alive = stamp, kind is GroupEventKind.CREATED
+        if kind is GroupEventKind.DELETED and stamp > stamps.get(CLEARED, ""):
+            stamps[CLEARED] = stamp
+        for name, value in group_fields(event):
+            if stamp > stamps.get(name, ""):
+                stamps[name], values[name] = stamp, value
+        present = kind is not GroupEventKind.MEMBERS_REMOVED
+        for member in event.members:
+            email = member.email.strip().lower()
+            if _newer(stamp, members, email, 0):
+                members[email] = (stamp, present)
+        return replace(self, alive=alive, values=values, stamps=stamps, members=members)
+
+    def fields(self) -> Doc:
+        """The group's fields as the stack writes them: trimmed, no empty description or color, a name."""
+        shown: Doc = {key: self.values[key] for key in GROUP_VALUES if self.values.get(key)}
+        shown.setdefault("name", self.external_id)  # a group no creation named yet
+        return shown
+
+    def to_doc(self) -> Doc:
+        """The state document (without `_id`/`_rev`)."""
+        return {"type": GROUP, "organizationId": self.organization_id, "externalId": self.external_id,
+                "alive": self.alive, "values": dict(sorted(self.values.items())),
+                "stamps": dict(sorted(self.stamps.items())),
+                "members": {email: [stamp, present] for email, (stamp, present) in sorted(self.members.items())}}
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> GroupState:
+        """The state a state document holds."""
+        return cls(str(doc["organizationId"]), str(doc["externalId"]), alive=doc.get("alive") is True,
+                   values={k: v for k, v in (doc.get("values") or {}).items() if isinstance(v, str)},
+                   stamps={k: v for k, v in (doc.get("stamps") or {}).items() if isinstance(v, str)},
+                   members={email: (str(entry[0]), bool(entry[1]))
+                            for email, entry in (doc.get("members") or {}).items()})
+
+
+def group_fields(event: GroupEvent) -> list[tuple[str, str]]:
+    """The registers an event sets, trimmed as the stack trims them.
+
+    A creation sets every field (what it does not give is cleared); an update sets what it gives,
+    `""` clearing a description or a color, while an empty name keeps the group's name.
+    """
+    given = {name: value.strip() for name, value in event.fields}
+    if event.kind is GroupEventKind.CREATED:
+        given = {name: given.get(name, "") for name in GROUP_VALUES}
+    elif not given.get("name", "x"):
+        del given["name"]
+    return sorted(given.items())
+
+
+@dataclass(frozen=True, slots=True)
+class PersonState:
+    """A person of the directory: each field of their profile with the stamp of the event that set it.
+
+    A profile that leaves a field out keeps what an older or newer one set; `email` is the key
+    (lower case) and its register only the case the directory last wrote it in.
+    """
+
+    organization_id: str
+    email: str
+    values: dict[str, str] = field(default_factory=dict)
+    stamps: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, organization_id: str, member: Member, stamp: str) -> PersonState:
+        """The state one profile gives."""
+        return cls(organization_id, member.email.strip().lower()).merged(member, stamp)
+
+    @property
+    def state_id(self) -> str:
+        return person_state_id(self.organization_id, self.email)
+
+    def merged(self, member: Member, stamp: str) -> PersonState:
+        """This state with a profile merged in, field by field, the newer stamp winning."""
+        return self.joined(PersonState(self.organization_id, self.email, *_registers(member, stamp)))
+
+    def joined(self, other: PersonState) -> PersonState:
+        values, stamps = dict(self.values), dict(self.stamps)
+        for key, stamp in other.stamps.items():
+            if stamp > stamps.get(key, ""):
+                stamps[key], values[key] = stamp, other.values[key]
+        return replace(self, values=values, stamps=stamps)
+
+    @property
+    def member(self) -> Member:
+        """The profile, as the events describe a person."""
+        get = self.values.get
+        return Member(email=get("email") or self.email, username=get("username"), first_name=get("firstName"),
+                      last_name=get("lastName"), name=get("name"), workplace_fqdn=get("workplaceFqdn"),
+                      phone=get("phone"))
+
+    def to_doc(self) -> Doc:
+        return {"type": PERSON, "organizationId": self.organization_id, "email": self.email,
+                "values": dict(sorted(self.values.items())), "stamps": dict(sorted(self.stamps.items()))}
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> PersonState:
+        values = {k: v for k, v in (doc.get("values") or {}).items() if isinstance(v, str)}
+        stamps = {k: v for k, v in (doc.get("stamps") or {}).items() if isinstance(v, str) and k in values}
+        return cls(str(doc["organizationId"]), str(doc["email"]), values, stamps)
+
+
+def _registers(member: Member, stamp: str) -> tuple[dict[str, str], dict[str, str]]:
+    given = {"email": member.email, "username": member.username, "firstName": member.first_name,
+             "lastName": member.last_name, "name": member.name, "workplaceFqdn": host_of(member.workplace_fqdn),
+             "phone": member.phone}
+    values = {key: value.strip() for key, value in given.items() if isinstance(value, str) and value.strip()}
+    return values, {key: stamp for key in values}
+
+
+State = GroupState | PersonState
+
+
+def state_from_doc(doc: Doc) -> State | None:
+    """The state a document of the state database holds; None for another kind of document."""
+    if doc.get("type") == GROUP:
+        return GroupState.from_doc(doc)
+    if doc.get("type") == PERSON:
+        return PersonState.from_doc(doc)
+    return None
+
+
+def join_states(states: Iterable[State]) -> State | None:
+    """The join of the states of every leaf of one document (None for none)."""
+    joined: Any = None
+    for state in states:
+        joined = state if joined is None else joined.joined(state)
+    return joined  # type: ignore[no-any-return]
+
+
+def merge_event(event: GroupEvent, group: GroupState | None,
+                people: Mapping[str, PersonState]) -> tuple[GroupState, dict[str, PersonState]]:
+    """The group's state and the profiles of the event's people with the event merged in.
+
+    Additions (and creations) carry profiles; a removal names a person without describing them.
+    `people` are by lower-case email; those the event adds are returned, merged.
+    """
+    before = group or GroupState(event.organization_id, event.group_id)
+    after = before.merged(event)
+    profiles: dict[str, PersonState] = {}
+    if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
+        for member in event.members:
+            email = member.email.strip().lower()
+            current = profiles.get(email) or people.get(email) or PersonState(event.organization_id, email)
+            profiles[email] = current.merged(member, event.stamp)
+    return after, profiles
+
+
+def seed(organization_id: str, groups: Iterable[Doc],
+         contacts: Iterable[Doc]) -> tuple[list[GroupState], list[PersonState]]:
+    """The state that documents the stack's own consumer (or an earlier couchsync) wrote describe.
+
+    Taken over at SEED_STAMP, below every event, unless the documents carry stamps of their own (an
+    earlier couchsync kept its memory on the groups): the next events apply on top.
+    """
+    states: dict[str, GroupState] = {}
+    for doc in groups:
+        tag = managed_tag(doc)
+        if not is_live(doc) or tag.get("organizationId") != organization_id or not tag.get("externalId"):
+            continue
+        state = _seeded_group(organization_id, str(tag["externalId"]), doc)
+        states[state.group_id] = state
+    people: dict[str, PersonState] = {}
+    for doc in contacts:
+        person = seeded_person(organization_id, doc)
+        if person is None:
+            continue
+        people[person.email] = people[person.email].joined(person) if person.email in people else person
+        for group_id in group_ids_of(doc):
+            group = states.get(group_id)
+            if group is not None and person.email not in group.members:
+                states[group_id] = replace(group, members={**group.members, person.email: (SEED_STAMP, True)})
+    return list(states.values()), list(people.values())
+
+
+def _seeded_group(organization_id: str, external_id: str, doc: Doc) -> GroupState:
+    tag = managed_tag(doc)
+    stamps = {k: v for k, v in (tag.get("stamps") or {}).items() if isinstance(v, str)}
+    members = {str(email): (str(entry[0]), bool(entry[1])) for email, entry in (tag.get("members") or {}).items()
+               if isinstance(entry, list) and len(entry) == 2}
+    values = {key: doc[key].strip() for key in GROUP_VALUES if isinstance(doc.get(key), str)}
+    stamps = {key: stamps.get(key, SEED_STAMP) for key in (*values, EXISTS)} | {
+        k: v for k, v in stamps.items() if k == CLEARED}
+    return GroupState(organization_id, external_id, alive=True, values=values, stamps=stamps, members=members)
+
+
+def seeded_person(organization_id: str, contact: Doc) -> PersonState | None:
+    """The profile a managed contact shows, at its own stamp if an earlier couchsync gave it one."""
+    tag = managed_tag(contact)
+    if not is_live(contact) or tag.get("organizationId") != organization_id:
+        return None
+    email = tag.get("email") or next((entry.get("address") for entry in contact.get("email") or ()
+                                      if isinstance(entry, dict) and entry.get("address")), None)
+    if not isinstance(email, str) or not email.strip():
+        return None
+    phone = tag.get("phone") or next((entry.get("number") for entry in contact.get("phone") or ()
+                                      if isinstance(entry, dict) and entry.get("number")), None)
+    fullname = contact.get("fullname")
+    member = Member(email=email.strip(), username=_text(tag.get("username")), name=_text(fullname),
+                    workplace_fqdn=_text(tag.get("workplaceFqdn")), phone=_text(phone))
+    stamp = tag.get("stamp") if isinstance(tag.get("stamp"), str) else SEED_STAMP
+    return PersonState.of(organization_id, member, str(stamp))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def memberships(groups: Iterable[GroupState]) -> dict[str, frozenset[str]]:
+    """Each person's managed groups (ids), by lower-case email: one pass over the memories."""
+    found: dict[str, set[str]] = {}
+    for group in groups:
+        for email in group.members:
+            if group.is_member(email):
+                found.setdefault(email, set()).add(group.group_id)
+    return {email: frozenset(ids) for email, ids in found.items()}
