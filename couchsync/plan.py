@@ -257,14 +257,14 @@ def upsert_contact(contact: Doc | None, member: Member, organization_id: str) ->
 def _with_entry(entries: Any, key: str, value: str | None, *, replaces: str | None) -> list[dict[str, Any]]:
     """The `{key: ..., "primary": ...}` entries with `value` instead of the one couchsync added before.
 
-    `replaces` (the value of the previous managed profile) is dropped when it differs from `value` but
-    for case; an entry equal to `value` but for case is kept as the user wrote it.
+    `replaces` (the value of the previous managed profile) is couchsync's own entry: it is dropped and
+    `value` written as the state has it (its case too), so the result does not depend on the order
+    profiles came in; an entry of the user's equal to `value` but for case is kept as they wrote it.
     """
     current = [dict(entry) for entry in entries or () if isinstance(entry, dict)]
     wanted = (value or "").strip().lower()
     gone = (replaces or "").strip().lower()
-    dropped = [entry for entry in current if gone and gone != wanted
-               and str(entry.get(key) or "").strip().lower() == gone]
+    dropped = [entry for entry in current if gone and str(entry.get(key) or "").strip().lower() == gone]
     kept = [entry for entry in current if entry not in dropped]
     if not wanted or any(str(entry.get(key) or "").strip().lower() == wanted for entry in kept):
         return kept

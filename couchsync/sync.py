@@ -270,8 +270,9 @@ class _Snapshot:
 
     @property
     def basis(self) -> tuple[tuple[str, str], ...]:
-        stored = [self.group, *self.people.values()]
-        return tuple((s.state.state_id, s.rev) for s in stored if s.rev)
+        pairs = [(self.group.state.state_id, self.group.rev)]
+        pairs += [(stored.state.state_id, stored.rev) for stored in self.people.values()]
+        return tuple((state_id, rev) for state_id, rev in pairs if rev)
 
 
 class _GroupProjection:
@@ -314,7 +315,8 @@ class _GroupProjection:
         named = set(self.named)
         if event.kind is GroupEventKind.CREATED and not is_live(groups.get(state.group_id)):
             named |= set(state.members)
-        related = not state.alive
+        # A deletion voids older memberships even of a group a newer creation keeps alive.
+        related = not state.alive or event.kind is GroupEventKind.DELETED
         people = {email: stored.state for email, stored in snapshot.people.items()}
         lookup = ContactLookup(event.organization_id,
                                tuple((email, people[email].member.workplace_fqdn if email in people else None)

@@ -140,7 +140,8 @@ class World:
         """The environment an operator gives `couchsync` to run as the sync identity on this world."""
         user, password = self.server.sync
         return {**os.environ, "COUCHSYNC_COUCH_URL": self.server.url, "COUCHSYNC_COUCH_USER": user,
-                "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": self.global_db, "COUCHSYNC_STATE_DB": self.state_db, **overrides}
+                "COUCHSYNC_COUCH_PASSWORD": password, "COUCHSYNC_GLOBAL_DB": self.global_db,
+                "COUCHSYNC_STATE_DB": self.state_db, **overrides}
 
     def couch_settings(self, **overrides: Any) -> config.CouchSettings:
         user, password = self.server.sync

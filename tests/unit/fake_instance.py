@@ -1,4 +1,5 @@
-"""An instance held in dicts, to apply plans to in unit tests (as sync does, minus CouchDB)."""
+"""An instance and its organization's directory state held in dicts, to apply events to in unit tests (as
+sync does, minus CouchDB): each event merged into the state, then projected into the instance."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 
-from couchsync.documents import CONTACTS, GROUPS, TAG
+from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf, is_live
+from couchsync.events import GroupEvent, GroupEventKind
 from couchsync.plan import InstanceView, Plan, plan_group_event
+from couchsync.state import GroupState, PersonState, group_state_id, person_state_id
 
 _revs = itertools.count(1)
 
@@ -17,50 +20,67 @@ class FakeInstance:
     domain: str
     owner_email: str | None = None
     docs: dict[str, dict[str, dict]] = field(default_factory=lambda: {GROUPS: {}, CONTACTS: {}})
+    states: dict[str, GroupState | PersonState] = field(default_factory=dict)
     revisions: int = 0
 
     def put(self, doctype: str, doc: dict) -> None:
+        if doc.get("_deleted"):
+            self.docs[doctype].pop(doc["_id"], None)
+            return
         self.docs[doctype][doc["_id"]] = {**copy.deepcopy(doc), "_rev": f"{next(_revs)}-x"}
 
-    def view(self, group_id: str) -> InstanceView:
-        return InstanceView(self.domain, self.owner_email, copy.deepcopy(self.docs[GROUPS].get(group_id)),
+    def merge(self, event: GroupEvent) -> None:
+        contribution: list[GroupState | PersonState] = [GroupState(event.organization_id, event.group_id).merged(event)]
+        if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
+            contribution += [PersonState.of(event.organization_id, m, event.stamp) for m in event.members]
+        for state in contribution:
+            known = self.states.get(state.state_id)
+            self.states[state.state_id] = known.joined(state) if known is not None else state  # type: ignore
+
+    def plan(self, event: GroupEvent) -> Plan:
+        """The projection of the state, as it is, after this event (merged already or not)."""
+        org = event.organization_id
+        group = self.states.get(group_state_id(org, event.group_id)) or GroupState(org, event.group_id)
+        assert isinstance(group, GroupState)
+        base = self.docs[GROUPS].get(group.group_id)
+        named = {m.email.strip().lower() for m in event.members}
+        if event.kind is GroupEventKind.CREATED and not is_live(base):
+            named |= set(group.members)
+        people = {email: self.states[person_state_id(org, email)] for email in named
+                  if person_state_id(org, email) in self.states}
+        groups = {group.group_id: choose_leaf([copy.deepcopy(base)], org)} if base else {}
+        view = InstanceView(self.domain, self.owner_email, groups,
                             tuple(copy.deepcopy(list(self.docs[CONTACTS].values()))))
+        related = not group.alive or event.kind is GroupEventKind.DELETED
+        return plan_group_event(group, people, view, named=named, related=related)  # type: ignore
 
-    def plan(self, event) -> Plan:
-        from couchsync.documents import managed_group_id
-        return plan_group_event(event, self.view(managed_group_id(event.organization_id, event.group_id)))
-
-    def apply(self, event) -> Plan:
+    def apply(self, event: GroupEvent) -> Plan:
+        self.merge(event)
         plan = self.plan(event)
-        self._put_all(plan)
+        self.put_all(plan)
         return plan
 
     def managed(self) -> dict[str, dict[str, dict]]:
         """Managed live documents without revisions: what the directory looks like."""
         return {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"}
-                          for doc_id, doc in docs.items() if not doc.get("_deleted") and TAG in doc}
+                          for doc_id, doc in docs.items() if TAG in doc}
                 for doctype, docs in self.docs.items()}
 
-    def copy_from(self, reference: FakeInstance, members=()) -> list[Plan]:
-        """What DirectoryCopy does, in one page: the reference's managed groups, then its contacts."""
-        from couchsync.mirror import group_state, person_of, plan_contact_copies, plan_group_copies
-
-        def live_managed(doctype):
-            return [copy.deepcopy(doc) for doc in reference.docs[doctype].values()
-                    if not doc.get("_deleted") and (doc.get(TAG) or {}).get("managed") is True]
-
-        plans = [plan_group_copies(live_managed(GROUPS), copy.deepcopy(self.docs[GROUPS]))]
-        self._put_all(plans[-1])
-        memories = {doc_id: group_state(doc) for doc_id, doc in self.docs[GROUPS].items()
-                    if (doc.get(TAG) or {}).get("managed") is True}
-        people = [person_of(doc) for doc in live_managed(CONTACTS)] + list(members)
-        view = InstanceView(self.domain, self.owner_email, contacts=tuple(copy.deepcopy(
-            [doc for doc in self.docs[CONTACTS].values() if not doc.get("_deleted")])))
-        plans.append(plan_contact_copies(people, "acme", view, memories))
-        self._put_all(plans[-1])
-        return plans
-
-    def _put_all(self, plan: Plan) -> None:
+    def put_all(self, plan: Plan) -> None:
         for write in plan.writes:
             self.put(write.doctype, write.doc)
             self.revisions += 1
+
+    def copy_from(self, organization: FakeInstance, members=()) -> list[Plan]:
+        """What DirectoryCopy does, in one page: the organization's group states, then its people."""
+        from couchsync.mirror import Person, plan_contact_copies, plan_group_copies
+
+        groups = {s.group_id: copy.deepcopy(s) for s in organization.states.values() if isinstance(s, GroupState)}
+        plans = [plan_group_copies(groups.values(), copy.deepcopy(self.docs[GROUPS]))]
+        self.put_all(plans[-1])
+        people = [Person(copy.deepcopy(s)) for s in organization.states.values() if isinstance(s, PersonState)]
+        view = InstanceView(self.domain, self.owner_email, contacts=tuple(copy.deepcopy(
+            list(self.docs[CONTACTS].values()))))
+        plans.append(plan_contact_copies(people + list(members), view, groups))
+        self.put_all(plans[-1])
+        return plans

@@ -1,4 +1,4 @@
-"""The pure core of bootstrap and reconcile: copying the organization instance's directory."""
+"""The pure core of bootstrap and reconcile: projecting the directory state into an instance."""
 
 import json
 
@@ -10,6 +10,7 @@ from couchsync.events import Member, parse_event
 from couchsync.mirror import (
     differing_fields, is_extra_contact, person_of_settings, plan_group_copies, plan_removals)
 from couchsync.plan import InstanceView, plan_profile, upsert_contact
+from couchsync.state import PersonState
 from couchsync.reconcile import DeletionLimit
 
 from tests.unit.fake_instance import FakeInstance
@@ -61,88 +62,49 @@ def test_a_second_copy_writes_nothing():
 
 
 def test_the_member_who_owns_the_instance_gets_no_contact_of_their_own():
-    bob = FakeInstance("bob.acme.twake.app")
+    bob = FakeInstance("bob.acme.twake.app", "bob@acme.com")
     bob.copy_from(organization())
-    assert {doc[TAG]["email"] for doc in bob.docs[CONTACTS].values()} == {"alice@acme.com", "dan@acme.com"}
+    assert BOB_ID not in bob.docs[CONTACTS] and managed_contact_id("acme", "dan@acme.com") in bob.docs[CONTACTS]
 
 
 def test_a_hand_edit_is_put_back_and_labelled_with_the_fields_it_changed():
-    org, carol = organization(), FakeInstance("carol.acme.twake.app")
+    carol = FakeInstance("carol.acme.twake.app")
+    org = organization()
     carol.copy_from(org)
-    carol.put(GROUPS, {**carol.docs[GROUPS][ENG], "name": "Hacked"})
-    carol.put(CONTACTS, {**carol.docs[CONTACTS][BOB_ID], "fullname": "Robert"})
-    groups, contacts = carol.copy_from(org)
-    assert [w.summary for w in groups.writes] == ["different group: name"]
-    assert [w.summary for w in contacts.writes] == ["different contact: fullname"]
-    fresh = FakeInstance("carol.acme.twake.app")
-    fresh.copy_from(org)
-    assert carol.managed() == fresh.managed()
+    carol.put(GROUPS, {**carol.docs[GROUPS][ENG], "name": "Hacked", "color": "#000000"})
+    plans = carol.copy_from(org)
+    assert [w.summary for w in plans[0].writes] == ["different group: color, name"]
+    assert carol.docs[GROUPS][ENG]["name"] == "Engineering" and carol.docs[GROUPS][ENG]["color"] == "#3366FF"
 
 
-def test_an_event_the_organization_instance_missed_is_kept():
-    org, carol = organization(), FakeInstance("carol.acme.twake.app")
-    carol.copy_from(org)
-    carol.apply(event("b2b.group.updated", 9, name="Platform"))
-    carol.apply(event("b2b.group.member.added", 9, members=[ALICE]))
-    groups, contacts = carol.copy_from(org)
-    assert groups.writes == () and contacts.writes == ()
-    assert carol.docs[GROUPS][ENG]["name"] == "Platform"
-    assert ENG in group_ids_of(carol.docs[CONTACTS][managed_contact_id("acme", "alice@acme.com")])
-
-
-def test_a_missing_group_comes_back_with_its_members_related():
-    org, carol = organization(), FakeInstance("carol.acme.twake.app")
-    carol.copy_from(org)
-    del carol.docs[GROUPS][ENG]
-    carol.put(CONTACTS, {**carol.docs[CONTACTS][BOB_ID], "relationships": {"groups": {"data": []}}})
-    groups, contacts = carol.copy_from(org)
-    assert [w.summary for w in groups.writes] == ["missing group"]
-    assert [w.summary for w in contacts.writes] == ["different contact: relationships"]
-    assert group_ids_of(carol.docs[CONTACTS][BOB_ID]) == [ENG]
+def test_a_conflicted_group_is_resolved_and_its_losing_revision_deleted():
+    org = organization()
+    state = next(s for s in org.states.values() if getattr(s, "group_id", None) == ENG)
+    current = {ENG: {**org.docs[GROUPS][ENG], "name": "Hacked", "_conflicts": ["2-loser"]}}
+    plan = plan_group_copies([state], current)
+    assert [(w.summary, w.doc.get("_deleted", False)) for w in plan.writes] == [
+        ("different group: name", False), ("different group: conflicting revision", True)]
+    assert plan.writes[1].doc == {"_id": ENG, "_rev": "2-loser", "_deleted": True}
+    assert "_conflicts" not in plan.writes[0].doc
 
 
 def test_an_unmanaged_document_with_a_managed_group_id_is_refused_and_left_alone():
-    org = organization()
-    mine = {"_id": ENG, "_rev": "1-a", "name": "My engineering friends"}
-    plan = plan_group_copies([org.docs[GROUPS][ENG]], {ENG: mine})
-    assert plan.writes == () and [r.reason for r in plan.refusals] == [
-        "an unmanaged document has the managed group id"]
-
-
-def test_relationships_follow_the_reference_where_no_memory_names_the_person():
-    # Groups the stack made before couchsync keep no memory: the reference contact's relationships decide.
-    org = FakeInstance("acme.twake.app")
-    stack_group = {"_id": ENG, "name": "Engineering", TAG: {
-        "managed": True, "kind": "group", "organizationId": "acme", "externalId": "engineering"}}
-    org.put(GROUPS, stack_group)
-    bob = upsert_contact(None, Member("bob@acme.com", name="Bob"), "acme", "")
-    org.put(CONTACTS, {**bob, "relationships": {"groups": {"data": [{"_id": ENG, "_type": GROUPS}]}}})
     carol = FakeInstance("carol.acme.twake.app")
-    carol.copy_from(org)
-    assert carol.docs[GROUPS][ENG][TAG] == stack_group[TAG]
-    assert group_ids_of(carol.docs[CONTACTS][bob["_id"]]) == [ENG]
+    carol.put(GROUPS, {"_id": ENG, "name": "Carol's"})
+    plans = carol.copy_from(organization())
+    assert carol.docs[GROUPS][ENG]["name"] == "Carol's"
+    assert [r.doc_id for r in plans[0].refusals] == [ENG]
 
 
 def test_members_from_settings_are_added_without_overriding_a_directory_profile():
     carol = FakeInstance("carol.acme.twake.app")
-    erin = person_of_settings("erin.acme.twake.app",
-                              {"email": "erin@acme.com", "public_name": "Erin", "phone": "+33 6 00"})
-    bob_settings = person_of_settings("bob.acme.twake.app", {"email": "bob@acme.com", "public_name": "B."})
-    carol.copy_from(organization(), members=[erin, bob_settings])
-    names = {doc[TAG]["email"]: doc["fullname"] for doc in carol.docs[CONTACTS].values()}
-    assert names["erin@acme.com"] == "Erin" and names["bob@acme.com"] == "Bob Martin"
-    erin_doc = carol.docs[CONTACTS][managed_contact_id("acme", "erin@acme.com")]
-    assert erin_doc["phone"] == [{"number": "+33 6 00", "primary": True}]
-    assert erin_doc["cozy"] == [{"url": "https://erin.acme.twake.app", "primary": True}]
-    assert person_of_settings("x.acme.twake.app", {"public_name": "no email"}) is None
-
-
-def test_a_later_event_profile_replaces_a_settings_profile_but_keeps_its_phone():
-    erin = person_of_settings("erin.acme.twake.app", {"email": "erin@acme.com", "phone": "+33 6 00"})
-    doc = upsert_contact(None, erin.member, "acme", erin.stamp)
-    later = upsert_contact(doc, Member("erin@acme.com", first_name="Erin", last_name="Doe"), "acme", "2026-x")
-    assert later["fullname"] == "Erin Doe" and later["phone"] == doc["phone"]
-    assert later[TAG]["phone"] == "+33 6 00"
+    org = organization()
+    settings = [person_of_settings("acme", "bob.acme.twake.app", {"email": "bob@acme.com", "public_name": "B."}),
+                person_of_settings("acme", "erin.acme.twake.app", {"email": "erin@acme.com", "public_name": "Erin"})]
+    carol.copy_from(org, members=settings)
+    assert carol.docs[CONTACTS][BOB_ID]["fullname"] == "Bob Martin"
+    erin = carol.docs[CONTACTS][managed_contact_id("acme", "erin@acme.com")]
+    assert erin["fullname"] == "Erin" and erin["cozy"] == [{"url": "https://erin.acme.twake.app", "primary": True}]
 
 
 def test_removals_let_contacts_go_of_a_group_before_deleting_it():
@@ -159,8 +121,8 @@ def test_removals_let_contacts_go_of_a_group_before_deleting_it():
 
 def test_extra_contacts_are_those_nobody_expects_and_the_owner_s_own():
     view = InstanceView("bob.acme.twake.app", "bob@acme.com")
-    alice = upsert_contact(None, Member("alice@acme.com"), "acme", "s")
-    own = upsert_contact(None, Member("bob@acme.com", workplace_fqdn="bob.acme.twake.app"), "acme", "s")
+    alice = upsert_contact(None, Member("alice@acme.com"), "acme")
+    own = upsert_contact(None, Member("bob@acme.com", workplace_fqdn="bob.acme.twake.app"), "acme")
     expected = frozenset({"alice@acme.com", "bob@acme.com"})
     assert not is_extra_contact(alice, expected, view)
     assert is_extra_contact(alice, frozenset({"bob@acme.com"}), view)
@@ -168,29 +130,22 @@ def test_extra_contacts_are_those_nobody_expects_and_the_owner_s_own():
 
 
 def test_differing_fields_name_the_twake_directory_keys():
-    old = {"_id": "x", "_rev": "1-a", "name": "a", TAG: {"managed": True, "stamps": {"name": "1"}}}
-    new = {"_id": "x", "name": "b", TAG: {"managed": True, "stamps": {"name": "2"}}, "color": ""}
-    assert differing_fields(new, old) == ["color", "name", "twakeDirectory.stamps"]
+    old = {"_id": "x", "_rev": "1-a", "name": "a", TAG: {"managed": True, "email": "a@b.c"}}
+    new = {"_id": "x", "name": "b", TAG: {"managed": True, "email": "b@b.c"}, "color": ""}
+    assert differing_fields(new, old) == ["color", "name", "twakeDirectory.email"]
 
 
-def test_a_new_user_s_profile_is_created_then_only_a_newer_one_changes_it():
-    user = parse_event("user.created", json.dumps({
-        "twakeId": "erin", "domain": "erin.acme.twake.app", "internalEmail": "erin@acme.com", "timestamp": 1781605800,
-        "organizationId": "acme", "mobile": "+33 6 11", "hash": "secret"}))
-    plan = plan_profile(user.member, "acme", user.stamp, InstanceView("bob.acme.twake.app"))
-    [write] = plan.writes
-    assert write.summary == "create contact"
-    doc = write.doc
-    assert doc["cozy"] == [{"url": "https://erin.acme.twake.app", "primary": True}]
-    assert doc["phone"] == [{"number": "+33 6 11", "primary": True}] and doc[TAG]["username"] == "erin"
-    assert "secret" not in json.dumps(doc)
-    stored = {**doc, "_rev": "1-a"}
-    unchanged = plan_profile(user.member, "acme", user.stamp, InstanceView("bob.acme.twake.app", contacts=(stored,)))
-    assert unchanged.writes == ()
-    older = plan_profile(Member("erin@acme.com", name="Old"), "acme", "2000-01-01", InstanceView(
-        "bob.acme.twake.app", contacts=(stored,)))
-    assert older.writes == ()
-    assert plan_profile(user.member, "acme", user.stamp, InstanceView("erin.acme.twake.app")).writes == ()
+def test_a_new_user_s_profile_is_created_with_their_memberships():
+    org = organization()
+    groups = {s.group_id: s for s in org.states.values() if hasattr(s, "group_id")}
+    person = PersonState.of("acme", Member("alice@acme.com", first_name="Alice", workplace_fqdn="alice.acme.twake.app"),
+                            "2026-06-16T11:00:00.000000Z#0#x")
+    plan = plan_profile(person, groups, InstanceView("carol.acme.twake.app"))
+    doc = plan.writes[0].doc
+    assert plan.writes[0].summary == "create contact" and doc["fullname"] == "Alice"
+    assert group_ids_of(doc) == [DESIGN]  # removed from engineering, still in design
+    assert plan_profile(person, groups, InstanceView("carol.acme.twake.app", contacts=(
+        {**doc, "_rev": "1-a"},))).writes == ()
 
 
 def test_deletion_limits_are_a_count_or_a_percentage_of_the_managed_documents():

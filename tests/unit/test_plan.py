@@ -5,6 +5,7 @@ import pytest
 from couchsync.documents import CONTACTS, GROUPS, group_ids_of, managed_contact_id, managed_group_id
 from couchsync.events import parse_event
 from couchsync.plan import InstanceView, display_name, plan_group_event
+from couchsync.state import GroupState, PersonState
 from couchsync.events import Member
 
 from tests.unit.fake_instance import FakeInstance
@@ -27,6 +28,13 @@ def event(routing_key, minute=30, **fields):
 
 def created(minute=30, members=(BOB, ALICE), **fields):
     return event("b2b.group.created", minute, members=list(members), **fields)
+
+
+def project(one, view):
+    """The projection into `view` of the state that this one event alone gives."""
+    state = GroupState("acme", "engineering").merged(one)
+    people = {m.email.lower(): PersonState.of("acme", m, one.stamp) for m in one.members}
+    return plan_group_event(state, people, view, named=set(people))
 
 
 def test_created_on_an_empty_instance_writes_the_group_and_a_contact_per_member():
@@ -70,15 +78,15 @@ def test_planning_again_after_applying_gives_no_writes():
 
 
 def test_an_unmanaged_document_with_the_group_id_is_refused_and_nothing_planned():
-    view = InstanceView("carol.acme.twake.app", group={"_id": GID, "_rev": "1-a", "name": "mine"})
-    plan = plan_group_event(created(), view)
+    view = InstanceView("carol.acme.twake.app", groups={GID: {"_id": GID, "_rev": "1-a", "name": "mine"}})
+    plan = project(created(), view)
     assert plan.writes == ()
     assert plan.refusals[0].doc_id == GID and "unmanaged" in plan.refusals[0].reason
 
 
 def test_a_personal_contact_with_a_members_email_is_refused_and_left_alone():
     mine = {"_id": "mine", "_rev": "1-a", "fullname": "Bobby", "email": [{"address": "bob@acme.com"}]}
-    plan = plan_group_event(created(members=[BOB]), InstanceView("carol.acme.twake.app", contacts=(mine,)))
+    plan = project(created(members=[BOB]), InstanceView("carol.acme.twake.app", contacts=(mine,)))
     assert [w.doc["_id"] for w in plan.writes] == [GID]
     assert "mine" in plan.refusals[0].reason
 
@@ -87,7 +95,7 @@ def test_an_external_contact_is_reused_becomes_managed_and_keeps_its_other_field
     external = {"_id": "ext", "_rev": "3-a", "fullname": "B. Martin", "email": [{"address": "BOB@acme.com"}],
                 "phone": [{"number": "+33 6"}], "metadata": {"external": True, "source": "import"},
                 "relationships": {"groups": {"data": [{"_id": "own", "_type": "io.cozy.contacts.groups"}]}}}
-    plan = plan_group_event(created(members=[BOB]), InstanceView("carol.acme.twake.app", contacts=(external,)))
+    plan = project(created(members=[BOB]), InstanceView("carol.acme.twake.app", contacts=(external,)))
     doc = next(w.doc for w in plan.writes if w.doctype == CONTACTS)
     assert doc["_id"] == "ext" and doc["_rev"] == "3-a"
     assert doc["twakeDirectory"]["managed"] is True
@@ -112,10 +120,13 @@ def test_updated_with_an_empty_string_clears_and_absent_keeps():
     carol = FakeInstance("carol.acme.twake.app")
     carol.apply(created(description="Team", color="#000"))
     carol.apply(event("b2b.group.updated", 31, description=""))
-    assert carol.docs[GROUPS][GID]["description"] == "" and carol.docs[GROUPS][GID]["color"] == "#000"
+    # As the stack does it: a description cleared is removed from the document, not written empty.
+    assert "description" not in carol.docs[GROUPS][GID] and carol.docs[GROUPS][GID]["color"] == "#000"
+    carol.apply(event("b2b.group.updated", 32, name="  "))
+    assert carol.docs[GROUPS][GID]["name"] == "Engineering"  # an empty name keeps the name
 
 
-def test_deleted_removes_relationships_then_leaves_a_tombstone_and_keeps_other_relationships():
+def test_deleted_removes_relationships_then_deletes_the_group_and_keeps_other_relationships():
     carol = FakeInstance("carol.acme.twake.app")
     carol.apply(created())
     bob = carol.docs[CONTACTS][BOB_ID]
@@ -123,7 +134,8 @@ def test_deleted_removes_relationships_then_leaves_a_tombstone_and_keeps_other_r
         {"_id": "own", "_type": "io.cozy.contacts.groups"}, {"_id": GID, "_type": "io.cozy.contacts.groups"}]}}})
     plan = carol.apply(event("b2b.group.deleted", 31))
     assert [w.doctype for w in plan.writes] == [CONTACTS, CONTACTS, GROUPS]  # contacts let go first
-    assert carol.docs[GROUPS][GID]["_deleted"] is True
+    deletion = plan.writes[-1].doc
+    assert GID not in carol.docs[GROUPS] and deletion == {"_id": GID, "_rev": deletion["_rev"], "_deleted": True}
     assert group_ids_of(carol.docs[CONTACTS][BOB_ID]) == ["own"]
     assert group_ids_of(carol.docs[CONTACTS][ALICE_ID]) == []
 
@@ -131,7 +143,7 @@ def test_deleted_removes_relationships_then_leaves_a_tombstone_and_keeps_other_r
 def test_member_added_before_the_group_exists_is_kept_until_it_is_created():
     carol = FakeInstance("carol.acme.twake.app")
     carol.apply(event("b2b.group.member.added", 31, members=[BOB]))
-    assert carol.docs[GROUPS][GID]["_deleted"] is True  # remembered, invisible
+    assert GID not in carol.docs[GROUPS]  # remembered in the state only
     assert group_ids_of(carol.docs[CONTACTS][BOB_ID]) == []
     carol.apply(created(30, members=()))
     assert group_ids_of(carol.docs[CONTACTS][BOB_ID]) == [GID]
@@ -151,7 +163,7 @@ def test_member_removed_for_a_contact_never_given_is_not_an_error():
     carol.apply(created(members=()))
     plan = carol.apply(event("b2b.group.member.removed", 31, members=[BOB]))
     assert plan.refusals == () and BOB_ID not in carol.docs[CONTACTS]
-    assert [w.doctype for w in plan.writes] == [GROUPS]  # the removal is remembered
+    assert plan.writes == ()  # the removal is remembered in the state alone
 
 
 def test_a_profile_from_an_older_event_does_not_overwrite_a_newer_one():
@@ -173,8 +185,6 @@ def test_display_name_rules(member, name):
 
 
 def test_joining_two_memories_gives_the_memory_of_both_event_sets_in_either_order():
-    from couchsync.plan import GroupState
-
     def memory(events):
         state = GroupState("acme", "engineering")
         for one in events:
