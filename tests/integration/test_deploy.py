@@ -45,13 +45,14 @@ def test_deploying_twice_installs_then_reports_everything_unchanged_with_no_new_
     seed(world, {"acme": ACME, "other": OTHER})
     first = deploy(world)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert summary(first) == ("design documents installed: 11, updated: 0, unchanged: 0; "
-                              "databases created: 0, missing: 0, failed: 0")
+    # One more: the protection of couchsync's own state database, which deploying creates.
+    assert summary(first) == ("design documents installed: 12, updated: 0, unchanged: 0; "
+                              "databases created: 1, missing: 0, failed: 0")
     revisions = design_revisions(world, ACME + OTHER)
     assert None not in revisions.values()
     second = deploy(world)
     assert second.returncode == 0
-    assert second.stdout.splitlines() == ["design documents installed: 0, updated: 0, unchanged: 11; "
+    assert second.stdout.splitlines() == ["design documents installed: 0, updated: 0, unchanged: 12; "
                                           "databases created: 0, missing: 0, failed: 0"]
     assert design_revisions(world, ACME + OTHER) == revisions
 
@@ -63,8 +64,9 @@ def test_a_dry_run_lists_each_change_and_writes_nothing(world):
     expected = {f"would install _design/{name} in {world.global_db}" for name in GLOBAL_DDOCS}
     expected |= {f"would install _design/{name} in {world.db(domain, doctype)}"
                  for domain in ACME for doctype, names in DDOCS.items() for name in names}
+    expected |= {f"would create {world.state_db}", f"would install _design/couchsync-protection in {world.state_db}"}
     assert set(done.stdout.splitlines()[:-1]) == expected
-    assert summary(done).startswith("design documents would be installed: 8, would be updated: 0, unchanged: 0")
+    assert summary(done).startswith("design documents would be installed: 9, would be updated: 0, unchanged: 0")
     assert set(design_revisions(world, ACME).values()) == {None}
 
 
@@ -73,8 +75,9 @@ def test_a_new_sync_identity_is_a_change_of_the_protection_only(world):
     assert deploy(world).returncode == 0
     done = deploy(world, "--dry-run", COUCHSYNC_SYNC_NAMES="couchsync directory-bot")
     assert sorted(done.stdout.splitlines()[:-1]) == sorted(
-        f"would update _design/couchsync-protection in {world.db(domain, doctype)}"
-        for domain in ACME for doctype in (CONTACTS, GROUPS))
+        [f"would update _design/couchsync-protection in {world.db(domain, doctype)}"
+         for domain in ACME for doctype in (CONTACTS, GROUPS)]
+        + [f"would update _design/couchsync-protection in {world.state_db}"])
 
 
 def test_missing_databases_are_reported_and_created_only_when_asked(world):
@@ -83,10 +86,10 @@ def test_missing_databases_are_reported_and_created_only_when_asked(world):
     assert done.returncode == 0
     missing = {world.db(domain, doctype) for domain in ACME for doctype in (CONTACTS, GROUPS)}
     assert {line.split()[1] for line in done.stdout.splitlines() if line.startswith("missing ")} == missing
-    assert summary(done).endswith("databases created: 0, missing: 4, failed: 0")
+    assert summary(done).endswith("databases created: 1, missing: 4, failed: 0")  # the state database
     assert all(world.server.request("HEAD", localcouch.db_path(db)).status_code == 404 for db in missing)
     created = deploy(world, "--org", "acme", "--create-missing")
-    assert summary(created) == ("design documents installed: 6, updated: 0, unchanged: 2; "
+    assert summary(created) == ("design documents installed: 6, updated: 0, unchanged: 3; "
                                 "databases created: 4, missing: 0, failed: 0")
     assert None not in design_revisions(world, ACME).values()
 
