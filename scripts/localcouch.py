@@ -137,7 +137,7 @@ def start_pouchdb(*, data_dir: Path | None = None, port: int | None = None,
     try:
         wait_until_up(url, process, log)
         couch.version = server_version(couch)
-    except RuntimeError:
+    except BaseException:  # an interrupted start too: no server is left behind
         couch.stop()
         raise
     return couch
@@ -176,7 +176,7 @@ def start_couchdb(release: Path, *, data_dir: Path | None = None, port: int | No
         for system_db in ("_users", "_replicator"):  # single_node creates them; a node of a cluster waits
             ensure_db(couch, system_db)
         couch.version = server_version(couch)
-    except (RuntimeError, requests.RequestException):
+    except BaseException:  # an interrupted start too: no node is left behind
         couch.stop()
         raise
     return couch
