@@ -2,8 +2,9 @@
 
     scripts/bench [--runs 3] [--only fanout,groups,bootstrap,worker,rss] [--json bench.json] [--scale 1]
 
-Against the local PouchDB Server (started in memory), or the CouchDB that COUCHSYNC_TEST_COUCH_URL names
-(with admin credentials, as for the tests). The baselines are minimal clients doing the same writes:
+Against Apache CouchDB when a release is at hand (COUCHSYNC_COUCHDB_RELEASE, or the shared one beside the
+checkout), else PouchDB Server (in memory), or the CouchDB that COUCHSYNC_TEST_COUCH_URL names (with admin
+credentials, as for the tests). The baselines are minimal clients doing the same writes:
 one pooled requests.Session, the same concurrency, no planning, no protection, no retries.
 
 1. fanout    one member.added applied to an organization of 1,000 instances; baseline: per instance,
@@ -164,16 +165,25 @@ class Bench:
 
     def read_write(self, db: str, docs: list[dict[str, Any]]) -> None:
         """Read these documents by id, then write them (with the revisions found) in one _bulk_docs."""
-        rows = self.session.post(self.url(db, "_all_docs"), json={"keys": [doc["_id"] for doc in docs]},
-                                 timeout=60).json()["rows"]
+        rows = self.rows(self.session.post(self.url(db, "_all_docs"), json={"keys": [doc["_id"] for doc in docs]},
+                                           timeout=60))
         revs = {row["id"]: row["value"]["rev"] for row in rows if "value" in row and not row["value"].get("deleted")}
         self.write(db, docs, revs)
 
     def look_up_write(self, db: str, docs: list[dict[str, Any]], keys: list[list[str]]) -> None:
         """Find contacts through the lookup view by these keys, then write the documents over those found."""
-        rows = self.session.post(self.url(db, "_design", LOOKUP_DDOC, "_view", LOOKUP_VIEW),
-                                 json={"keys": keys, "include_docs": True}, timeout=60).json()["rows"]
+        rows = self.rows(self.session.post(self.url(db, "_design", LOOKUP_DDOC, "_view", LOOKUP_VIEW),
+                                           json={"keys": keys, "include_docs": True}, timeout=60))
         self.write(db, docs, {row["id"]: row["doc"]["_rev"] for row in rows if row.get("doc")})
+
+    @staticmethod
+    def rows(response: requests.Response) -> list[dict[str, Any]]:
+        """A view's rows. An error answer (CouchDB's carries no `rows`) stops the benchmark with the
+        server's reason: a baseline that skipped its work would only look fast."""
+        if not response.ok or "rows" not in response.json():
+            raise RuntimeError(f"{response.request.method} {response.url.split('?')[0]}: "
+                               f"{response.status_code} {response.text[:300]}")
+        return list(response.json()["rows"])
 
     def write(self, db: str, docs: list[dict[str, Any]], revs: dict[str, str]) -> None:
         written = [{**doc, **({"_rev": revs[doc["_id"]]} if doc["_id"] in revs else {})} for doc in docs]
@@ -414,11 +424,11 @@ def main() -> int:
     def n(value: int) -> int:
         return max(int(value * args.scale), 2)
 
-    server = localcouch.server()
+    server = localcouch.server(discover=True)
     figures: list[Figure] = []
     try:
         bench = Bench(server)
-        print(f"bench: {server.kind} at {server.url}, {args.runs} runs per figure", file=sys.stderr)
+        print(f"bench: {server.label} at {server.url}, {args.runs} runs per figure", file=sys.stderr)
         if "fanout" in cases:
             figures += fan_out(bench, args.runs, n(1000), 1, "fanout")
         if "groups" in cases:
@@ -433,7 +443,7 @@ def main() -> int:
         server.stop()
     print_table(figures)
     with open(args.json, "w", encoding="utf-8") as out:
-        json.dump({"server": server.kind, "runs": args.runs, "scale": args.scale,
+        json.dump({"server": server.kind, "version": server.version, "runs": args.runs, "scale": args.scale,
                    "figures": [figure.as_json() for figure in figures]}, out, indent=2)
     print(f"bench: figures written to {args.json}", file=sys.stderr)
     return 0

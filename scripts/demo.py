@@ -1,11 +1,12 @@
-"""The demo: a local CouchDB-compatible server, a demo organization, its directory events, the result.
+"""The demo: a local CouchDB server, a demo organization, its directory events, the result.
 
-Starts PouchDB Server in memory, seeds organization `acme` (the organization instance and three
-members; Bob keeps a personal contact of Carol, which couchsync must leave alone) and organization
-`other`, runs `couchsync deploy-design-docs`, starts `couchsync worker` on the local RabbitMQ and publishes
-the directory's scripted events (scripts/demo-events.jsonl, and one broken message) as the directory
-would, stops the worker with SIGTERM, lists the dead letters, shows the protection refusing a hand edit,
-then prints each instance's directory.
+Starts Apache CouchDB when a release is at hand (COUCHSYNC_COUCHDB_RELEASE, or the shared one beside the
+checkout; its data in a temporary folder), else PouchDB Server in memory, seeds organization `acme` (the
+organization instance and three members; Bob keeps a personal contact of Carol, which couchsync must leave
+alone) and organization `other`, runs `couchsync deploy-design-docs`, starts `couchsync worker` on the local
+RabbitMQ and publishes the directory's scripted events (scripts/demo-events.jsonl, and one broken message)
+as the directory would, stops the worker with SIGTERM, lists the dead letters, shows the protection refusing a hand
+edit, then prints each instance's directory.
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def run_worker(env: dict[str, str], events: list[tuple[str, bytes]]) -> int:
 
 
 def main() -> int:
-    print("demo: starting the local CouchDB-compatible server (PouchDB Server, in memory)")
-    couch = localcouch.server()
+    kind, _ = localcouch.choose(discover=True)
+    print(f"demo: starting the local CouchDB server ({localcouch.KIND_NAMES.get(kind, 'yours')})")
+    couch = localcouch.server(discover=True)
+    print(f"demo: {couch.label} at {couch.url}")
     env = {**os.environ, "COUCHSYNC_COUCH_URL": couch.url, "COUCHSYNC_COUCH_USER": couch.sync[0],
            "COUCHSYNC_COUCH_PASSWORD": couch.sync[1], "COUCHSYNC_GLOBAL_DB": GLOBAL_DB,
            "COUCHSYNC_EXCHANGE": EXCHANGE, "COUCHSYNC_AUTH_EXCHANGE": AUTH_EXCHANGE,

@@ -1,15 +1,18 @@
-"""A local CouchDB-compatible server for the demo and the tests, and the instances they seed.
+"""A local CouchDB server for the demo, the tests and the benchmarks, and the instances they seed.
 
-`server()` starts PouchDB Server (installed in `.couchserver/` by `scripts/setup`) on a free port, in
-memory or on disk, with two server admins: `admin` (the stack's) and `couchsync` (the sync identity).
-When COUCHSYNC_TEST_COUCH_URL names a real CouchDB with admin credentials, that server is used
-instead, and the `couchsync` admin is created there.
+`server()` chooses: the CouchDB that COUCHSYNC_TEST_COUCH_URL names (with admin credentials; the
+`couchsync` admin is created there), else one Apache CouchDB node from the release that
+COUCHSYNC_COUCHDB_RELEASE names (a `.tar.gz`, unpacked once into `.couchdb/`, or an unpacked directory),
+else PouchDB Server (installed in `.couchserver/` by `scripts/setup`), the fallback. A server started
+here listens on a free port of 127.0.0.1, keeps its data in a temporary folder and has two server
+admins: `admin` (the stack's) and `couchsync` (the sync identity).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -26,8 +30,16 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / ".couchserver" / "node_modules" / "pouchdb-server" / "bin" / "pouchdb-server"
+# The release the test machines hold beside the checkouts (../shared is read-only: unpacked into UNPACKED).
+SHARED_RELEASE = ROOT.parent / "shared" / "couchdb" / "apache-couchdb-3.4.3.tar.gz"
+UNPACKED = ROOT / ".couchdb"
+RELEASE_ENV = "COUCHSYNC_COUCHDB_RELEASE"
+URL_ENV = "COUCHSYNC_TEST_COUCH_URL"
+COUCHDB, POUCHDB, EXTERNAL = "couchdb", "pouchdb-server", "external"
+KIND_NAMES = {COUCHDB: "Apache CouchDB", POUCHDB: "PouchDB Server"}
 SYNC_USER = "couchsync"
 START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
 
 
 @dataclass
@@ -40,10 +52,17 @@ class LocalCouch:
     kind: str
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
+    version: str = ""
+    node: str = ""  # an Erlang node's name: its shards are filed under it, so a restart keeps it
     session: requests.Session = field(default_factory=requests.Session)
 
     def __post_init__(self) -> None:
         self.session.auth = self.admin
+
+    @property
+    def label(self) -> str:
+        """What the server is, for people: `Apache CouchDB 3.4.3`."""
+        return f"{KIND_NAMES.get(self.kind, self.kind)} {self.version}".strip()
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """An admin request; `path` is already URL-encoded (`/global%2Finstances/_find`)."""
@@ -53,9 +72,11 @@ class LocalCouch:
         """Stop the server this object started (none for an external CouchDB)."""
         self.session.close()
         if self.process is not None and self.process.poll() is None:
+            # The process group: the server started with a session of its own, and its helpers
+            # (CouchDB's couchjs, Node's workers) go with it.
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
@@ -69,13 +90,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes] | None, log: Path | None) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[bytes] | None, log: Path | None,
+                  path: str = "/") -> None:
+    """Wait until `GET path` answers 2xx (CouchDB's `/_up` once it is ready, not merely listening).
+
+    Raises:
+        RuntimeError: the process ended or START_TIMEOUT passed; the log's tail is in the message.
+    """
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             break
         try:
-            if requests.get(url + "/", timeout=2).ok:
+            if requests.get(url + path, timeout=2).ok:
                 return
         except requests.RequestException:
             pass
@@ -106,13 +133,132 @@ def start_pouchdb(*, data_dir: Path | None = None, port: int | None = None,
              "-c", str(workdir / "config.json"), "-n"],
             cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    couch = LocalCouch(url, admin, sync, "pouchdb-server", process, workdir)
+    couch = LocalCouch(url, admin, sync, POUCHDB, process, workdir)
     try:
         wait_until_up(url, process, log)
-    except RuntimeError:
+        couch.version = server_version(couch)
+    except BaseException:  # an interrupted start too: no server is left behind
         couch.stop()
         raise
     return couch
+
+
+def start_couchdb(release: Path, *, data_dir: Path | None = None, port: int | None = None,
+                  like: LocalCouch | None = None) -> LocalCouch:
+    """Start one Apache CouchDB node of `release` (a `.tar.gz` or an unpacked directory) on a free port.
+
+    Its data goes in a temporary folder, removed when it stops, or in `data_dir`, kept. `like`: a
+    stopped server to start again, on its port with its credentials (with the same `data_dir`).
+
+    Raises:
+        RuntimeError: the release cannot be found or unpacked, or the node did not come up.
+    """
+    home = release_home(release)
+    workdir = Path(tempfile.mkdtemp(prefix="couchsync-couchdb-"))
+    admin = like.admin if like else ("admin", secrets.token_hex(8))
+    sync = like.sync if like else (SYNC_USER, secrets.token_hex(8))
+    port = port or (int(urlsplit(like.url).port or 0) if like else None) or free_port()
+    data = data_dir or workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    log = workdir / "couch.log"
+    (workdir / "node.ini").write_text(node_ini(data, port, [admin, sync], log))
+    node = like.node if like else f"couchsync-{secrets.token_hex(4)}@127.0.0.1"
+    (workdir / "vm.args").write_text(vm_args(node, secrets.token_hex(16)))
+    inis = [home / "etc" / "default.ini", home / "etc" / "local.ini", workdir / "node.ini"]
+    env = {**os.environ, "COUCHDB_ARGS_FILE": str(workdir / "vm.args"),
+           "COUCHDB_INI_FILES": " ".join(str(path) for path in inis)}
+    with (workdir / "stdout.log").open("wb") as out:
+        process = subprocess.Popen([str(home / "bin" / "couchdb")], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    couch = LocalCouch(f"http://127.0.0.1:{port}", admin, sync, COUCHDB, process, workdir, node=node)
+    try:
+        wait_until_up(couch.url, process, log, path="/_up")
+        for system_db in ("_users", "_replicator"):  # single_node creates them; a node of a cluster waits
+            ensure_db(couch, system_db)
+        couch.version = server_version(couch)
+    except BaseException:  # an interrupted start too: no node is left behind
+        couch.stop()
+        raise
+    return couch
+
+
+def node_ini(data: Path, port: int, admins: list[tuple[str, str]], log: Path) -> str:
+    """A node's own settings, read after the release's: its data, its port, its admins (plain text,
+    hashed by the server on first start), a log file of warnings."""
+    lines = ["[couchdb]", f"database_dir = {data}", f"view_index_dir = {data}",
+             "[smoosh]", f"state_dir = {data}",
+             "[chttpd]", f"port = {port}", "bind_address = 127.0.0.1",
+             "[admins]", *(f"{name} = {password}" for name, password in admins),
+             "[log]", "writer = file", f"file = {log}", "level = warning"]
+    return "\n".join(lines) + "\n"
+
+
+def vm_args(name: str, cookie: str) -> str:
+    """The Erlang VM's arguments: a node name and cookie of its own, distribution on loopback only."""
+    return (f"-name {name}\n-setcookie {cookie}\n-kernel inet_dist_use_interface {{127,0,0,1}}\n"
+            "-kernel error_logger silent\n-sasl sasl_error_logger false\n+Bd -noinput\n")
+
+
+def release_home(release: Path) -> Path:
+    """The unpacked release: `release` itself, or the tarball unpacked into UNPACKED (once).
+
+    Raises:
+        RuntimeError: no release there, or the tarball holds none.
+    """
+    if release.is_dir():
+        if not (release / "bin" / "couchdb").exists():
+            raise RuntimeError(f"{release} is not an Apache CouchDB release (no bin/couchdb)")
+        return release
+    if not release.is_file():
+        raise RuntimeError(f"no Apache CouchDB release at {release}")
+    home = UNPACKED / release.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    if not (home / "bin" / "couchdb").exists():
+        unpack(release, home)
+    return home
+
+
+def unpack(tarball: Path, home: Path) -> None:
+    """Unpack beside `home`, then rename: a concurrent or interrupted unpack never leaves half a release."""
+    UNPACKED.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=UNPACKED))
+    try:
+        subprocess.run(["tar", "xzf", str(tarball), "-C", str(staging)], check=True, capture_output=True,
+                       timeout=300)
+        found = [path.parent.parent for path in staging.glob("*/bin/couchdb")]  # the tarball's top folder
+        if not found:
+            raise RuntimeError(f"{tarball} holds no Apache CouchDB release (no <folder>/bin/couchdb)")
+        try:
+            found[0].rename(home)
+        except OSError:
+            if not (home / "bin" / "couchdb").exists():  # else another process unpacked it first
+                raise
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"cannot unpack {tarball}: {exc.stderr.decode(errors='replace')}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def release_version(release: Path) -> str:
+    """The CouchDB version a release holds (its `lib/couch-X.Y.Z`), without starting it; "" if unknown."""
+    for lib in sorted(release_home(release).glob("lib/couch-*")):
+        if re.fullmatch(r"couch-\d+(\.\d+)*", lib.name):
+            return lib.name.removeprefix("couch-")
+    return ""
+
+
+def pouchdb_version() -> str:
+    """The installed PouchDB Server's version, without starting it; "" if it is not installed."""
+    try:
+        return str(json.loads((POUCHDB_BIN.parent.parent / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def server_version(couch: LocalCouch) -> str:
+    """The version `GET /` announces."""
+    response = couch.request("GET", "/")
+    response.raise_for_status()
+    return str(response.json().get("version", ""))
 
 
 def connect(url_with_admin: str) -> LocalCouch:
@@ -122,8 +268,9 @@ def connect(url_with_admin: str) -> LocalCouch:
         raise RuntimeError("COUCHSYNC_TEST_COUCH_URL must carry admin credentials (http://user:pw@host:port)")
     bare = urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port or 5984}")).rstrip("/")
     sync = (SYNC_USER, secrets.token_hex(8))
-    couch = LocalCouch(bare, (parts.username, parts.password), sync, "couchdb")
+    couch = LocalCouch(bare, (parts.username, parts.password), sync, COUCHDB)
     wait_until_up(bare, None, None)
+    couch.version = server_version(couch)
     for path in (f"/_node/_local/_config/admins/{SYNC_USER}", f"/_config/admins/{SYNC_USER}"):
         response = couch.request("PUT", path, data=json.dumps(sync[1]))
         if response.ok:
@@ -131,10 +278,46 @@ def connect(url_with_admin: str) -> LocalCouch:
     raise RuntimeError(f"cannot create the {SYNC_USER} admin on {bare}: {response.status_code}")
 
 
-def server(**kwargs: Any) -> LocalCouch:
-    """The server named by COUCHSYNC_TEST_COUCH_URL, else a new PouchDB Server."""
-    external = os.environ.get("COUCHSYNC_TEST_COUCH_URL")
-    return connect(external) if external else start_pouchdb(**kwargs)
+def find_release(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The release COUCHSYNC_COUCHDB_RELEASE names, else the shared one beside the checkout if present."""
+    named = environ.get(RELEASE_ENV)
+    if named:
+        return Path(named)
+    return SHARED_RELEASE if SHARED_RELEASE.exists() else None
+
+
+def choose(environ: Mapping[str, str] = os.environ, *, discover: bool = False) -> tuple[str, str | None]:
+    """Which server `server()` uses: ("external", URL), (COUCHDB, release) or (POUCHDB, None).
+
+    `discover`: also look for the shared release when COUCHSYNC_COUCHDB_RELEASE is not set.
+    """
+    if environ.get(URL_ENV):
+        return EXTERNAL, environ[URL_ENV]
+    release = find_release(environ) if discover else environ.get(RELEASE_ENV)
+    return (COUCHDB, str(release)) if release else (POUCHDB, None)
+
+
+def server(*, discover: bool = False, **kwargs: Any) -> LocalCouch:
+    """The server `choose()` names, connected or started (`kwargs` go to the start)."""
+    kind, where = choose(discover=discover)
+    if kind == EXTERNAL and where:
+        return connect(where)
+    if kind == COUCHDB and where:
+        return start_couchdb(Path(where), **kwargs)
+    return start_pouchdb(**kwargs)
+
+
+def restartable(session: LocalCouch, data_dir: Path, like: LocalCouch | None = None) -> LocalCouch:
+    """A server of our own, like the session's, keeping its data in `data_dir`, to stop and start again.
+
+    Apache CouchDB when the session runs on CouchDB and a release is at hand (an external CouchDB cannot
+    be stopped by a test), else PouchDB Server. `like`: the stopped one, started again as it was.
+    """
+    kind = like.kind if like else session.kind
+    release = find_release()
+    if kind == COUCHDB and release:
+        return start_couchdb(release, data_dir=data_dir, like=like)
+    return start_pouchdb(data_dir=data_dir, like=like)
 
 
 def db_path(name: str) -> str:

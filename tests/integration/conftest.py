@@ -1,9 +1,10 @@
-"""The real CouchDB-compatible server for the integration tests, and a per-test world on it.
+"""The real CouchDB server for the integration tests, and a per-test world on it.
 
-One server per test session (PouchDB Server on a free port, or the CouchDB that
-COUCHSYNC_TEST_COUCH_URL names). Each test gets its own global database and database prefixes, so
-tests share nothing; on an external CouchDB they are deleted afterwards. A server that cannot
-start fails the tests under CI and skips them elsewhere.
+One server per test session, as `localcouch.server()` chooses: the CouchDB that COUCHSYNC_TEST_COUCH_URL
+names, else Apache CouchDB from COUCHSYNC_COUCHDB_RELEASE, else PouchDB Server, each started on a free
+port (the terminal summary says which ran). Each test gets its own global database and database
+prefixes, so tests share nothing; on an external CouchDB they are deleted afterwards. A server that
+cannot start fails the tests under CI and skips them elsewhere.
 """
 
 from __future__ import annotations
@@ -26,16 +27,26 @@ from couchsync.instances import InstanceDirectory
 from couchsync.sync import Synchronizer
 
 
+SERVER_SEEN = pytest.StashKey[str]()
+
+
 @pytest.fixture(scope="session")
-def couch_server():
+def couch_server(request):
     try:
         server = localcouch.server()
     except RuntimeError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"the CouchDB-compatible server is needed: {exc}")
         pytest.skip(f"no CouchDB-compatible server: {exc}")
+    request.config.stash[SERVER_SEEN] = f"{server.label} at {server.url}"
     yield server
     server.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Which server the integration tests ran on, with its version, beside pytest's counts."""
+    if SERVER_SEEN in config.stash:
+        terminalreporter.write_line(f"integration tests ran on {config.stash[SERVER_SEEN]}")
 
 
 @dataclass
@@ -164,8 +175,8 @@ class World:
     def cleanup(self) -> None:
         for gateway in self.gateways:
             gateway.close()
-        if self.server.kind == "pouchdb-server":
-            return  # in memory: gone with the server
+        if self.server.process is not None:
+            return  # a server of ours: its data goes with it
         for name in self.databases:
             self.server.request("DELETE", localcouch.db_path(name))
         for user in self.users:

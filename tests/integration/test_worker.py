@@ -276,7 +276,7 @@ def test_couchdb_down_for_ten_seconds_is_retried_not_dead_lettered_and_converges
         couch_server, broker, start_worker, tmp_path):
     data = tmp_path / "couch-data"
     data.mkdir()
-    server = localcouch.start_pouchdb(data_dir=data)  # file-backed: the data survives the outage
+    server = localcouch.restartable(couch_server, data)  # the session's kind, on disk: the data survives
     world = World(server)
     try:
         seed(world)
@@ -286,7 +286,7 @@ def test_couchdb_down_for_ten_seconds_is_retried_not_dead_lettered_and_converges
         wait_until(lambda: worker.count("applied") >= 30, 120, "some events are applied")
         server.stop()
         time.sleep(10)
-        server = localcouch.start_pouchdb(data_dir=data, like=server)
+        server = localcouch.restartable(couch_server, data, like=server)
         world.server = server
         wait_until(lambda: worker.count("applied") == len(messages) and drained(broker, worker), 300,
                    "every event is applied after CouchDB returns")
