@@ -98,12 +98,24 @@ def cli(ctx: click.Context, couch_url: str, couch_user: str, couch_password_file
 
 
 def _refuse_typed_secrets(ctx: click.Context, password: str, url: str, envvar: str, file_option: str) -> None:
-    """Refuse a password typed on the command line (alone or in a URL): it would show in the process list."""
+    """Refuse a password typed on the command line (alone or in a URL): it would show in the process list.
+
+    Any credentials in a typed URL are refused, percent-encoded ones (`u%3Apw@`) included.
+    """
     typed = ctx.get_parameter_source(password) is ParameterSource.COMMANDLINE
     if typed or (ctx.get_parameter_source(url) is ParameterSource.COMMANDLINE
-                 and config.has_password(ctx.params[url])):
+                 and config.has_userinfo(ctx.params[url])):
         raise ConfigError(f"a password on the command line would show in the process list: "
                           f"use {envvar} or {file_option}")
+
+
+def future_skew_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """How far ahead of the clock an event may be stamped, shared by `apply` and `worker`."""
+    return click.option(
+        "--max-future-skew", envvar="COUCHSYNC_MAX_FUTURE_SKEW", metavar="SECONDS|DURATION",
+        default=str(int(config.DEFAULT_MAX_FUTURE_SKEW.total_seconds())), show_default=True,
+        help="Refuse events stamped further ahead of this machine's clock (seconds, or e.g. 12h, 1d): "
+             "a far-future event would win over every later one.")(command)
 
 
 def amqp_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -148,53 +160,85 @@ def _amqp_settings(ctx: click.Context, params: dict[str, Any]) -> config.AmqpSet
                             shutdown_timeout=params["shutdown_timeout"])
 
 
-def read_messages(stream: IO[str]) -> Iterator[tuple[int, str, Any]]:
-    """(line number, routing key, body) of each JSON line `{"routingKey": ..., "body": ...}`."""
-    for number, line in enumerate(stream, start=1):
+def read_messages(stream: Iterable[bytes | str]) -> Iterator[tuple[int, str, Any]]:
+    """(line number, routing key, body) of each JSON line `{"routingKey": ..., "body": ...}`.
+
+    Each line is decoded on its own, so that a bad byte or a hostile line costs only that line; a
+    bad line gives an InvalidEvent in place of its body.
+    """
+    for number, raw in enumerate(stream, start=1):
+        try:
+            # utf-8-sig: a byte order mark some editors write is no part of the first line.
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            yield number, "", InvalidEvent(f"line is not UTF-8: byte 0x{exc.object[exc.start]:02x} "
+                                           f"at column {exc.start + 1}")
+            continue
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        try:
-            message = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield number, "", InvalidEvent(f"line is not JSON: {exc.msg}")
-            continue
-        if not isinstance(message, dict):
-            yield number, "", InvalidEvent("line is not a JSON object")
-            continue
-        body = message.get("body")
-        yield number, str(message.get("routingKey") or ""), body if isinstance(body, (dict, str)) else b""
+        yield _message(number, text)
+
+
+def _message(number: int, text: str) -> tuple[int, str, Any]:
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return number, "", InvalidEvent(f"line is not JSON: {exc.msg}")
+    except RecursionError:
+        return number, "", InvalidEvent("line is not JSON: nested too deeply")
+    if not isinstance(message, dict):
+        return number, "", InvalidEvent("line is not a JSON object")
+    routing_key, body = message.get("routingKey") or "", message.get("body")
+    if not isinstance(routing_key, str):
+        return number, "", InvalidEvent("routingKey is not a string")
+    return number, routing_key, body if isinstance(body, (dict, str)) else b""
+
+
+REPORT_FIELD_LENGTH = 120   # characters of an id or key printed in a report line
+REPORT_REASON_LENGTH = 240  # characters of a reason
+
+
+def shown(text: str, limit: int = REPORT_FIELD_LENGTH) -> str:
+    """Text for a report line: cut to `limit` characters, control characters escaped (no forged lines)."""
+    cut = text[:limit]
+    escaped = "".join(char if char.isprintable() else repr(char)[1:-1] for char in cut)
+    return escaped + (f"…({len(text)} characters)" if len(text) > limit else "")
 
 
 def _print_report(number: int, report: EventReport) -> None:
     status = "FAILED" if report.failures else "ok"
-    click.echo(f"{number}: {report.routing_key} {report.organization_id}/{report.subject}: {status}, "
-               f"{len(report.instances)} instances, {report.writes} writes, "
+    click.echo(f"{number}: {shown(report.routing_key)} {shown(report.organization_id)}/{shown(report.subject)}: "
+               f"{status}, {len(report.instances)} instances, {report.writes} writes, "
                f"{len(report.refusals)} refusals ({report.seconds:.2f}s)")
     for domain, reason in report.refusals:
-        click.echo(f"    refused in {domain}: {reason}")
+        click.echo(f"    refused in {shown(domain)}: {shown(reason, REPORT_REASON_LENGTH)}")
     for failure in report.failures:
-        click.echo(f"    failed in {failure.domain}: {failure.error}")
+        click.echo(f"    failed in {shown(failure.domain)}: {shown(failure.error or '', REPORT_REASON_LENGTH)}")
 
 
 @cli.command()
-@click.argument("source", type=click.File("r", encoding="utf-8"), default="-")
+@click.argument("source", type=click.File("rb"), default="-")
+@future_skew_option
 @click.pass_obj
-def apply(obj: Context, source: IO[str]) -> None:
+def apply(obj: Context, source: IO[bytes], max_future_skew: str) -> None:
     """Apply events read as JSON lines from SOURCE (a file, or - for standard input).
 
     Each line is {"routingKey": "b2b.group.created", "body": {...}}. Prints one summary per event;
-    exits 65 when a line is invalid, 1 when an event failed in some instance, 0 otherwise.
+    exits 65 when a line is invalid (every other line is still applied), 1 when an event failed in
+    some instance, 0 otherwise.
     """
+    obj.sync = config.with_future_skew(obj.sync, max_future_skew)
     worst = 0
     with obj.gateway() as couch, obj.synchronizer(couch) as sync:
         for number, routing_key, body in read_messages(source):
             try:
                 if isinstance(body, Exception):
                     raise body
-                report = sync.apply(parse_event(routing_key, body))
+                report = sync.apply(parse_event(routing_key, body, not_after=obj.sync.not_after()))
             except CouchsyncError as exc:
-                click.echo(f"{number}: {routing_key or '?'}: {type(exc).__name__}: {exc}")
+                click.echo(f"{number}: {shown(routing_key or '?')}: {type(exc).__name__}: "
+                           f"{shown(str(exc), REPORT_REASON_LENGTH)}")
                 worst = max(worst, exc.exit_code)
                 continue
             _print_report(number, report)
@@ -210,15 +254,17 @@ def apply(obj: Context, source: IO[str]) -> None:
               show_default=True, help="Port of /metrics and /healthz (0: off).")
 @click.option("--notify-socket", envvar="NOTIFY_SOCKET", hidden=True)
 @click.option("--watchdog-usec", envvar="WATCHDOG_USEC", hidden=True)
+@future_skew_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
-           watchdog_usec: str | None, **amqp: Any) -> None:
+           watchdog_usec: str | None, max_future_skew: str, **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
     Exits 78 on a configuration error (wrong credentials, queues declared with other arguments).
     """
     obj: Context = ctx.obj
+    obj.sync = config.with_future_skew(obj.sync, max_future_skew)
     settings = _amqp_settings(ctx, amqp)
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
                                  notify_socket=notify_socket, watchdog_usec=watchdog_usec)

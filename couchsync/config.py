@@ -6,11 +6,14 @@ Credentials come from the environment or from files, never from a URL typed on a
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from couchsync.errors import ConfigError
 
@@ -34,6 +37,9 @@ DEFAULT_RETRY_DELAY = 2.0     # seconds before the first retry, doubling after
 DEFAULT_RETRY_DELAY_MAX = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 20.0  # seconds an in-flight event may take to finish on SIGTERM
 DEFAULT_METRICS_PORT = 9464   # 0 turns the metrics and health endpoint off
+# How far ahead of our clock an event's timestamp may be: a far-future event would win over every
+# later one for ever. A day covers any clock drift and time zone mistake of the directory.
+DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,13 @@ class SyncSettings:
     concurrency: int = DEFAULT_CONCURRENCY
     page_size: int = DEFAULT_PAGE_SIZE
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW
+
+    def not_after(self) -> datetime:
+        """The latest event timestamp accepted now: the clock plus the allowed future skew."""
+        now = datetime.now(timezone.utc)
+        latest = datetime.max.replace(tzinfo=timezone.utc)
+        return latest if self.max_future_skew >= latest - now else now + self.max_future_skew
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +163,7 @@ def load_amqp(url: str, *, username: str = DEFAULT_AMQP_USER, password: str | No
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ConfigError(f"the AMQP URL must be amqp(s)://host[:port][/vhost]: {redact(url)}")
-    user = username or parts.username or DEFAULT_AMQP_USER
+    user = username or _url_user(parts) or DEFAULT_AMQP_USER
     secret = _password(password, password_file, parts)
     if secret is None:
         if user != DEFAULT_AMQP_USER:
@@ -181,6 +194,11 @@ def load_worker(*, metrics_host: str = "127.0.0.1", metrics_port: int = DEFAULT_
     return WorkerSettings(metrics_host, metrics_port, notify_socket or None, watchdog)
 
 
+def _url_user(parts: SplitResult) -> str | None:
+    """The URL's user name, percent-decoded (`sync%40acme` is `sync@acme`)."""
+    return unquote(parts.username) if parts.username else None
+
+
 def _host(parts: SplitResult) -> str:
     """`host[:port]` of a URL, without its credentials."""
     return (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
@@ -192,13 +210,15 @@ def _password(password: str | None, password_file: str | None, parts: SplitResul
         return Secret(password)
     if password_file:
         return read_secret_file(password_file)
-    return Secret(parts.password) if parts.password is not None else None
+    return Secret(unquote(parts.password)) if parts.password is not None else None
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by `[secure]`."""
+    """The URL with any password replaced by `[secure]` (a percent-encoded one hides the whole userinfo)."""
     parts = urlsplit(url)
     if parts.password is None:
+        if parts.username is not None and ":" in unquote(parts.username):
+            return urlunsplit(parts._replace(netloc=f"[secure]@{_host(parts)}"))
         return url
     return urlunsplit(parts._replace(netloc=f"{parts.username}:[secure]@{_host(parts)}"))
 
@@ -208,16 +228,23 @@ def has_password(url: str) -> bool:
     return urlsplit(url).password is not None
 
 
+def has_userinfo(url: str) -> bool:
+    """Whether the URL carries credentials of any kind (`user@`, `user:pw@`, `u%3Apw@`)."""
+    return "@" in urlsplit(url).netloc
+
+
 def read_secret_file(path: str | Path) -> Secret:
     """The first line of a secret file (systemd credentials, Kubernetes secrets).
 
     Raises:
-        ConfigError: the file cannot be read.
+        ConfigError: the file cannot be read, or is not UTF-8 text.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the secret file {path} is not UTF-8 text (byte {exc.start + 1})") from exc
     return Secret(text.splitlines()[0].strip() if text.strip() else "")
 
 
@@ -235,12 +262,13 @@ def load_couch(url: str, *, username: str | None = None, password: str | None = 
     if timeout <= 0 or pool_size < 1:
         raise ConfigError("the CouchDB timeout and pool size must be positive")
     bare = urlunsplit(parts._replace(netloc=_host(parts))).rstrip("/")
-    return CouchSettings(url=bare, username=username or parts.username,
+    return CouchSettings(url=bare, username=username or _url_user(parts),
                          password=_password(password, password_file, parts), timeout=timeout, pool_size=pool_size)
 
 
 def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, state_db: str = DEFAULT_STATE_DB,
-              concurrency: int = DEFAULT_CONCURRENCY, page_size: int = DEFAULT_PAGE_SIZE) -> SyncSettings:
+              concurrency: int = DEFAULT_CONCURRENCY, page_size: int = DEFAULT_PAGE_SIZE,
+              max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW) -> SyncSettings:
     """SyncSettings, checked.
 
     Raises:
@@ -250,4 +278,43 @@ def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, state_db: str = DEFAULT_STA
         raise ConfigError("the global instances and directory state database names must not be empty")
     if concurrency < 1 or page_size < 1:
         raise ConfigError("concurrency and page size must be at least 1")
-    return SyncSettings(global_db=global_db, state_db=state_db, concurrency=concurrency, page_size=page_size)
+    if max_future_skew < timedelta(0):
+        raise ConfigError("the future skew must not be negative")
+    return SyncSettings(global_db=global_db, state_db=state_db, concurrency=concurrency, page_size=page_size,
+                        max_future_skew=max_future_skew)
+
+
+def with_future_skew(settings: SyncSettings, text: str) -> SyncSettings:
+    """The settings with the future skew a command's option gives (seconds or a duration).
+
+    Raises:
+        ConfigError: not a duration.
+    """
+    return replace(settings, max_future_skew=parse_duration(text))
+
+
+_DURATION = re.compile(r"(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?"
+                       r"(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str) -> timedelta:
+    """A duration given as seconds (`86400`, `90.5`) or with units (`1d`, `12h`, `1h30m`, `45s`).
+
+    Raises:
+        ConfigError: anything else, negative, or too long to be a date difference.
+    """
+    text = text.strip()
+    match = _DURATION.fullmatch(text)
+    try:
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and match:
+            seconds = sum(float(value) * _UNIT_SECONDS[unit] for unit, value in match.groupdict().items() if value)
+        else:
+            raise ConfigError(f"not a duration (seconds, or e.g. 1d, 12h, 1h30m): {text[:40]!r}")
+        if not math.isfinite(seconds):
+            raise OverflowError(text)
+        return timedelta(seconds=seconds)
+    except OverflowError as exc:
+        raise ConfigError(f"the duration {text[:40]!r} is too long") from exc

@@ -247,7 +247,7 @@ class Synchronizer:
             InstancesFailed: failed in some instances (InstancesUnavailable: trying again may help).
             CouchError: the global database could not be read.
         """
-        report = self.apply(parse_event(routing_key, body))
+        report = self.apply(parse_event(routing_key, body, not_after=self._settings.not_after()))
         report.raise_for_failures()
         return report.fields()
 

@@ -1,5 +1,8 @@
 """Arguments and exit codes of the command line (no server needed)."""
 
+import json
+
+import pytest
 from click.testing import CliRunner
 
 from couchsync.cli import cli, read_messages
@@ -55,3 +58,114 @@ def test_masked_bodies_hide_the_secret_fields_of_user_created():
     from couchsync.cli import masked_body
     shown = masked_body(b'{"twakeId": "t1", "privateKey": "PRIVATE", "hash": "H", "domain": "bob.acme"}')
     assert "PRIVATE" not in shown and '"hash": "[secure]"' in shown and '"domain": "bob.acme"' in shown
+
+
+# Issue 18: hostile input to `apply` and to the options. The synchronizer is a fake here (no server):
+# what is checked is the reading of the lines, the reports and the exit codes.
+
+class FakeSynchronizer:
+    """Records the events `apply` hands it and reports one write for each."""
+
+    def __init__(self):
+        self.applied = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    def apply(self, event):
+        from couchsync.sync import EventReport, InstanceReport
+        self.applied.append(event)
+        subject = getattr(event, "group_id", None) or event.domain
+        return EventReport(event.routing_key, getattr(event, "organization_id", None) or "acme", subject,
+                           (InstanceReport("acme.twake.app", writes=1),), 0.0)
+
+
+@pytest.fixture
+def fake_sync(monkeypatch):
+    from couchsync.cli import Context
+    fake = FakeSynchronizer()
+    monkeypatch.setattr(Context, "synchronizer", lambda self, couch: fake)
+    return fake
+
+
+def created(group_id, **changes):
+    body = {"timestamp": "2026-06-16T10:30:00Z", "organizationId": "acme", "id": group_id, "name": group_id,
+            **changes}
+    return json.dumps({"routingKey": "b2b.group.created", "body": body}).encode()
+
+
+HOSTILE_LINES = {
+    "a 0xFF byte": b'{"routingKey": "b2b.group.created", "body": {"name": "caf\xff"}}',
+    "JSON nested 100,000 levels": b'{"routingKey": "b2b.group.created", "body": ' + b"[" * 100_000
+                                  + b"]" * 100_000 + b"}",
+    "a timestamp past 9999 in UTC": created("late", timestamp="9999-12-31T23:59:59-05:00"),
+    "a timestamp before year 1 in UTC": created("early", timestamp="0001-01-01T00:00:00+05:00"),
+    "an unparseable workplace": created("bad-host", members=[{"email": "bob@acme.com", "workplaceFqdn": "["}]),
+}
+
+
+def test_apply_reports_each_hostile_line_with_its_number_and_applies_every_good_one(fake_sync):
+    lines = [created("first")]
+    for hostile in HOSTILE_LINES.values():
+        lines += [hostile, created(f"after-{len(lines)}")]
+    result = run("apply", "-", input=b"\n".join(lines))
+    assert result.exception.code == 65
+    assert [event.group_id for event in fake_sync.applied] == ["first", "after-1", "after-3", "after-5",
+                                                               "after-7", "after-9"]
+    errors = [line for line in result.output.splitlines() if "InvalidEvent" in line]
+    assert [line.split(":")[0] for line in errors] == ["2", "4", "6", "8", "10"]
+    assert "line is not UTF-8: byte 0xff at column 58" in errors[0]
+    assert "nested too deeply" in errors[1]
+    assert "is out of range" in errors[2] and "is out of range" in errors[3]
+    assert "workplaceFqdn: is not a host name or URL" in errors[4]
+
+
+def test_apply_refuses_events_beyond_the_future_skew_it_is_given(fake_sync):
+    tomorrow = created("soon", timestamp="2999-01-01T00:00:00Z")
+    result = run("apply", "--max-future-skew", "1h", "-", input=tomorrow)
+    assert result.exception.code == 65 and "too far in the future" in result.output
+    result = run("apply", "-", input=tomorrow, env={"COUCHSYNC_MAX_FUTURE_SKEW": str(1000 * 366 * 86400)})
+    assert result.exit_code == 0, result.output
+    result = run("apply", "--max-future-skew", "soon", "-", input=tomorrow)
+    assert result.exception.exit_code == 78
+
+
+def test_the_worker_takes_a_future_skew_and_refuses_a_bad_one():
+    result = run("worker", "--max-future-skew", "-1", "--metrics-port", "0")
+    assert result.exception is not None and result.exception.exit_code == 78
+
+
+def test_the_apply_report_cuts_a_ten_thousand_character_id(fake_sync, capsys):
+    long_id = "x" * 10_000
+    # The schema bounds ids (256 characters); a report line must stay short whatever it prints.
+    result = run("apply", "-", input=created(long_id))
+    assert result.exception.code == 65
+    assert max(len(line) for line in result.output.splitlines()) < 400
+    from couchsync.cli import _print_report
+    from couchsync.sync import EventReport, InstanceReport
+    capsys.readouterr()
+    _print_report(7, EventReport("b2b.group.created", "acme", long_id + "\nforged line",
+                                 (InstanceReport("acme.twake.app", refusals=("r" * 10_000,)),), 0.0))
+    printed = capsys.readouterr().out
+    assert len(printed.splitlines()) == 2 and max(len(line) for line in printed.splitlines()) < 400
+    assert "(10012 characters)" in printed
+    _print_report(8, EventReport("b2b.group.created", "acme", "eng\n9: b2b.group.created acme/x: ok", (), 0.0))
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+@pytest.mark.parametrize("url", ["http://u%3Apw@couch:5984", "http://couchsync@couch:5984",
+                                 "http://:pw@couch:5984"])
+def test_any_credentials_in_a_command_line_url_are_refused_with_exit_78(url):
+    result = run("--couch-url", url, "apply", "-", input="")
+    assert result.exception is not None and result.exception.exit_code == 78
+    assert "pw" not in str(result.exception)
+
+
+def test_a_password_file_that_is_not_utf8_exits_78(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xff\xfe")
+    result = run("--couch-password-file", str(secret), "apply", "-", input="")
+    assert result.exception is not None and result.exception.exit_code == 78

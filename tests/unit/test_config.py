@@ -54,3 +54,42 @@ def test_an_empty_sync_identity_is_a_configuration_error():
 def test_the_admin_role_would_let_every_server_admin_through_and_is_refused():
     with pytest.raises(ConfigError, match="_admin cannot be a sync identity role"):
         config.load_identity(["couchsync"], ["_admin"])
+
+
+# Issue 18, finding 12: configuration mistakes are ConfigErrors (exit 78), never tracebacks.
+
+def test_a_password_file_that_is_not_utf8_is_a_config_error_with_exit_78(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8") as caught:
+        load_couch("http://couch", password_file=str(secret))
+    assert caught.value.exit_code == 78
+
+
+def test_percent_encoded_credentials_are_decoded_and_masked():
+    settings = load_couch("http://sync%40acme:p%3Aw@couch:5984")
+    assert (settings.username, settings.password) == ("sync@acme", Secret("p:w"))
+    assert redact("http://u%3Apw@couch:5984") == "http://[secure]@couch:5984"
+    assert config.has_userinfo("http://u%3Apw@couch:5984") and not config.has_userinfo("http://couch:5984")
+
+
+# Finding 3: how far into the future an event's timestamp may be.
+
+@pytest.mark.parametrize("text, seconds", [("86400", 86400), ("90.5", 90.5), ("1d", 86400), ("12h", 43200),
+                                           ("1h30m", 5400), ("45s", 45), ("0", 0)])
+def test_the_future_skew_is_read_as_seconds_or_a_duration(text, seconds):
+    assert config.parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "-5", "1 week", "h", "1x", "nan", "inf"])
+def test_a_future_skew_that_is_no_duration_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="duration"):
+        config.parse_duration(text)
+
+
+def test_sync_settings_accept_events_up_to_one_day_ahead_by_default():
+    from datetime import datetime, timedelta, timezone
+    settings = load_sync()
+    assert settings.max_future_skew == timedelta(days=1)
+    now = datetime.now(timezone.utc)
+    assert now + timedelta(hours=23) < settings.not_after() < now + timedelta(hours=25)

@@ -1,4 +1,5 @@
 import json
+from datetime import datetime, timezone
 
 import pytest
 
@@ -85,3 +86,86 @@ def test_stamps_order_by_time_then_kind_and_equal_bodies_stamp_equal():
     again = parse_event("b2b.group.member.added", body(timestamp="2026-06-16T10:00:00Z", members=[MEMBER]))
     assert again.stamp == late_add.stamp
     assert event_stamp(late_add.timestamp, GroupEventKind.DELETED, {}) > same_time_remove.stamp
+
+
+# Issue 18, finding 3: stamps order as time orders, and impossible or future timestamps are refused.
+
+def test_stamps_of_years_before_1000_sort_before_current_ones():
+    old = parse_event("b2b.group.updated", body(timestamp="0999-01-01T00:00:00Z", name="OLD"))
+    new = parse_event("b2b.group.updated", body(timestamp="2027-01-01T00:00:00Z", name="NEW"))
+    assert old.stamp.startswith("0999-01-01T00:00:00.000000Z#1#")
+    assert old.stamp < new.stamp
+    # The format of stored stamps (years from 1000) is unchanged.
+    assert new.stamp.startswith("2027-01-01T00:00:00.000000Z#1#")
+
+
+@pytest.mark.parametrize("timestamp", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"])
+def test_timestamps_that_leave_the_calendar_in_utc_are_invalid_events(timestamp):
+    with pytest.raises(InvalidEvent, match="timestamp: .* is out of range"):
+        parse_event("b2b.group.created", body(timestamp=timestamp))
+
+
+def test_timestamps_further_in_the_future_than_the_allowed_skew_are_refused():
+    not_after = datetime(2026, 6, 17, 10, 30, tzinfo=timezone.utc)
+    assert parse_event("b2b.group.created", body(timestamp="2026-06-17T10:30:00Z"), not_after=not_after)
+    with pytest.raises(InvalidEvent, match="timestamp: '9999-01-01T00:00:00Z' is too far in the future"):
+        parse_event("b2b.group.created", body(timestamp="9999-01-01T00:00:00Z"), not_after=not_after)
+    with pytest.raises(InvalidEvent, match="too far in the future"):
+        parse_event("user.created", json.dumps({**USER, "timestamp": not_after.timestamp() + 1}),
+                    not_after=not_after)
+
+
+# Finding 4: what made `apply` crash is an InvalidEvent with its real reason.
+
+def test_json_nested_too_deeply_is_an_invalid_event_with_its_reason():
+    with pytest.raises(InvalidEvent, match="body is not JSON: nested too deeply"):
+        parse_event("b2b.group.created", b"[" * 100_000 + b"]" * 100_000)
+
+
+@pytest.mark.parametrize("fqdn", ["[", "http://[::1", "bob acme.test", "https://user:pw@/path"])
+def test_a_workplace_fqdn_without_a_usable_host_is_an_invalid_event(fqdn):
+    with pytest.raises(InvalidEvent, match=r"members\.0\.workplaceFqdn: is not a host name or URL"):
+        parse_event("b2b.group.created", body(members=[{**MEMBER, "workplaceFqdn": fqdn}]))
+    with pytest.raises(InvalidEvent, match=r"workplaceFqdn: is not a host name or URL"):
+        parse_event("user.created", json.dumps({**USER, "workplaceFqdn": fqdn}))
+
+
+def test_a_string_that_is_not_unicode_text_is_an_invalid_event():
+    with pytest.raises(InvalidEvent, match="not Unicode text"):
+        parse_event("b2b.group.created", b'{"timestamp": "2026-06-16T10:30:00Z", "organizationId": "acme",'
+                                         b' "id": "eng", "name": "\\ud800"}')
+
+
+# Finding 5 (schema part): an event's size is bounded, and so is each string.
+
+def test_an_event_with_more_members_than_the_bound_is_refused_with_the_reason():
+    members = [{"email": f"m{i}@acme.com"} for i in range(10_001)]
+    with pytest.raises(InvalidEvent, match="members: must have at most 10000 item"):
+        parse_event("b2b.group.created", body(members=members))
+    assert len(parse_event("b2b.group.member.added", body(members=members[:10_000])).members) == 10_000
+
+
+@pytest.mark.parametrize("routing_key, payload, reason", [
+    ("b2b.group.created", body(id="x" * 257), "id: must be at most 256 characters"),
+    ("b2b.group.created", body(name="N" * 257), "name: must be at most 256 characters"),
+    ("b2b.group.created", body(description="D" * 4097), "description: must be at most 4096 characters"),
+    ("b2b.group.created", body(members=[{"email": "b" * 250 + "@acme.com"}]),
+     "members.0.email: must be at most 254 characters"),
+    ("user.created", json.dumps({**USER, "twakeId": "t" * 257}), "twakeId: must be at most 256 characters"),
+], ids=["group id", "group name", "description", "member email", "twakeId"])
+def test_over_long_strings_are_refused_without_echoing_them(routing_key, payload, reason):
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(routing_key, payload)
+    assert reason in str(caught.value)
+    assert len(str(caught.value)) < 200
+
+
+# Finding 11 (host part): a workplace URL is kept as its host only.
+
+def test_a_workplace_url_with_credentials_is_kept_as_its_lower_case_host_only():
+    fqdn = "https://user:s3cretpw@Bob.ACME.test:8443/path?q=1"
+    event = parse_event("b2b.group.member.added", body(members=[{**MEMBER, "workplaceFqdn": fqdn}]))
+    assert event.members[0].workplace_fqdn == "bob.acme.test"
+    user = parse_event("user.created", json.dumps({**USER, "workplaceFqdn": fqdn}))
+    assert user.workplace_fqdn == "bob.acme.test"
+    assert "s3cretpw" not in repr(event) + repr(user)
