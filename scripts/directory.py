@@ -14,7 +14,8 @@ from typing import Any
 import localcouch
 from couchsync.documents import managed_group_id, with_group
 from couchsync.events import GroupEventKind, Member, event_stamp
-from couchsync.plan import GroupState, upsert_contact
+from couchsync.plan import group_doc, upsert_contact
+from couchsync.state import GroupState
 
 STAMP = event_stamp(datetime(2026, 6, 16, 10, 0, tzinfo=timezone.utc), GroupEventKind.MEMBERS_ADDED, {"seed": True})
 
@@ -28,7 +29,8 @@ def groups_of(i: int, groups: int) -> list[int]:
 
 
 def group_docs(org_id: str, contacts: int, groups: int) -> Iterator[dict[str, Any]]:
-    """The organization's managed groups, each remembering its members."""
+    """The organization's managed groups, as the stack's own consumer writes them (no state of couchsync's:
+    the first event or bootstrap takes them over)."""
     members: list[list[str]] = [[] for _ in range(groups)]
     for i in range(contacts):
         for g in groups_of(i, groups):
@@ -39,7 +41,7 @@ def group_docs(org_id: str, contacts: int, groups: int) -> Iterator[dict[str, An
                                    "createdAt": "2026-06-16T10:00:00Z"},
                            stamps={key: STAMP for key in ("exists", "name", "description", "color", "createdAt")},
                            members={address: (STAMP, True) for address in members[g]})
-        yield state.to_doc(None)
+        yield group_doc(state, None)
 
 
 def contact_docs(org_id: str, contacts: int, groups: int) -> Iterator[dict[str, Any]]:
@@ -47,7 +49,7 @@ def contact_docs(org_id: str, contacts: int, groups: int) -> Iterator[dict[str, 
     for i in range(contacts):
         member = Member(email(org_id, i), username=f"person{i}", first_name="Person", last_name=f"{i:06d}",
                         workplace_fqdn=f"person{i:06d}.{org_id}.example")
-        doc = upsert_contact(None, member, org_id, STAMP)
+        doc = upsert_contact(None, member, org_id)
         for g in groups_of(i, groups):
             doc = with_group(doc, managed_group_id(org_id, f"group-{g}"), True)
         yield doc
