@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pika
+import pika.data
 import pika.exceptions
 import tenacity
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
@@ -51,6 +53,15 @@ ATTEMPT = "x-couchsync-attempt"
 ROUTING_KEY = "x-couchsync-routing-key"  # the original key, once a message has gone through our queues
 REASON = "x-couchsync-reason"
 DEAD_AT = "x-couchsync-dead-lettered-at"
+_OURS = frozenset({ATTEMPT, ROUTING_KEY, REASON, DEAD_AT, "x-delivery-count"})  # set again, never copied
+
+# What a republished message may carry. Its properties and headers must fit in one frame (131,072 bytes
+# unless the broker asks for less); a bigger one makes the broker close the connection (FRAME_ERROR),
+# which drops every message in flight, again at each attempt. With these bounds they stay under 8 KiB.
+MAX_REASON = 1000  # characters of a reason, in a header or a log line
+MAX_ROUTING_KEY = 255  # an AMQP routing key is a short string
+MAX_HEADER_BYTES = 512  # one of the publisher's headers, encoded; a bigger one is left out
+MAX_HEADERS_BYTES = 2048  # all of the publisher's headers copied, encoded
 
 # Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure.
 Handler = Callable[[str, bytes], Mapping[str, object]]
@@ -90,13 +101,18 @@ def disposition(error: BaseException | None, attempt: int, settings: AmqpSetting
         return Ack()
     if not isinstance(error, CouchsyncError):
         # A bug, most likely the same at every attempt: keep the message and the reason for a replay.
-        return DeadLetter(f"unexpected {type(error).__name__}: {error}")
+        return DeadLetter(bounded(f"unexpected {type(error).__name__}: {error}"))
     reason = f"{type(error).__name__}: {error}"
     if not error.retryable:
-        return DeadLetter(reason)
+        return DeadLetter(bounded(reason))
     if attempt >= settings.delivery_limit:
-        return DeadLetter(f"gave up after {attempt} attempts: {reason}")
-    return Retry(retry_delay(attempt, settings.retry_delay, settings.retry_delay_max), reason)
+        return DeadLetter(bounded(f"gave up after {attempt} attempts: {reason}"))
+    return Retry(retry_delay(attempt, settings.retry_delay, settings.retry_delay_max), bounded(reason))
+
+
+def bounded(text: str, limit: int = MAX_REASON) -> str:
+    """`text`, cut to `limit` characters (an error's text may quote whatever a message held)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +127,72 @@ class Delivery:
     attempt: int
 
     @classmethod
-    def of(cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes) -> Delivery:
+    def of(cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes, *,
+           queue: str) -> Delivery:
+        """A delivery from couchsync's main queue `queue`."""
         headers = properties.headers or {}
         # Our own count, and the broker's where it has one (a worker that died mid-message).
         attempt = max(count_header(headers.get(ATTEMPT)) or 1, count_header(headers.get("x-delivery-count")) + 1)
-        return cls(generation, method.delivery_tag, str(headers.get(ROUTING_KEY) or method.routing_key),
-                   body, properties, attempt)
+        return cls(generation, method.delivery_tag, routing_key_of(method, headers, queue), body, properties, attempt)
 
     @property
     def message_id(self) -> str:
         return str(self.properties.message_id or message_digest(self.routing_key, self.body))
+
+
+def routing_key_of(method: Any, headers: Mapping[str, Any], queue: str) -> str:
+    """The routing key a delivery from the main queue `queue` is handled as: its own, unless it came back
+    through couchsync's own path.
+
+    Couchsync's own path is the only one that reaches the main queue through the default exchange (""),
+    addressed by the queue's name: the retry queue dead-letters an expired message there, and `dlq
+    replay` publishes there. Only such a delivery is handled by the original key that couchsync kept in
+    `x-couchsync-routing-key`. A message routed by the directory's exchanges arrives with the
+    exchange's name and its own routing key, and that key decides, whatever headers its publisher set.
+    Publishing to the default exchange needs write permission on `amq.default` (RabbitMQ's name for it
+    in permissions), which the directory's publishers do not need and should not have; no HMAC is needed.
+    """
+    if method.exchange == "" and method.routing_key == queue:
+        kept = headers.get(ROUTING_KEY)
+        if isinstance(kept, bytes):
+            kept = kept.decode("utf-8", errors="replace")
+        if isinstance(kept, str) and 0 < len(kept) <= MAX_ROUTING_KEY:
+            return kept
+    return str(method.routing_key)
+
+
+def republish_headers(original: Mapping[str, Any] | None, routing_key: str,
+                      ours: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of a message republished to the retry or dead-letter queue: `ours`, the routing key, and
+    those of the publisher's that fit (at most MAX_HEADER_BYTES each, MAX_HEADERS_BYTES in all, encoded).
+
+    Every value couchsync sets is bounded (reasons to MAX_REASON characters), so no message, whatever
+    headers it came with, makes a republish too big for a frame.
+    """
+    kept: dict[str, Any] = {}
+    left_out = 0
+    room = MAX_HEADERS_BYTES
+    for key, value in (original or {}).items():
+        if key in _OURS:
+            continue
+        size = _encoded_size(key, value)
+        if size <= min(MAX_HEADER_BYTES, room):
+            kept[key] = value
+            room -= size
+        else:
+            left_out += 1
+    if left_out:
+        logger.warning("left out %d header(s) too big to carry", left_out)
+    own = {key: bounded(value) if isinstance(value, str) else value for key, value in ours.items()}
+    return {**kept, ROUTING_KEY: bounded(routing_key, MAX_ROUTING_KEY), **own}
+
+
+def _encoded_size(key: str, value: Any) -> int:
+    """The size of one header in an AMQP field table; a header pika cannot encode counts as too big."""
+    try:
+        return int(pika.data.encode_table([], {key: value}))
+    except (pika.exceptions.AMQPError, TypeError, ValueError, OverflowError, struct.error):
+        return MAX_HEADERS_BYTES + 1
 
 
 def count_header(value: object) -> int:
@@ -289,7 +361,7 @@ class Consumer:
     def _on_message(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
                     body: bytes) -> None:
         assert self._session is not None
-        delivery = Delivery.of(self._session.generation, method, properties, body)
+        delivery = Delivery.of(self._session.generation, method, properties, body, queue=self._settings.queue)
         self._session.in_flight[delivery.tag] = delivery
         self._metrics.in_flight.inc()
         self._pool.submit(self._work, self._session.connection, delivery)
@@ -337,8 +409,7 @@ class Consumer:
     def _republish(self, channel: BlockingChannel, delivery: Delivery, queue: str, headers: dict[str, Any],
                    expiration: float | None = None) -> None:
         properties = delivery.properties
-        merged = {**(properties.headers or {}), ROUTING_KEY: delivery.routing_key, **headers}
-        merged.pop("x-delivery-count", None)
+        merged = republish_headers(properties.headers, delivery.routing_key, headers)
         channel.basic_publish("", queue, delivery.body, pika.BasicProperties(
             content_type=properties.content_type, content_encoding=properties.content_encoding,
             message_id=delivery.message_id, timestamp=properties.timestamp, delivery_mode=2, headers=merged,
@@ -346,9 +417,9 @@ class Consumer:
 
     def _record(self, delivery: Delivery, decision: Decision, fields: Mapping[str, object], seconds: float) -> None:
         outcome = {Ack: "applied", Retry: "retried", DeadLetter: "dead_lettered"}[type(decision)]
-        self._metrics.events.labels(delivery.routing_key, outcome).inc()
+        self._metrics.count_event(delivery.routing_key, outcome)
         if isinstance(decision, Ack):
-            self._metrics.fanout_seconds.labels(delivery.routing_key).observe(seconds)
+            self._metrics.observe_fanout(delivery.routing_key, seconds)
         line = {"message": delivery.message_id, "delivery_tag": delivery.tag, "routing_key": delivery.routing_key,
                 "attempt": delivery.attempt, "outcome": outcome, **fields, "seconds": round(seconds, 3)}
         if isinstance(decision, Ack):

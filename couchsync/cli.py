@@ -19,10 +19,10 @@ from click.core import ParameterSource
 from couchsync import __version__, config, design_docs, logs
 from couchsync.amqp import Consumer
 from couchsync.couch import CouchGateway, MangoIndex
-from couchsync.dead_letters import list_dead_letters, replay_dead_letters
+from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
-from couchsync.events import SECRET_FIELDS, parse_event
+from couchsync.events import parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.metrics import Metrics, serve
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
@@ -39,6 +39,7 @@ class Context:
     couch: config.CouchSettings
     sync: config.SyncSettings
     design_source: Path
+    on_rejected: Callable[[str], None] | None = None  # a skipped instance record (the worker counts them)
 
     def gateway(self) -> CouchGateway:
         return CouchGateway(self.couch)
@@ -47,7 +48,8 @@ class Context:
         return design_docs.load(self.design_source)
 
     def directory(self, couch: CouchGateway, indexes: Sequence[MangoIndex] = ()) -> InstanceDirectory:
-        return InstanceDirectory(couch, self.sync.global_db, indexes=indexes, page_size=self.sync.page_size)
+        return InstanceDirectory(couch, self.sync.global_db, indexes=indexes, page_size=self.sync.page_size,
+                                 on_rejected=self.on_rejected)
 
     def synchronizer(self, couch: CouchGateway) -> Synchronizer:
         design = self.design()
@@ -269,6 +271,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
                                  notify_socket=notify_socket, watchdog_usec=watchdog_usec)
     metrics = Metrics()
+    obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
     sync = obj.synchronizer(couch)
     consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds))
@@ -332,17 +335,6 @@ def dlq_replay(ctx: click.Context, /, ids: tuple[str, ...], replay_all: bool, **
     for message_id in sorted(missing):
         click.echo(f"not found {message_id}")
     sys.exit(EXIT_FAILED if missing else 0)
-
-
-def masked_body(body: bytes) -> str:
-    """A message body for display: its secret fields replaced (user.created carries keys)."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return body.decode("utf-8", errors="replace")[:2000]
-    if isinstance(data, dict):
-        data = {key: "[secure]" if key in SECRET_FIELDS else value for key, value in data.items()}
-    return json.dumps(data, ensure_ascii=False)[:2000]
 
 
 @cli.command("deploy-design-docs")

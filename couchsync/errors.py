@@ -4,6 +4,7 @@
     ├── ConfigError             bad or missing setting                      exit 78 (EX_CONFIG)
     ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
     ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
+    ├── AmbiguousOrganization   several instances could be the organization's own     dead-lettered
     ├── UnknownInstance         no usable instance has the domain named     retryable (it may appear)
     ├── InstancesFailed         an event failed in some instances for lasting reasons     dead-lettered
     │   └── InstancesUnavailable    ... for passing reasons only                         retryable
@@ -48,6 +49,21 @@ class UnknownOrganization(CouchsyncError):
     """No usable instance belongs to the organization named by an event."""
 
     exit_code = 65
+
+
+class AmbiguousOrganization(CouchsyncError):
+    """Several instances of an organization could be its own (first domain label = organization id).
+
+    Not retryable: picking one would take a stranger's instance as the organization's reference; the
+    global database must be mended first. The message names the candidates.
+    """
+
+    exit_code = 65
+
+    def __init__(self, org_id: str, candidates: list[str]) -> None:
+        super().__init__(f"organization {org_id!r} has several organization instances: {', '.join(candidates)}")
+        self.org_id = org_id
+        self.candidates = candidates
 
 
 class UnknownInstance(CouchsyncError):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+# Libraries whose DEBUG lines carry requests and responses, documents included (names, emails): kept
+# at WARNING whatever the level, since debug logs say what happened, never what documents hold. The
+# IBM SDK logs as "ibm-cloud-sdk-core" and, when that logger is enabled for DEBUG as its client is built,
+# turns on http.client's printing of every request and response.
+QUIET = ("urllib3", "requests", "ibm-cloud-sdk-core", "ibm_cloud_sdk_core", "ibmcloudant", "http.client", "pika")
 _PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -38,5 +44,6 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "ibm_cloud_sdk_core", "pika"):
+    for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    http.client.HTTPConnection.debuglevel = 0

@@ -12,7 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from couchsync.events import ROUTING_KEYS, USER_CREATED
+
 OUTCOMES = ("applied", "retried", "dead_lettered")
+# A routing key is input (any publisher picks it): each value of a label is a series kept for the
+# process's life, so only the known keys are label values, and every other key is one "other".
+KNOWN_ROUTING_KEYS = frozenset(ROUTING_KEYS) | {USER_CREATED}
+OTHER = "other"
 # A fan-out to one instance takes milliseconds, to thousands of instances tens of seconds.
 FANOUT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -29,12 +35,33 @@ class Metrics:
                                         "instance of its organization.", ["routing_key"],
                                         buckets=FANOUT_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
+        self.instance_records_rejected = Counter(
+            "couchsync_instance_records_rejected", "Records of the global instances database skipped as invalid "
+            "or sharing databases with another (each counted once per process).", ["problem"],
+            registry=self.registry)
         self.reconnects = Counter("couchsync_broker_reconnects", "Connections to the broker made again after "
                                   "one was lost.", registry=self.registry)
+
+    def count_event(self, routing_key: str, outcome: str) -> None:
+        """One message handled, with its outcome."""
+        self.events.labels(routing_key_label(routing_key), outcome).inc()
+
+    def observe_fanout(self, routing_key: str, seconds: float) -> None:
+        """The time one event took to apply to every instance of its organization."""
+        self.fanout_seconds.labels(routing_key_label(routing_key)).observe(seconds)
+
+    def instance_record_rejected(self, problem: str) -> None:
+        """A record of the global database skipped (`InstanceDirectory(on_rejected=...)`)."""
+        self.instance_records_rejected.labels(problem).inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+def routing_key_label(routing_key: str) -> str:
+    """The `routing_key` label for a routing key: itself when couchsync knows it, else "other"."""
+    return routing_key if routing_key in KNOWN_ROUTING_KEYS else OTHER
 
 
 def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:

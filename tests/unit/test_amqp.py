@@ -3,11 +3,13 @@
 from types import SimpleNamespace
 
 import pika
+import pika.data
 import pytest
 
 from couchsync import config
 from couchsync.amqp import (
-    ATTEMPT, REASON, ROUTING_KEY, Ack, DeadLetter, Delivery, Retry, disposition, message_digest, retry_delay)
+    ATTEMPT, MAX_HEADERS_BYTES, MAX_REASON, MAX_ROUTING_KEY, REASON, ROUTING_KEY, Ack, DeadLetter, Delivery, Retry,
+    disposition, message_digest, republish_headers, retry_delay)
 from couchsync.dead_letters import DeadMessage
 from couchsync.errors import (
     AccessDenied, BrokerUnavailable, ConfigError, CouchUnavailable, DocumentConflict, InstancesFailed,
@@ -42,9 +44,12 @@ def test_retry_delays_double_from_the_first_and_are_capped():
     assert [retry_delay(n, 2.0, 30.0) for n in range(1, 7)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
 
 
-def deliver(headers=None, routing_key="b2b.group.deleted", message_id=None):
-    method = SimpleNamespace(delivery_tag=7, routing_key=routing_key)
-    return Delivery.of(3, method, pika.BasicProperties(headers=headers, message_id=message_id), b"{}")
+QUEUE = "t.couchsync.b2b.group"
+
+
+def deliver(headers=None, routing_key="b2b.group.deleted", message_id=None, exchange="t.b2b"):
+    method = SimpleNamespace(delivery_tag=7, routing_key=routing_key, exchange=exchange)
+    return Delivery.of(3, method, pika.BasicProperties(headers=headers, message_id=message_id), b"{}", queue=QUEUE)
 
 
 def test_a_first_delivery_is_attempt_one_with_its_own_routing_key():
@@ -54,7 +59,7 @@ def test_a_first_delivery_is_attempt_one_with_its_own_routing_key():
 
 
 def test_a_retried_delivery_keeps_its_count_and_original_routing_key():
-    delivery = deliver({ATTEMPT: 3, ROUTING_KEY: "b2b.group.created"}, routing_key="t.couchsync.b2b.group",
+    delivery = deliver({ATTEMPT: 3, ROUTING_KEY: "b2b.group.created"}, routing_key=QUEUE, exchange="",
                        message_id="m-1")
     assert (delivery.attempt, delivery.routing_key, delivery.message_id) == (3, "b2b.group.created", "m-1")
 
@@ -65,11 +70,12 @@ def test_the_brokers_count_is_taken_when_it_is_higher_a_worker_died_on_the_messa
 
 
 def test_a_dead_letter_reads_couchsyncs_reason_or_the_brokers_record():
-    ours = DeadMessage.of(SimpleNamespace(routing_key="q.dead"), pika.BasicProperties(
-        headers={REASON: "InvalidEvent: x", ATTEMPT: 1, ROUTING_KEY: "b2b.group.created"}), b"x")
+    ours = DeadMessage.of(SimpleNamespace(routing_key="q.dead", exchange=""), pika.BasicProperties(
+        headers={REASON: "InvalidEvent: x", ATTEMPT: 1, ROUTING_KEY: "b2b.group.created"}), b"x", queue=QUEUE)
     assert (ours.routing_key, ours.reason, ours.attempts) == ("b2b.group.created", "InvalidEvent: x", 1)
-    theirs = DeadMessage.of(SimpleNamespace(routing_key="q.dead"), pika.BasicProperties(headers={"x-death": [
-        {"reason": "delivery_limit", "count": 1, "routing-keys": ["b2b.group.updated"]}]}), b"y")
+    theirs = DeadMessage.of(SimpleNamespace(routing_key="q.dead", exchange="q.dlx"), pika.BasicProperties(headers={
+        "x-death": [{"reason": "delivery_limit", "count": 1, "routing-keys": ["b2b.group.updated"]}]}), b"y",
+        queue=QUEUE)
     assert (theirs.routing_key, theirs.reason) == ("b2b.group.updated", "dead-lettered by the broker: delivery_limit")
 
 
@@ -93,3 +99,25 @@ def test_another_amqp_user_needs_a_password_and_a_url_must_be_amqp():
 def test_malformed_count_headers_are_ignored_not_fatal():
     assert deliver({ATTEMPT: "abc", "x-delivery-count": -3}).attempt == 1
     assert deliver({ATTEMPT: True, "x-delivery-count": "7"}).attempt == 1
+
+
+def test_a_routing_key_header_set_by_a_publisher_is_ignored_and_the_delivery_key_decides():
+    # Given a message published to the directory's exchange with couchsync's header set by its publisher
+    forged = deliver({ROUTING_KEY: "user.created"}, routing_key="b2b.group.created", exchange="t.b2b")
+    # Then the key the exchange routed it by decides
+    assert forged.routing_key == "b2b.group.created"
+    # And only a message back from couchsync's own path (default exchange, addressed to the queue) keeps its key
+    assert deliver({ROUTING_KEY: "user.created"}, routing_key=QUEUE, exchange="").routing_key == "user.created"
+    assert deliver({ROUTING_KEY: "user.created"}, routing_key="other.queue", exchange="").routing_key == "other.queue"
+    assert deliver({ROUTING_KEY: "b2b." + "A" * 300}, routing_key=QUEUE, exchange="").routing_key == QUEUE
+
+
+def test_a_republish_of_a_message_with_huge_headers_and_reason_stays_far_below_a_frame():
+    hostile = {ROUTING_KEY: "b2b.group." + "A" * 70000, "x-trace": "B" * 100000, "x-nested": {"a": ["C" * 5000]},
+               "x-delivery-count": 3, "x-small": "kept", **{f"x-h{i}": "D" * 400 for i in range(50)}}
+    reason = disposition(InvalidEvent("x" * 200000), 1, SETTINGS).reason
+    headers = republish_headers(hostile, "b2b.group." + "E" * 1000, {ATTEMPT: 2, REASON: reason})
+    size = pika.data.encode_table([], headers)
+    assert size <= MAX_HEADERS_BYTES + 4 * (MAX_REASON + MAX_ROUTING_KEY) + 200 < 16384
+    assert headers["x-small"] == "kept" and "x-trace" not in headers and "x-delivery-count" not in headers
+    assert len(headers[REASON]) == MAX_REASON and len(headers[ROUTING_KEY]) == MAX_ROUTING_KEY

@@ -23,3 +23,17 @@ def test_metrics_and_health_are_served_and_health_follows_the_consumer():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_three_hundred_distinct_routing_keys_make_a_bounded_number_of_series():
+    metrics = Metrics()
+    for i in range(300):
+        metrics.count_event(f"b2b.group.k{i}", "dead_lettered")
+        metrics.observe_fanout(f"b2b.group.k{i}", 0.1)
+    metrics.count_event("b2b.group.created", "applied")
+    text = metrics.exposition().decode()
+    series = [line for line in text.splitlines() if line.startswith("couchsync_events_total")]
+    assert sorted(series) == ['couchsync_events_total{outcome="applied",routing_key="b2b.group.created"} 1.0',
+                              'couchsync_events_total{outcome="dead_lettered",routing_key="other"} 300.0']
+    assert 'couchsync_fanout_seconds_count{routing_key="other"} 300.0' in text
+    assert "k299" not in text
