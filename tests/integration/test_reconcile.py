@@ -77,7 +77,7 @@ def test_dry_run_lists_exactly_the_drift_then_the_repair_leaves_nothing_to_do(co
     repaired = report(world)
     assert drift(repaired) == drift(dry)
     assert {domain: entry["status"] for domain, entry in repaired.items()} == {
-        ALICE: "repaired", BOB: "repaired", CAROL: "ok", NEW: "ok"}
+        ORG: "ok", ALICE: "repaired", BOB: "repaired", CAROL: "ok", NEW: "ok"}
     assert world.docs(BOB, GROUPS)[G0]["name"] == "Group 0"
     assert {k: v for k, v in world.docs(BOB, GROUPS)[G1].items() if k != "_rev"} == {
         k: v for k, v in world.docs(ORG, GROUPS)[G1].items() if k != "_rev"}
