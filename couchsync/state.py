@@ -246,22 +246,13 @@ def join_states(states: Iterable[State]) -> State | None:
     return joined  # type: ignore[no-any-return]
 
 
-def merge_event(event: GroupEvent, group: GroupState | None,
-                people: Mapping[str, PersonState]) -> tuple[GroupState, dict[str, PersonState]]:
-    """The group's state and the profiles of the event's people with the event merged in.
-
-    Additions (and creations) carry profiles; a removal names a person without describing them.
-    `people` are by lower-case email; those the event adds are returned, merged.
-    """
-    before = group or GroupState(event.organization_id, event.group_id)
-    after = before.merged(event)
-    profiles: dict[str, PersonState] = {}
+def contribution(event: GroupEvent) -> list[State]:
+    """What one event adds to the state, to be joined into it: the group's registers, and the profiles of
+    the people it adds (a removal names a person without describing them)."""
+    found: list[State] = [GroupState(event.organization_id, event.group_id).merged(event)]
     if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
-        for member in event.members:
-            email = member.email.strip().lower()
-            current = profiles.get(email) or people.get(email) or PersonState(event.organization_id, email)
-            profiles[email] = current.merged(member, event.stamp)
-    return after, profiles
+        found += [PersonState.of(event.organization_id, member, event.stamp) for member in event.members]
+    return found
 
 
 def seed(organization_id: str, groups: Iterable[Doc],
@@ -322,13 +313,3 @@ def seeded_person(organization_id: str, contact: Doc) -> PersonState | None:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def memberships(groups: Iterable[GroupState]) -> dict[str, frozenset[str]]:
-    """Each person's managed groups (ids), by lower-case email: one pass over the memories."""
-    found: dict[str, set[str]] = {}
-    for group in groups:
-        for email in group.members:
-            if group.is_member(email):
-                found.setdefault(email, set()).add(group.group_id)
-    return {email: frozenset(ids) for email, ids in found.items()}

@@ -25,7 +25,7 @@ from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
 from couchsync.plan import InstanceView, Plan, plan_group_event, plan_profile
 from couchsync.reader import InstanceReader
-from couchsync.state import GroupState, PersonState, group_state_id, person_state_id, seed
+from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id, seed
 from couchsync.state_store import StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
 
@@ -281,11 +281,7 @@ class _GroupProjection:
     def __init__(self, sync: Synchronizer, event: GroupEvent) -> None:
         self._sync = sync
         self._event = event
-        organization_id, group_id = event.organization_id, event.group_id
-        contribution: list[GroupState | PersonState] = [GroupState(organization_id, group_id).merged(event)]
-        if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
-            contribution += [PersonState.of(organization_id, member, event.stamp) for member in event.members]
-        sync.states.merge(contribution)
+        sync.states.merge(contribution(event))
         self.named = frozenset(member.email.strip().lower() for member in event.members)
         self._snapshot = self.read()
 

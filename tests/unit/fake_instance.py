@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf, is_live
 from couchsync.events import GroupEvent, GroupEventKind
 from couchsync.plan import InstanceView, Plan, plan_group_event
-from couchsync.state import GroupState, PersonState, group_state_id, person_state_id
+from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id
 
 _revs = itertools.count(1)
 
@@ -30,10 +30,7 @@ class FakeInstance:
         self.docs[doctype][doc["_id"]] = {**copy.deepcopy(doc), "_rev": f"{next(_revs)}-x"}
 
     def merge(self, event: GroupEvent) -> None:
-        contribution: list[GroupState | PersonState] = [GroupState(event.organization_id, event.group_id).merged(event)]
-        if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
-            contribution += [PersonState.of(event.organization_id, m, event.stamp) for m in event.members]
-        for state in contribution:
+        for state in contribution(event):
             known = self.states.get(state.state_id)
             self.states[state.state_id] = known.joined(state) if known is not None else state  # type: ignore
 
