@@ -63,7 +63,8 @@ MAX_ROUTING_KEY = 255  # an AMQP routing key is a short string
 MAX_HEADER_BYTES = 512  # one of the publisher's headers, encoded; a bigger one is left out
 MAX_HEADERS_BYTES = 2048  # all of the publisher's headers copied, encoded
 
-# Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure.
+# Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure. A field
+# `refusals` (an int) counts the changes an instance refused: the message is applied all the same.
 Handler = Callable[[str, bytes], Mapping[str, object]]
 
 
@@ -418,12 +419,16 @@ class Consumer:
     def _record(self, delivery: Delivery, decision: Decision, fields: Mapping[str, object], seconds: float) -> None:
         outcome = {Ack: "applied", Retry: "retried", DeadLetter: "dead_lettered"}[type(decision)]
         self._metrics.count_event(delivery.routing_key, outcome)
+        refusals = fields.get("refusals")
         if isinstance(decision, Ack):
             self._metrics.observe_fanout(delivery.routing_key, seconds)
+            if isinstance(refusals, int) and refusals > 0:
+                self._metrics.count_refusals(delivery.routing_key, refusals)
         line = {"message": delivery.message_id, "delivery_tag": delivery.tag, "routing_key": delivery.routing_key,
                 "attempt": delivery.attempt, "outcome": outcome, **fields, "seconds": round(seconds, 3)}
         if isinstance(decision, Ack):
-            logger.info("event %s", _logfmt(line), extra={"event": line})
+            level = logging.WARNING if refusals else logging.INFO
+            logger.log(level, "event %s", _logfmt(line), extra={"event": line})
         elif isinstance(decision, Retry):
             logger.warning("event %s retry_in=%.1fs reason=%r", _logfmt(line), decision.delay, decision.reason,
                            extra={"event": {**line, "retry_in": decision.delay, "reason": decision.reason}})

@@ -134,23 +134,21 @@ def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
 class ContactLookup:
     """The contacts planning needs in an instance: those of these people, and those related to these groups.
 
-    `people` are (email, Cozy host) pairs. `known` are the emails of people who should have a contact of
-    couchsync's already (a group's memory names them): theirs is read by its id, and candidates are
-    looked up by email and host only for the others (see `reader.InstanceReader.find`).
+    `people` are (email, Cozy host) pairs. Each person's own contact (the id couchsync derives) is read
+    by its id; candidates are looked up by email and host only for those who have none yet (see
+    `reader.InstanceReader.find`).
     """
 
     organization_id: str
     people: tuple[tuple[str, str | None], ...] = ()
     group_ids: tuple[str, ...] = ()
-    known: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.people or self.group_ids)
 
-    def known_ids(self) -> list[str]:
-        """The ids of the contacts couchsync gave the known people."""
-        return [managed_contact_id(self.organization_id, email) for email, _ in self.people
-                if email.strip().lower() in self.known]
+    def own_ids(self) -> list[str]:
+        """The ids couchsync gives these people's contacts."""
+        return [managed_contact_id(self.organization_id, email) for email, _ in self.people]
 
     def others(self, found: Iterable[str]) -> list[tuple[str, str | None]]:
         """The people whose own contact is not among these ids."""
@@ -236,8 +234,8 @@ def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc
     live = [contact for contact in contacts if is_live(contact) and not _belongs_to_another_member(
         contact, wanted, organization_id)]
     own_id = managed_contact_id(organization_id, wanted)
-    own = next((contact for contact in live if contact["_id"] == own_id and is_managed(contact)), None)
-    if own is not None:
+    own = next((contact for contact in live if contact["_id"] == own_id), None)
+    if own is not None and is_managed(own):
         return ContactMatch(contact=own)
     candidates = [contact for contact in live if wanted in emails_of(contact)]
     how = "email"
@@ -245,6 +243,9 @@ def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc
     if not candidates and host:
         candidates = [contact for contact in live if host in cozy_hosts_of(contact)]
         how = "Cozy URL"
+    if not candidates and own is not None:
+        # Someone wrote an unmanaged document at the id couchsync would create: a refusal, not a retry.
+        return ContactMatch(refusal=f"an unmanaged document has the managed contact id {own_id} of {wanted}")
     if not candidates:
         return ContactMatch()
     reusable = [contact for contact in candidates if is_reusable(contact, organization_id)]

@@ -34,6 +34,9 @@ class Metrics:
         self.fanout_seconds = Histogram("couchsync_fanout_seconds", "Time to apply one event to every "
                                         "instance of its organization.", ["routing_key"],
                                         buckets=FANOUT_BUCKETS, registry=self.registry)
+        self.refusals = Counter("couchsync_refusals", "Changes an instance refused, by routing key: an "
+                                "unmanaged document where a managed one belongs (the event is applied "
+                                "everywhere else and acknowledged).", ["routing_key"], registry=self.registry)
         self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
         self.instance_records_rejected = Counter(
             "couchsync_instance_records_rejected", "Records of the global instances database skipped as invalid "
@@ -45,6 +48,10 @@ class Metrics:
     def count_event(self, routing_key: str, outcome: str) -> None:
         """One message handled, with its outcome."""
         self.events.labels(routing_key_label(routing_key), outcome).inc()
+
+    def count_refusals(self, routing_key: str, refusals: int) -> None:
+        """Changes refused in the instances by one applied message."""
+        self.refusals.labels(routing_key_label(routing_key)).inc(refusals)
 
     def observe_fanout(self, routing_key: str, seconds: float) -> None:
         """The time one event took to apply to every instance of its organization."""

@@ -165,7 +165,7 @@ class DirectoryCopy:
         found = {} if lookup in (_IDS, _NONE) else {
             doc["_id"]: doc for doc in self._reader.contacts(target, people_keys(people), organization_id,
                                                              stale=lookup == _STALE)}
-        if lookup in (_STALE, _IDS):
+        if lookup != _NONE:  # the view does not find a squat with no email: read every derived id
             derived = [managed_contact_id(organization_id, person.state.email) for person in people]
             found.update(self._reader.documents(target, CONTACTS, derived, organization_id))
         view = InstanceView(target.domain, owner, contacts=tuple(found.values()))

@@ -57,17 +57,19 @@ class InstanceReader:
 
         A view answers only once it has indexed every write since its last query: in an instance that
         receives events, that is most of what a query costs (PouchDB Server indexes about a thousand
-        contacts a second). A person the state knows has a contact of couchsync's, which is their
-        match (`documents.match_contact`): it is read by its id. The view is asked for the others
-        (personal or external contacts to adopt or respect, a contact adopted under another id) and
-        for the groups' related contacts.
+        contacts a second). A person couchsync gave a contact has it under the id couchsync derives,
+        which is their match (`documents.match_contact`): every person's is read by its id, in one
+        request. The view is asked for the others (personal or external contacts to adopt or respect, a
+        contact adopted under another id) and for the groups' related contacts. An unmanaged document
+        found at a derived id is kept too: planning refuses to create over it.
         """
         org = lookup.organization_id
-        own = [doc for doc in self.documents(instance, CONTACTS, lookup.known_ids(), org).values() if is_managed(doc)]
-        found = {doc["_id"] for doc in own}
+        at_own_ids = list(self.documents(instance, CONTACTS, lookup.own_ids(), org).values())
+        found = {doc["_id"] for doc in at_own_ids if is_managed(doc)}
         rest = lookup.others(found)
         keys = lookup_keys([email for email, _ in rest], [host for _, host in rest], lookup.group_ids)
-        return own + [doc for doc in self.contacts(instance, keys, org) if doc["_id"] not in found]
+        seen = {doc["_id"] for doc in at_own_ids}
+        return at_own_ids + [doc for doc in self.contacts(instance, keys, org) if doc["_id"] not in seen]
 
     def owner_email(self, instance: Instance) -> str | None:
         """The email of the instance's owner (its settings), cached for OWNER_CACHE_SECONDS."""

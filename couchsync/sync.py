@@ -31,6 +31,9 @@ from couchsync.writer import Planner, PlanWriter
 
 logger = logging.getLogger(__name__)
 
+MAX_LOGGED_REFUSALS = 20  # refusals of one event logged one by one (all are counted)
+MAX_LOGGED_TEXT = 300  # characters of a domain or reason in a log line
+
 
 @dataclass(frozen=True, slots=True)
 class InstanceReport:
@@ -223,8 +226,7 @@ class Synchronizer:
         person = stored.state
         assert isinstance(person, PersonState)
         groups = list(self.states.groups(person.organization_id))
-        lookup = ContactLookup(person.organization_id, ((person.email, person.member.workplace_fqdn),),
-                               known=frozenset({person.email}))
+        lookup = ContactLookup(person.organization_id, ((person.email, person.member.workplace_fqdn),))
         view = InstanceView(instance.domain, self.reader.owner_email(instance),
                             contacts=tuple(self.reader.find(instance, lookup)))
         plan = plan_profile(person, {group.state.group_id: group.state for group in groups}, view)
@@ -249,6 +251,10 @@ class Synchronizer:
         """
         report = self.apply(parse_event(routing_key, body, not_after=self._settings.not_after()))
         report.raise_for_failures()
+        # Refusals are outcomes, not failures: trying again is refused the same way until someone removes
+        # the document in the way, and the other instances are written already. Said, counted, acknowledged.
+        for domain, reason in report.refusals[:MAX_LOGGED_REFUSALS]:
+            logger.warning("refused in %s: %s", domain[:MAX_LOGGED_TEXT], reason[:MAX_LOGGED_TEXT])
         return report.fields()
 
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
@@ -317,7 +323,7 @@ class _GroupProjection:
         lookup = ContactLookup(event.organization_id,
                                tuple((email, people[email].member.workplace_fqdn if email in people else None)
                                      for email in sorted(named)),
-                               (state.group_id,) if related else (), known=frozenset(people))
+                               (state.group_id,) if related else ())
         view = InstanceView(instance.domain, groups=groups) if not lookup else InstanceView(
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_event(state, people, view, named=named, related=related)

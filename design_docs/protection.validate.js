@@ -5,6 +5,10 @@ function (newDoc, oldDoc, userCtx) {
   // relationship to a managed group (id b2b-group-...). Everyone else -- users, apps, replications, the
   // stack and other server admins -- is refused with a 403 whose reason names the rule. The one change
   // left to them on a managed contact: relationships to their own (unmanaged) groups.
+  // The ids couchsync derives (b2b-group-..., b2b-contact-...) are reserved: apart from that one change
+  // to a managed document, and the deletion of a document that squats such an id, nobody else writes
+  // them. This also covers a revision with no parent here (a disjoint branch written with
+  // new_edits=false, whose oldDoc is null): otherwise it could win over the managed revision.
   // CouchDB runs this for PUT, DELETE, every document of _bulk_docs and every replicated revision.
   // ES5 only: CouchDB's SpiderMonkey and PouchDB Server both run it. `identity` is rendered by
   // `couchsync deploy-design-docs`; unrendered (null), it lets nobody through (fail closed).
@@ -12,6 +16,7 @@ function (newDoc, oldDoc, userCtx) {
   var identity = /* couchsync:identity */ null;
   var TAG = "twakeDirectory";
   var MANAGED_GROUP = /^b2b-group-/;
+  var RESERVED_ID = /^b2b-(group|contact)-/;
 
   function has(object, key) {
     return object !== null && typeof object === "object" && Object.prototype.hasOwnProperty.call(object, key);
@@ -100,5 +105,8 @@ function (newDoc, oldDoc, userCtx) {
   }
   if (!newDoc._deleted && !equal(groupRefs(live, true), groupRefs(newDoc, true))) {
     refuse("managed-relationship", "only the directory sync may add or remove a relationship to a managed group");
+  }
+  if (RESERVED_ID.test(String(newDoc._id)) && !isManaged(live) && !(newDoc._deleted && live)) {
+    refuse("reserved-id", "ids b2b-group-... and b2b-contact-... are the directory sync's");
   }
 }

@@ -174,7 +174,7 @@ def start_couchdb(release: Path, *, data_dir: Path | None = None, port: int | No
     try:
         wait_until_up(couch.url, process, log, path="/_up")
         for system_db in ("_users", "_replicator"):  # single_node creates them; a node of a cluster waits
-            ensure_db(couch, system_db)
+            ensure_system_db(couch, system_db)
         couch.version = server_version(couch)
     except BaseException:  # an interrupted start too: no node is left behind
         couch.stop()
@@ -329,6 +329,22 @@ def ensure_db(couch: LocalCouch, name: str) -> None:
     response = couch.request("PUT", db_path(name))
     if response.status_code not in (201, 202, 412):
         response.raise_for_status()
+
+
+def ensure_system_db(couch: LocalCouch, name: str) -> None:
+    """Make sure a system database exists on a node that has just come up.
+
+    A single node creates `_users` and `_replicator` itself as it starts: a PUT racing that creation
+    answers 500, so a failed PUT is tried again (the next answers 412) until START_TIMEOUT.
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        response = couch.request("PUT", db_path(name))
+        if response.status_code in (201, 202, 412):
+            return
+        if time.monotonic() > deadline:
+            response.raise_for_status()
+        time.sleep(0.2)
 
 
 def bulk(couch: LocalCouch, db: str, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -194,3 +194,118 @@ def test_a_replicated_change_to_a_managed_contact_is_refused(world):
     assert replication.ok, replication.text
     assert replication.json()["history"][0]["doc_write_failures"] == 1
     assert world.docs(CAROL, CONTACTS)[BOB] == bob
+
+
+def disjoint_branch(doc_id: str, **fields) -> dict:
+    """A revision with made-up ancestors, no parent in the database: what `new_edits: false` lets an admin
+    write beside the managed revision, where validate_doc_update sees no oldDoc."""
+    ids = [letter * 32 for letter in "edcba"]
+    return {"_id": doc_id, "_rev": f"5-{ids[0]}", "_revisions": {"start": 5, "ids": ids}, **fields}
+
+
+def leaves(world: World, domain: str, doctype: str, doc_id: str) -> tuple[dict, list[str]]:
+    """The winning revision of a document and the revisions of its other live leaves."""
+    response = world.server.request("GET", localcouch.db_path(world.db(domain, doctype)) + "/" + doc_id,
+                                    params={"conflicts": "true"})
+    response.raise_for_status()
+    doc = response.json()
+    return doc, doc.get("_conflicts", [])
+
+
+def push_branch(world: World, domain: str, doctype: str, doc: dict) -> dict:
+    """`_bulk_docs` with new_edits=false as the stack's own server admin; the row (CouchDB lists only errors)."""
+    response = world.server.request("POST", localcouch.db_path(world.db(domain, doctype)) + "/_bulk_docs",
+                                    json={"docs": [doc], "new_edits": False})
+    assert response.status_code == 201, response.text
+    rows = response.json()
+    return rows[0] if rows else {}
+
+
+def test_a_second_admins_disjoint_branch_at_a_managed_id_is_refused(world):
+    # Issue 18, finding 1: accepted before ids were reserved, it won over the managed group. (PouchDB Server
+    # judges such a revision against the current one, and refuses it for stripping the tag.)
+    seed_protected_org(world)
+    before, _ = leaves(world, CAROL, GROUPS, ENGINEERING)
+    row = push_branch(world, CAROL, GROUPS, disjoint_branch(ENGINEERING, name="hijacked"))
+    assert row.get("error") == "forbidden", row
+    if world.server.kind != localcouch.POUCHDB:
+        assert row["reason"].startswith("couchsync reserved-id: "), row
+    squat = push_branch(world, CAROL, CONTACTS, disjoint_branch(managed_contact_id("acme", "dan@acme.com"),
+                                                                fullname="x"))
+    assert squat.get("error") == "forbidden", squat
+    assert leaves(world, CAROL, GROUPS, ENGINEERING) == (before, [])
+
+
+def test_a_disjoint_branch_found_is_resolved_by_the_next_event_and_by_reconcile(world):
+    # Issue 18, finding 1, second half: a branch written before the protection (or that it could not see)
+    # is deleted by the sync identity and the managed leaf wins, instead of "an unmanaged document has the
+    # managed group id" for ever.
+    for domain in DOMAINS:
+        world.add_instance(domain, "acme", email=f"{domain.split('.')[0]}@acme.com")
+    with world.synchronizer() as sync:
+        sync.apply(group_event("b2b.group.created", 30, name="Engineering", members=[BOB_MEMBER]))
+        push_branch(world, CAROL, GROUPS, disjoint_branch(ENGINEERING, name="hijacked"))
+        push_branch(world, CAROL, CONTACTS, disjoint_branch(BOB, fullname="hijacked"))
+        hijacked, conflicts = leaves(world, CAROL, GROUPS, ENGINEERING)
+        assert hijacked["name"] == "hijacked" and len(conflicts) == 1  # the untagged branch won CouchDB's choice
+        report = sync.apply(group_event("b2b.group.updated", 31, name="Platform"))
+        assert report.failures == [] and report.refusals == []
+        group, conflicts = leaves(world, CAROL, GROUPS, ENGINEERING)
+        assert (group["name"], group["twakeDirectory"]["managed"], conflicts) == ("Platform", True, [])
+    # The contact the event did not touch, and a new hijack of the group: reconcile resolves both.
+    push_branch(world, CAROL, GROUPS, disjoint_branch(ENGINEERING, name="hijacked again"))
+    done = subprocess.run([sys.executable, "-m", "couchsync", "reconcile", "--org", "acme"],
+                          env=world.cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for doctype, doc_id, field, value in ((GROUPS, ENGINEERING, "name", "Platform"),
+                                          (CONTACTS, BOB, "fullname", "Bob")):
+        doc, conflicts = leaves(world, CAROL, doctype, doc_id)
+        assert (doc[field], doc["twakeDirectory"]["managed"], conflicts) == (value, True, [])
+
+
+def test_what_an_admin_purged_is_put_back_by_the_next_event_reconcile_and_bootstrap(world):
+    # `_purge` leaves no revision for a validation to judge: couchsync notices the documents are missing.
+    if world.server.kind == localcouch.POUCHDB:
+        pytest.skip("PouchDB Server has no _purge")
+    seed_protected_org(world)
+
+    def purge(domain: str, doctype: str, doc_id: str) -> None:
+        doc = world.docs(domain, doctype)[doc_id]
+        response = world.server.request("POST", localcouch.db_path(world.db(domain, doctype)) + "/_purge",
+                                        json={doc_id: [doc["_rev"]]})
+        assert response.status_code in (200, 201), response.text
+        assert doc_id not in world.docs(domain, doctype)
+
+    purge(CAROL, GROUPS, ENGINEERING)
+    purge(CAROL, CONTACTS, BOB)
+    with world.synchronizer() as sync:
+        assert sync.apply(group_event("b2b.group.updated", 31, color="#3366FF")).failures == []
+    assert world.docs(CAROL, GROUPS)[ENGINEERING]["color"] == "#3366FF"
+    done = subprocess.run([sys.executable, "-m", "couchsync", "reconcile", "--org", "acme"],
+                          env=world.cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert world.docs(CAROL, CONTACTS)[BOB]["relationships"]["groups"]["data"] == [
+        {"_id": ENGINEERING, "_type": GROUPS}]
+    purge(CAROL, GROUPS, ENGINEERING)
+    purge(CAROL, CONTACTS, BOB)
+    done = subprocess.run([sys.executable, "-m", "couchsync", "bootstrap-member", CAROL],
+                          env=world.cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ENGINEERING in world.docs(CAROL, GROUPS) and BOB in world.docs(CAROL, CONTACTS)
+
+
+def test_an_existing_squat_is_a_refusal_of_bootstrap_member_not_a_retry(world):
+    # Issue 18, finding 2: `bootstrap-member` exited 75 for ever over an untagged document at a derived id.
+    for domain in DOMAINS:
+        world.add_instance(domain, "acme", email=f"{domain.split('.')[0]}@acme.com")
+    with world.synchronizer() as sync:
+        sync.apply(group_event("b2b.group.created", 30, name="Engineering", members=[BOB_MEMBER, ALICE_MEMBER]))
+    world.put("dave.acme.twake.app", CONTACTS, {"_id": BOB, "fullname": "x"})  # before the protection
+    world.add_instance("dave.acme.twake.app", "acme", email="dave@acme.com")
+    done = subprocess.run([sys.executable, "-m", "couchsync", "bootstrap-member", "dave.acme.twake.app"],
+                          env=world.cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"refused: an unmanaged document has the managed contact id {BOB} of bob@acme.com" in done.stdout
+    contacts = world.docs("dave.acme.twake.app", CONTACTS)
+    assert {k: v for k, v in contacts[BOB].items() if k != "_rev"} == {"_id": BOB, "fullname": "x"}
+    assert contacts[managed_contact_id("acme", "alice@acme.com")]["twakeDirectory"]["managed"] is True

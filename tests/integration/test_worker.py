@@ -360,3 +360,28 @@ def test_credentials_the_broker_refuses_exit_78_without_showing_the_password(wor
     assert done.returncode == 78, done.stderr
     assert "refused the credentials of intruder" in done.stderr
     assert "s3cret-amqp" not in done.stdout + done.stderr
+
+
+def test_a_refusal_is_applied_elsewhere_acknowledged_and_counted_and_a_squat_is_never_retried(
+        world, broker, start_worker):
+    # Issue 18, findings 2 and 12: an unmanaged document at the id of Bob's contact (a squat written before
+    # the protection reserved those ids) made every event naming Bob a 409, retried, then dead-lettered.
+    seed(world)
+    bob_id = managed_contact_id("acme", "bob@acme.com")
+    world.put("alice.acme.twake.app", CONTACTS, {"_id": bob_id, "fullname": "x"})
+    worker = start_worker(world)
+    broker.publish([("b2b.group.created", json.dumps({
+        "timestamp": "2026-06-16T10:00:00Z", "organizationId": "acme", "id": "crew", "name": "Crew",
+        "members": [{"email": "bob@acme.com"}, {"email": "dan@acme.com"}]}).encode())])
+    wait_until(lambda: worker.count("applied") == 1 and drained(broker, worker), 60, "the event is applied")
+    assert worker.count("retried") == 0 and worker.count("dead_lettered") == 0
+    assert broker.depths()[broker.settings.dead_letter_queue] == 0
+    assert worker.metrics()['couchsync_refusals_total{routing_key="b2b.group.created"}'] == 1
+    squat = world.docs("alice.acme.twake.app", CONTACTS)[bob_id]
+    assert {k: v for k, v in squat.items() if k != "_rev"} == {"_id": bob_id, "fullname": "x"}
+    # Everyone else got what the event gives: Dan everywhere, Bob where nothing is in the way.
+    assert managed_contact_id("acme", "dan@acme.com") in world.docs("alice.acme.twake.app", CONTACTS)
+    assert world.docs("acme.twake.app", CONTACTS)[bob_id]["twakeDirectory"]["managed"] is True
+    log = worker.log.read_text()
+    assert f"refused in alice.acme.twake.app: an unmanaged document has the managed contact id {bob_id}" in log
+    assert worker.stop() == 0

@@ -96,6 +96,16 @@ def test_an_unmanaged_document_with_a_managed_group_id_is_refused_and_left_alone
     assert [r.doc_id for r in plans[0].refusals] == [ENG]
 
 
+def test_an_unmanaged_document_at_a_persons_contact_id_is_refused_in_a_copy_and_left_alone():
+    carol = FakeInstance("carol.acme.twake.app")
+    carol.put(CONTACTS, {"_id": BOB_ID, "fullname": "x"})
+    plans = carol.copy_from(organization())
+    assert carol.docs[CONTACTS][BOB_ID]["fullname"] == "x"
+    assert BOB_ID not in [w.doc["_id"] for w in plans[1].writes]
+    assert [r.reason for r in plans[1].refusals] == [
+        f"an unmanaged document has the managed contact id {BOB_ID} of bob@acme.com"]
+
+
 def test_members_from_settings_are_added_without_overriding_a_directory_profile():
     carol = FakeInstance("carol.acme.twake.app")
     org = organization()

@@ -91,6 +91,15 @@ def test_a_personal_contact_with_a_members_email_is_refused_and_left_alone():
     assert "mine" in plan.refusals[0].reason
 
 
+def test_an_unmanaged_document_at_a_members_contact_id_is_a_refusal_and_the_others_are_planned():
+    # Issue 18, finding 2: planning a creation there made every event a 409, retried, then dead-lettered.
+    squat = {"_id": BOB_ID, "_rev": "1-a", "fullname": "x"}
+    plan = project(created(), InstanceView("carol.acme.twake.app", contacts=(squat,)))
+    assert sorted(w.doc["_id"] for w in plan.writes) == sorted([GID, ALICE_ID])
+    assert [r.reason for r in plan.refusals] == [
+        f"an unmanaged document has the managed contact id {BOB_ID} of bob@acme.com"]
+
+
 def test_an_external_contact_is_reused_becomes_managed_and_keeps_its_other_fields():
     external = {"_id": "ext", "_rev": "3-a", "fullname": "B. Martin", "email": [{"address": "BOB@acme.com"}],
                 "phone": [{"number": "+33 6"}], "metadata": {"external": True, "source": "import"},

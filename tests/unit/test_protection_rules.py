@@ -40,6 +40,7 @@ GROUP = {"_id": ENGINEERING["_id"], "_rev": "1-a", "name": "Engineering",
          "twakeDirectory": {"managed": True, "kind": "group", "organizationId": "acme", "externalId": "engineering"}}
 PERSONAL = {"_id": "mum", "_rev": "1-a", "fullname": "Mum", "email": [{"address": "mum@example.org"}]}
 LOOSE_TAG = {**PERSONAL, "_id": "released", "twakeDirectory": {"managed": False, "note": "left the directory"}}
+SQUAT = {"_id": CONTACT["_id"], "_rev": "1-s", "fullname": "x"}  # an untagged document at a derived id
 
 
 def new(doc: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +161,17 @@ WRITES = [
           replicated(groups(CONTACT, OWN_GROUP, ENGINEERING)), None),
     Write("a replicated revision of a personal contact", USER, PERSONAL, replicated(edit(PERSONAL, fullname="M")),
           None),
+    # the ids couchsync derives are reserved to it (issue 18, findings 1 and 2)
+    Write("a user squats a managed contact's id with a personal contact", USER, None, new(SQUAT), "reserved-id"),
+    Write("a second server admin writes a disjoint untagged branch at a managed group's id", ADMIN, None,
+          {**new(edit(GROUP, twakeDirectory=None, name="hijacked")), "_rev": "5-e",
+           "_revisions": {"start": 5, "ids": ["e", "d", "c", "b", "x"]}}, "reserved-id"),
+    Write("a second server admin writes a disjoint tombstone at a managed contact's id", ADMIN, None,
+          {"_id": CONTACT["_id"], "_rev": "3-z", "_deleted": True, "_revisions": {"start": 3, "ids": ["z", "y", "x"]}},
+          "reserved-id"),
+    Write("a user edits a document squatting a reserved id", USER, SQUAT, edit(SQUAT, fullname="y"), "reserved-id"),
+    Write("a user deletes a document squatting a reserved id", USER, SQUAT, deletion(SQUAT), None),
+    Write("the sync identity writes at a reserved id over a squat", SYNC, SQUAT, edit(CONTACT, _rev="1-s"), None),
     # over the tombstone of a deleted managed group (the sync keeps its memory there)
     Write("a user writes over a managed group's tombstone", USER, deletion(GROUP, with_body=True),
           new(edit(GROUP, twakeDirectory=None)), "tag-strip"),
@@ -200,7 +212,7 @@ def test_protection(write: Write, verdicts):
 def test_every_rule_is_seen_refusing_and_every_kind_of_writer_accepted_somewhere():
     rules = {write.refused_by for write in WRITES} - {None}
     assert rules == {"managed-create", "managed-change", "managed-delete", "managed-relationship",
-                     "tag-forge", "tag-strip", "tag-change"}
+                     "tag-forge", "tag-strip", "tag-change", "reserved-id"}
     accepted_users = {write.user["name"] for write in WRITES if write.refused_by is None}
     assert {"couchsync", "directory-bot", "carol"} <= accepted_users
 
