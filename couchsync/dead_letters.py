@@ -85,8 +85,7 @@ def masked_body(body: bytes) -> str:
     try:
         return json.dumps(_masked(json.loads(body)), ensure_ascii=False)[:SHOWN_BODY]
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        text = body[:MASKED_TEXT].decode("utf-8", errors="replace")
-        return _SECRET_IN_TEXT.sub(lambda match: match["name"] + f'"{MASK}"', text)[:SHOWN_BODY]
+        return _masked_text(body[:MASKED_TEXT].decode("utf-8", errors="replace"))[:SHOWN_BODY]
 
 
 def _masked(data: Any) -> Any:
@@ -94,7 +93,13 @@ def _masked(data: Any) -> Any:
         return {key: MASK if key in SECRET_FIELDS else _masked(value) for key, value in data.items()}
     if isinstance(data, list):
         return [_masked(value) for value in data]
+    if isinstance(data, str):
+        return _masked_text(data[:MASKED_TEXT])  # a string may hold JSON (a body encoded twice)
     return data
+
+
+def _masked_text(text: str) -> str:
+    return _SECRET_IN_TEXT.sub(lambda match: match["name"] + f'"{MASK}"', text)
 
 
 def _read_dead_letters(channel: BlockingChannel, settings: AmqpSettings,

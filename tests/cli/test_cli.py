@@ -169,3 +169,28 @@ def test_a_password_file_that_is_not_utf8_exits_78(tmp_path):
     secret.write_bytes(b"\xff\xfe")
     result = run("--couch-password-file", str(secret), "apply", "-", input="")
     assert result.exception is not None and result.exception.exit_code == 78
+
+
+SECRET_VALUES = ("h4shS3cret", "pubK3ySecret", "privK3ySecret", "k3ySecret", "987654")
+USER_CREATED = {"twakeId": "t1", "domain": "erin.acme.twake.app", "hash": "h4shS3cret", "publicKey": "pubK3ySecret",
+                "privateKey": "privK3ySecret", "key": "k3ySecret", "iterations": 987654}
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_dlq_list_show_body_masks_user_created_secrets_in_any_body(monkeypatch, as_json):
+    # Issue 18, finding 8: a body that is not JSON (a trailing comma), or a JSON array, was shown whole.
+    from couchsync import cli as cli_module
+    from couchsync.dead_letters import DeadMessage
+
+    bodies = [json.dumps(USER_CREATED).encode()[:-1] + b",}", json.dumps([USER_CREATED]).encode(),
+              json.dumps(USER_CREATED).encode(), json.dumps(json.dumps(USER_CREATED)).encode()]
+    letters = [DeadMessage(f"m{i}", "user.created", "InvalidEvent: body is not JSON", 1, None, body)
+               for i, body in enumerate(bodies)]
+    monkeypatch.setattr(cli_module, "list_dead_letters", lambda settings, limit: letters)
+    result = run("dlq", "list", "--show-body", *(["--json"] if as_json else []))
+    assert result.exception is None and result.exit_code == 0
+    assert result.output.count("erin.acme.twake.app") == 4  # the bodies are shown
+    for value in SECRET_VALUES:
+        assert value not in result.output
+    if as_json:
+        assert [json.loads(line)["id"] for line in result.output.splitlines()] == ["m0", "m1", "m2", "m3"]

@@ -21,7 +21,8 @@ USER = {"twakeId": "t1", "domain": "erin.acme.twake.app", "internalEmail": "erin
     b"hash=h4shS3cret key: 'k3ySecret' iterations=987654 publicKey=pubK3ySecret privateKey: privK3ySecret",
     b'{"\\u0070rivateKey": "privK3ySecret", "hash": "h4shS3cret", "key": "k3ySecret", "iterations": 987654,'
     b' "publicKey": "pubK3ySecret",',
-], ids=["object", "trailing-comma", "array", "cut-short", "not-utf8", "plain-text", "escaped-name"])
+    json.dumps(json.dumps(USER)).encode(),  # a JSON string holding the JSON object
+], ids=["object", "trailing-comma", "array", "cut-short", "not-utf8", "plain-text", "escaped-name", "encoded-twice"])
 def test_secret_fields_are_masked_in_any_body_parsed_or_not(body):
     shown = masked_body(body)
     for value in ("h4shS3cret", "pubK3ySecret", "privK3ySecret", "k3ySecret", "987654"):
