@@ -388,7 +388,7 @@ def _chosen_instances(directory: InstanceDirectory, org_id: str | None, domain: 
             raise UnknownInstance(f"no usable instance has the domain {domain!r}")
         return [instance]
     if org_id:
-        instances = directory.instances_of(org_id)
+        instances = directory.instances_of(org_id, one_reference=False)  # the protection goes to each
         if not instances:
             raise UnknownOrganization(f"organization {org_id!r} has no instance")
         return instances

@@ -6,6 +6,8 @@ Lookups go through the `by-orgid` and `by-orgdomain` Mango indexes and page with
 The global database is input too. A record is used only when its `domain` and `prefix` are valid
 instance names (`instance_name`) and no other usable record maps to the same databases; a record that
 fails either rule is skipped, reported once (a WARNING and `on_rejected`), and never stops the others.
+An organization with several candidates for its organization instance is refused as a whole
+(`AmbiguousOrganization`, naming them) by whatever takes that instance as its reference.
 """
 
 from __future__ import annotations
@@ -196,9 +198,17 @@ class InstanceDirectory:
         """The usable instance with this domain, if any."""
         return next(iter(self._find({"domain": domain.strip().lower()})), None)
 
-    def instances_of(self, org_id: str) -> list[Instance]:
-        """Every usable instance of the organization, the organization instance included."""
-        return self._find({"org_id": org_id})
+    def instances_of(self, org_id: str, *, one_reference: bool = True) -> list[Instance]:
+        """Every usable instance of the organization, the organization instance included.
+
+        Raises:
+            AmbiguousOrganization: several could be its organization instance (when `one_reference`:
+                events, bootstraps and reconcile take it as their reference; only a deployment need not).
+        """
+        instances = self._find({"org_id": org_id})
+        if one_reference:
+            organization_instance(instances)
+        return instances
 
     def organization_of_domain(self, org_domain: str) -> str | None:
         """The organization id that has this custom domain, if any instance says so."""
