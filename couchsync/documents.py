@@ -185,12 +185,20 @@ class ContactIndex:
     def get(self, contact_id: str) -> Doc | None:
         return self._docs.get(contact_id)
 
-    def candidates(self, email: str, workplace_fqdn: str | None) -> list[Doc]:
-        """The contacts that have this email or the Cozy host of this workplace (what `match_contact` weighs)."""
+    def docs(self) -> list[Doc]:
+        """Every live contact, in the order they were first put."""
+        return list(self._docs.values())
+
+    def candidates(self, organization_id: str, email: str, workplace_fqdn: str | None) -> list[Doc]:
+        """What `match_contact` weighs for a person: the contacts with their email or the Cozy host of their
+        workplace, and whatever is at the id couchsync gives their contact (theirs, or a squat)."""
         ids = set(self._ids.get(("email", email.strip().lower()), ()))
         host = host_of(workplace_fqdn)
         if host:
             ids |= self._ids.get(("cozy", host), set())
+        own_id = managed_contact_id(organization_id, email)
+        if own_id in self._docs:
+            ids.add(own_id)
         return [self._docs[contact_id] for contact_id in sorted(ids)]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from couchsync.documents import (
     CONFLICTS, CONTACTS, GROUPS, TAG, ContactIndex, Doc, group_ids_of, host_of, is_live, is_managed, lookup_keys,
-    managed_contact_id, managed_tag, with_group)
+    managed_tag, with_group)
 from couchsync.events import Member
 from couchsync.plan import (
     InstanceView, Plan, Refusal, Write, changed, is_own_contact, plan_group, profile_contact, put, related)
@@ -117,10 +117,7 @@ def plan_contact_copies(people: Iterable[Person], view: InstanceView, groups: Ma
     refusals: list[Refusal] = []
     for person in people:
         member = person.state.member
-        candidates = planned.candidates(member.email, member.workplace_fqdn)
-        own = planned.get(managed_contact_id(person.state.organization_id, member.email))
-        if own is not None and own not in candidates:  # a squat at the derived id, with no email of theirs
-            candidates.append(own)
+        candidates = planned.candidates(person.state.organization_id, member.email, member.workplace_fqdn)
         if person.settings and any(is_live(doc) for doc in candidates):
             continue
         doc, refusal = profile_contact(person.state, candidates, view)

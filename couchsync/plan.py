@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from couchsync.documents import (
-    CONFLICTS, CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, SORT_INDEX, TAG, Doc, cozy_hosts_of, cozy_url, group_ids_of,
-    host_of, is_live, is_managed, losing_deletions, managed_contact_id, managed_tag, match_contact, with_group,
-    without_conflicts)
+    CONFLICTS, CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, SORT_INDEX, TAG, ContactIndex, Doc, cozy_hosts_of, cozy_url,
+    group_ids_of, host_of, is_live, is_managed, losing_deletions, managed_contact_id, managed_tag, match_contact,
+    with_group, without_conflicts)
 from couchsync.events import Member
 from couchsync.state import GroupState, PersonState
 
@@ -132,25 +132,27 @@ def plan_group_event(state: GroupState, people: Mapping[str, PersonState], view:
 def _plan_members(state: GroupState, people: Mapping[str, PersonState], named: set[str], related: bool,
                   view: InstanceView) -> tuple[list[Write], list[Refusal]]:
     contacts = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
-    planned: dict[str, Doc] = dict(contacts)
+    planned = ContactIndex(contacts.values())  # matching by index: an event may name thousands of people
     refusals: list[Refusal] = []
     for email in sorted(named):
         person = people.get(email)
         if person is None:
             continue
-        doc, refusal = profile_contact(person, planned.values(), view)
+        member = person.member
+        candidates = planned.candidates(state.organization_id, member.email, member.workplace_fqdn)
+        doc, refusal = profile_contact(person, candidates, view)
         if refusal:
             refusals.append(refusal)
         elif doc is not None:
-            planned[doc["_id"]] = doc
+            planned.put(doc)
     writes: list[Write] = []
-    for contact_id, doc in planned.items():
+    for doc in planned.docs():
         email = str(managed_tag(doc).get("email") or "").strip().lower()
         follows = email in named or (related and state.group_id in group_ids_of(doc))
         if follows and managed_tag(doc).get("organizationId") == state.organization_id \
                 and not is_own_contact(doc, view) and (state.membership(email) is not None or not state.alive):
             doc = _related_to(doc, state.group_id, state.is_member(email))
-        old = contacts.get(contact_id)
+        old = contacts.get(doc["_id"])
         writes += put(CONTACTS, doc, old, "update contact" if old else "create contact")
     return writes, refusals
 

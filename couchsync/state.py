@@ -170,8 +170,9 @@ def group_fields(event: GroupEvent) -> list[tuple[str, str]]:
 class PersonState:
     """A person of the directory: each field of their profile with the stamp of the event that set it.
 
-    A profile that leaves a field out keeps what an older or newer one set; `email` is the key
-    (lower case) and its register only the case the directory last wrote it in.
+    A profile that leaves a field out keeps what an older or newer one set. `email` is the key (lower
+    case); its register holds the case the directory *first* wrote it in (the oldest stamp wins, still
+    commutative): a later event that writes the address in another case renames nobody.
     """
 
     organization_id: str
@@ -195,7 +196,8 @@ class PersonState:
     def joined(self, other: PersonState) -> PersonState:
         values, stamps = dict(self.values), dict(self.stamps)
         for key, stamp in other.stamps.items():
-            if stamp > stamps.get(key, ""):
+            current = stamps.get(key)
+            if current is None or (stamp < current if key == "email" else stamp > current):
                 stamps[key], values[key] = stamp, other.values[key]
         return replace(self, values=values, stamps=stamps)
 

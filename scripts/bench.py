@@ -1,6 +1,6 @@
 """couchsync's benchmarks, each a ratio against a baseline measured in the same run on the same server.
 
-    scripts/bench [--runs 3] [--only fanout,groups,bootstrap,worker,rss] [--json bench.json] [--scale 1]
+    scripts/bench [--runs 3] [--only fanout,groups,bootstrap,worker,rss,planning,bigevent] [--json F] [--scale 1]
 
 Against Apache CouchDB when a release is at hand (COUCHSYNC_COUCHDB_RELEASE, or the shared one beside the
 checkout), else PouchDB Server (in memory), or the CouchDB that COUCHSYNC_TEST_COUCH_URL names (with admin
@@ -19,6 +19,10 @@ one pooled requests.Session, the same concurrency, no planning, no protection, n
              `_bulk_docs` of the same documents, and `_replicate` with a selector where it is honoured.
 4. worker    2,000 events for a 20-instance organization through RabbitMQ: events per second.
 5. rss       peak RSS of `couchsync bootstrap-member` at 1,000 and at 10,000 contacts.
+6. planning  the pure projection of one group.created of 1,000, 2,000, 4,000 and 8,000 members (no server):
+             each doubling against twice the time of the size before, i.e. against linear growth.
+7. bigevent  `couchsync apply` of one group.created of 10,000 members to 3 instances (wall time; CPU and
+             peak RSS in the note); baseline: the same documents read + written raw per database.
 
 Each figure is the median of --runs runs (min and max beside it); couchsync and its baseline alternate,
 so that a server warming up or slowing down weighs on both alike.
@@ -51,6 +55,8 @@ from couchsync.documents import (
     CONTACTS, GROUPS, SETTINGS, database_name, lookup_keys, managed_contact_id, managed_group_id)
 from couchsync.events import parse_event
 from couchsync.instances import InstanceDirectory
+from couchsync.plan import InstanceView, plan_group_event
+from couchsync.state import GroupState, PersonState
 from couchsync.sync import Synchronizer
 
 CONCURRENCY = config.DEFAULT_CONCURRENCY
@@ -104,14 +110,21 @@ class Bench:
         prefix = self.prefix(domain) if baseline is None else f"{self.tag}-{baseline}-{domain}"
         return database_name(prefix, doctype)
 
-    def add_baselines(self, domains: list[str], *baselines: str) -> None:
-        """Databases for these baselines in each instance; the lookup view where a baseline looks up."""
-        lookup = design_docs.load().lookup
+    def add_baselines(self, domains: list[str], *baselines: str, protected: bool = False) -> None:
+        """Databases for these baselines in each instance; the lookup view where a baseline looks up;
+        `protected`: the protection too, so that the server validates the baseline's writes as couchsync's."""
+        design = design_docs.load()
+        lookup = design.lookup
+        protection = design.protection(config.load_identity([self.server.sync[0]]))
 
         def prepare(domain: str) -> None:
             for baseline in baselines:
                 for doctype in (GROUPS, CONTACTS):
                     localcouch.ensure_db(self.server, self.db(domain, doctype, baseline))
+                if protected:
+                    prefix = f"{self.tag}-{baseline}-{domain}"
+                    for target in design.instance_targets(prefix, protection):
+                        assert design_docs.deploy(gateway, target).error is None
                 if baseline == LOOKUP:
                     db = self.db(domain, CONTACTS, baseline)
                     design_docs.ensure(gateway, db, LOOKUP_DDOC, lookup)
@@ -341,11 +354,61 @@ def peak_rss(bench: Bench, runs: int, groups: int, sizes: tuple[int, ...]) -> Fi
 
 def child_peak_rss(command: list[str], env: dict[str, str]) -> float:
     """The command's peak resident set in MB, measured by a fresh parent whose only child it is."""
-    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
-    done = subprocess.run([sys.executable, "-c", measure, *command], env=env, capture_output=True, text=True,
-                          check=True, timeout=1800)
-    return int(done.stdout.strip().splitlines()[-1]) / 1024
+    return child_usage(command, env)[2]
+
+
+def child_usage(command: list[str], env: dict[str, str], stdin: bytes = b"") -> tuple[float, float, float]:
+    """The command's wall time (s), CPU time (user + system, s) and peak resident set (MB), measured by a
+    fresh parent whose only child it is."""
+    measure = ("import resource, subprocess, sys, time; started = time.perf_counter(); "
+               "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+               "wall = time.perf_counter() - started; usage = resource.getrusage(resource.RUSAGE_CHILDREN); "
+               "print(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss); sys.exit(done.returncode)")
+    done = subprocess.run([sys.executable, "-c", measure, *command], env=env, input=stdin, capture_output=True,
+                          check=True, timeout=3600)
+    wall, cpu, rss = done.stdout.decode().strip().splitlines()[-1].split()
+    return float(wall), float(cpu), int(rss) / 1024
+
+
+def planning(runs: int, sizes: tuple[int, ...]) -> list[Figure]:
+    """The pure projection of one group.created into an empty instance, per doubling of its members."""
+    times: dict[int, list[float]] = {}
+    for size in sizes:
+        people = [member("acme", i) for i in range(size)]
+        created = event("b2b.group.created", "acme", "all", 0, name="All", members=people)
+        state = GroupState("acme", "all").merged(created)
+        profiles = {m.email.lower(): PersonState.of("acme", m, created.stamp) for m in created.members}
+        times[size] = [timed(lambda: plan_group_event(state, profiles, InstanceView("x.acme.example"),
+                                                      named=set(profiles))) for _ in range(runs)]
+    return [Figure(f"planning {size:,} members", "seconds", couchsync=times[size],
+                   baseline=[2 * sample for sample in times[before]], target=1.5,
+                   baseline_name=f"twice the time for {before:,} (linear growth)", note="no server")
+            for before, size in zip(sizes, sizes[1:])]
+
+
+def big_event(bench: Bench, runs: int, members: int, instances: int) -> Figure:
+    """`couchsync apply` of one group.created with `members` people to `instances` instances."""
+    figure = Figure("bigevent", "seconds", baseline_name="raw read + write per database, same concurrency, "
+                    "into databases protected alike",
+                    note=f"one group.created of {members:,} members to {instances} instances")
+    usages = []
+    for run in range(runs):
+        org = f"{bench.tag}big{run}"
+        domains = [org + ".example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
+        bench.add_instances(domains, org)
+        bench.deploy(domains)
+        bench.add_baselines(domains, RAW, protected=True)
+        people = [member(org, i) for i in range(members)]
+        line = json.dumps({"routingKey": "b2b.group.created", "body": {
+            "timestamp": "2026-06-16T10:00:00Z", "organizationId": org, "id": "all", "name": "All",
+            "members": people}})
+        figure.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, "all", people, RAW)))
+        usage = child_usage([sys.executable, "-m", "couchsync", "apply", "-"], bench.cli_env(), line.encode())
+        figure.couchsync.append(usage[0])
+        usages.append(usage)
+    figure.note += "; couchsync CPU {:.1f} s, peak RSS {:.0f} MB (medians)".format(
+        statistics.median(u[1] for u in usages), statistics.median(u[2] for u in usages))
+    return figure
 
 
 def worker_throughput(bench: Bench, runs: int, events: int, instances: int) -> Figure:
@@ -415,7 +478,7 @@ def print_table(figures: list[Figure]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss")
+    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss,planning,bigevent")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--scale", type=float, default=1.0, help="size factor (0.1 for a quick look)")
     args = parser.parse_args()
@@ -439,6 +502,10 @@ def main() -> int:
             figures.append(worker_throughput(bench, args.runs, n(2000), 20))
         if "rss" in cases:
             figures.append(peak_rss(bench, args.runs, n(200), (n(1000), n(10_000))))
+        if "planning" in cases:
+            figures += planning(args.runs, tuple(n(size) for size in (1000, 2000, 4000, 8000)))
+        if "bigevent" in cases:
+            figures.append(big_event(bench, args.runs, n(10_000), 3))
     finally:
         server.stop()
     print_table(figures)

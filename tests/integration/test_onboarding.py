@@ -150,7 +150,7 @@ def test_a_bootstrap_cut_short_is_finished_by_the_next_run(acme, monkeypatch):
         crashing = CrashingGateway(acme.couch_settings(), writes_left=5)
         acme.gateways.append(crashing)
         monkeypatch.setattr(sync.copier, "_couch", crashing)
-        monkeypatch.setattr(sync._writer, "_couch", sync.copier._couch)
+        monkeypatch.setattr(sync.writer, "_couch", crashing)
         with pytest.raises(CouchUnavailable):
             sync.bootstrap(NEW)
     partial = by_email(acme, NEW)

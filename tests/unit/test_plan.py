@@ -182,6 +182,21 @@ def test_a_profile_from_an_older_event_does_not_overwrite_a_newer_one():
     assert carol.docs[CONTACTS][BOB_ID]["fullname"] == "Bob Newer"
 
 
+@pytest.mark.parametrize("order", ["in order", "reversed"])
+def test_a_later_partial_profile_keeps_the_other_fields_and_an_emails_case_renames_nobody(order):
+    # Issue 18, finding 11: `member.added` with only {"email": "BOB@ACME.COM"} removed Bob's Cozy URL,
+    # renamed him "BOB" and replaced his email entry.
+    events = [created(30, members=[BOB]), event("b2b.group.member.added", 31, members=[{"email": "BOB@ACME.COM"}])]
+    carol = FakeInstance("carol.acme.twake.app")
+    for one in events if order == "in order" else events[::-1]:
+        carol.apply(one)
+    bob = carol.docs[CONTACTS][BOB_ID]
+    assert (bob["fullname"], bob["email"], bob["cozy"]) == (
+        "Bob Martin", [{"address": "bob@acme.com", "primary": True}],
+        [{"url": "https://bob.acme.twake.app", "primary": True}])
+    assert bob["twakeDirectory"]["email"] == "bob@acme.com" and bob["twakeDirectory"]["username"] == "bob"
+
+
 @pytest.mark.parametrize("member, name", [
     (Member("b@x.y", name="Robert", first_name="Bob"), "Robert"),
     (Member("b@x.y", first_name="Bob", last_name="Martin"), "Bob Martin"),
