@@ -18,6 +18,7 @@ import pytest
 from couchsync.documents import CONTACTS, GROUPS, managed_group_id
 from couchsync.errors import AmbiguousOrganization
 from couchsync.events import parse_event
+from couchsync.instances import INVALID, InstanceDirectory
 
 from tests.integration.conftest import World
 
@@ -111,6 +112,12 @@ def test_malformed_records_are_skipped_and_reported_and_the_rest_of_the_organiza
     skipped = " ".join(r.getMessage() for r in caplog.records if "skipped the instance record" in r.getMessage())
     for doc in bad:
         assert str(doc["_id"]) in skipped
+    # Each is reported once to what counts them (the worker's couchsync_instance_records_rejected_total).
+    rejected: list[str] = []
+    directory = InstanceDirectory(world.gateway(), world.global_db, on_rejected=rejected.append)
+    assert sorted(instance.domain for instance in directory.instances_of("acme")) == ACME
+    assert sorted(instance.domain for instance in directory.instances_of("acme")) == ACME
+    assert rejected == [INVALID] * len(bad)
 
 
 def test_bad_records_do_not_stop_a_deployment_to_every_other_instance(world):
