@@ -112,6 +112,7 @@ class CouchGateway:
         self._service.set_enable_gzip_compression(False)
         self.url = settings.url
         self._pouchdb: bool | None = None  # PouchDB Server, told by its welcome document
+        self._admin: bool | None = None  # whether the identity is a server admin, asked once
 
     def __enter__(self) -> CouchGateway:
         return self
@@ -154,8 +155,23 @@ class CouchGateway:
             designs = self._service.post_all_docs(db, start_key="_design/", end_key="_design0").get_result()["rows"]
         return count > len(designs)
 
+    def is_server_admin(self) -> bool:
+        """Whether the identity is a server admin (`GET /_session`, asked once)."""
+        if self._admin is None:
+            with translate_errors():
+                context = self._service.get_session_information().get_result().get("userCtx") or {}
+            self._admin = "_admin" in (context.get("roles") or [])
+        return self._admin
+
     def create_database(self, db: str) -> None:
-        """Create the database; one that already exists is fine (needs server admin rights)."""
+        """Create the database; one that already exists is fine.
+
+        Raises:
+            AccessDenied: the identity is not a server admin. Asked before the PUT: PouchDB Server's
+                process crashes on a non-admin's database creation (shared/spec/servers.md).
+        """
+        if not self.is_server_admin():
+            raise AccessDenied("access denied: only a server admin creates databases", db=db, status=403)
         try:
             with translate_errors(db):
                 self._service.put_database(db)

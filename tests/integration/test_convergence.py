@@ -39,6 +39,27 @@ def generated_sequence(seed: int, length: int = 14) -> list[dict]:
     return messages
 
 
+def recreation_sequence(seed: int) -> list[dict]:
+    """One group created, deleted, created again (three lives), people added and removed before, between
+    and after; minutes collide on purpose."""
+    rng = random.Random(seed)
+    minute, messages = 0, []
+
+    def add(kind: str, **fields) -> None:
+        messages.append({"routingKey": f"b2b.group.{kind}", "body": {
+            "timestamp": f"2026-06-16T10:{minute:02d}:00Z", "organizationId": "acme", "id": "engineering", **fields}})
+    for life in range(3):
+        minute += rng.randrange(2)
+        add("created", name=f"Eng {life}", members=rng.sample(PEOPLE, rng.randrange(3)))
+        for _ in range(rng.randrange(1, 4)):
+            minute += rng.randrange(3)
+            add(rng.choice(["member.added", "member.removed"]), members=rng.sample(PEOPLE, rng.randrange(1, 3)))
+        if life < 2:
+            minute += rng.randrange(2)
+            add("deleted")
+    return messages
+
+
 def apply_with_cli(world: World, messages: list[dict], path) -> None:
     path.write_text("\n".join(json.dumps(m) for m in messages))
     done = subprocess.run([sys.executable, "-m", "couchsync", "apply", str(path)], env=world.cli_env(),
@@ -56,14 +77,19 @@ def stamp_of(message: dict) -> str:
     return parse_event(message["routingKey"], json.dumps(message["body"])).stamp
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_a_shuffled_sequence_with_duplicates_converges_to_the_in_order_directory(couch_server, tmp_path, seed):
+SEEDS = range(1, 11)
+
+
+@pytest.mark.parametrize("sequence", ["mixed", "re-creation"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_shuffled_sequence_with_duplicates_converges_to_the_in_order_directory(couch_server, tmp_path, seed,
+                                                                                 sequence):
     # The shuffled run also has the protection deployed: it must converge all the same.
     in_order_world, shuffled_world = World(couch_server), World(couch_server, protected=True)
     for world in (in_order_world, shuffled_world):
         for domain in DOMAINS:
             world.add_instance(domain, "acme", email=f"{domain.split('.')[0]}@acme.com")
-    messages = generated_sequence(seed)
+    messages = generated_sequence(seed) if sequence == "mixed" else recreation_sequence(seed)
     rng = random.Random(seed * 1000)
     delivered = messages + rng.sample(messages, 4)
     rng.shuffle(delivered)

@@ -8,7 +8,7 @@ import localcouch
 import pytest
 
 from couchsync.couch import CouchGateway
-from couchsync.documents import CONTACTS, GROUPS, managed_contact_id
+from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_group_id
 from couchsync.errors import UnknownOrganization
 from couchsync.events import parse_event
 from couchsync.instances import InstanceDirectory
@@ -373,3 +373,56 @@ def test_a_deletion_finds_its_contacts_changed_before_its_tombstone_was_written_
     for domain in ACME:
         assert acme.docs(domain, CONTACTS)[dave]["relationships"]["groups"]["data"] == [], domain
         assert ENGINEERING not in acme.docs(domain, GROUPS)
+
+
+def test_each_event_leaves_documents_shaped_as_the_stack_writes_them(acme, sync):
+    # Field by field, twakeDirectory included, nothing of couchsync's own: what the Cozy apps read. The stack
+    # trims values, never writes an empty description or color, removes them when an update sends "", and
+    # keeps the name when an update sends an empty one (../shared/spec/domain.md).
+    carol = "carol.acme.twake.app"
+    sales = managed_group_id("acme", "sales")
+    dave = {"_id": managed_contact_id("acme", "dave@acme.com"), "fullname": "dave", "displayName": "dave",
+            "email": [{"address": "dave@acme.com", "primary": True}], "metadata": {"external": True},
+            "trustedForSharing": True, "indexes": {"byFamilyNameGivenNameEmailCozyUrl": "dave@acme.com"},
+            "twakeDirectory": {"managed": True, "kind": "contact", "organizationId": "acme", "username": None,
+                               "email": "dave@acme.com", "workplaceFqdn": None}}
+
+    def contact(name, *groups):
+        doc = expected_contact(name, []) if name != "dave" else dave
+        return {**doc, "relationships": {"groups": {"data": [{"_id": g, "_type": GROUPS} for g in groups]}}}
+
+    def documents():
+        return ({k: {f: v for f, v in d.items() if f != "_rev"} for k, d in acme.docs(carol, GROUPS).items()},
+                {k: {f: v for f, v in d.items() if f != "_rev"} for k, d in acme.docs(carol, CONTACTS).items()})
+
+    def tag(external_id):
+        return {"managed": True, "kind": "group", "organizationId": "acme", "externalId": external_id}
+
+    steps = [
+        (event("b2b.group.created", 30, name="  Engineering ", description=" Engineering team  ", color="#3366FF ",
+               createdAt="2026-06-16T10:30:00.000Z", members=[PEOPLE["bob"], PEOPLE["dave"]]),
+         {ENGINEERING: {**GROUP, "_id": ENGINEERING}},
+         [contact("bob", ENGINEERING), contact("dave", ENGINEERING)]),
+        (event("b2b.group.updated", 31, name=" ", description="", color=" #000000 "),
+         {ENGINEERING: {"_id": ENGINEERING, "name": "Engineering", "color": "#000000",
+                        "createdAt": "2026-06-16T10:30:00.000Z", "twakeDirectory": tag("engineering")}},
+         [contact("bob", ENGINEERING), contact("dave", ENGINEERING)]),
+        (event("b2b.group.member.added", 32, members=[PEOPLE["alice"]]), None,
+         [contact("alice", ENGINEERING), contact("bob", ENGINEERING), contact("dave", ENGINEERING)]),
+        (event("b2b.group.member.removed", 33, members=[PEOPLE["bob"]]), None,
+         [contact("alice", ENGINEERING), contact("bob"), contact("dave", ENGINEERING)]),
+        (event("b2b.group.deleted", 34), {}, [contact("alice"), contact("bob"), contact("dave")]),
+    ]
+    groups_before: dict = {}
+    for one, groups, contacts in steps:
+        report = sync.apply(one)
+        assert report.failures == [] and report.refusals == [], one.routing_key
+        groups_before = groups if groups is not None else groups_before
+        assert documents() == (groups_before, {doc["_id"]: doc for doc in contacts}), one.routing_key
+    # A creation never writes an empty description or color, and trims what it writes (with no createdAt,
+    # the group was created when the event says).
+    sync.apply(parse_event("b2b.group.created", json.dumps({
+        "timestamp": "2026-06-16T10:35:00Z", "organizationId": "acme", "id": "sales", "name": " Sales",
+        "description": "  ", "color": "", "members": []})))
+    assert documents()[0] == {sales: {"_id": sales, "name": "Sales", "createdAt": "2026-06-16T10:35:00Z",
+                                      "twakeDirectory": tag("sales")}}

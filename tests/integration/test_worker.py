@@ -341,7 +341,7 @@ def test_sigterm_with_a_short_timeout_hands_the_message_back_and_exits_0(world, 
     assert all(group in world.docs(domain, GROUPS) for domain in domains)
 
 
-@pytest.mark.parametrize("seed_number", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed_number", range(1, 11))
 def test_shuffled_events_handled_eight_at_a_time_converge_to_the_in_order_directory(
         couch_server, world, broker, start_worker, seed_number):
     seed(world, CONVERGENCE_DOMAINS)

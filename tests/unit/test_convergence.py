@@ -93,3 +93,37 @@ def test_applying_everything_again_writes_nothing(sequence):
     for event in sequence:
         instance.apply(event)
     assert all(instance.plan(event).writes == () for event in sequence)
+
+
+@st.composite
+def recreations(draw):
+    """A group created, deleted and created again (and maybe again), with additions and removals
+    before, between and after, at distinct or colliding minutes."""
+    lives = draw(st.integers(2, 3))
+    minute = 0
+    sequence = []
+
+    def body(**fields):
+        return {"timestamp": f"2026-06-16T10:{minute:02d}:00Z", "organizationId": "acme", "id": "engineering",
+                **fields}
+    for life in range(lives):
+        minute += draw(st.integers(0, 2))
+        sequence.append(parse_event("b2b.group.created", json.dumps(body(
+            name=f"Eng {life}", members=draw(st.lists(member(), max_size=2))))))
+        for _ in range(draw(st.integers(0, 3))):
+            minute += draw(st.integers(0, 2))
+            kind = draw(st.sampled_from(["member.added", "member.removed"]))
+            sequence.append(parse_event("b2b.group." + kind, json.dumps(body(members=draw(members)))))
+        if life < lives - 1 or draw(st.booleans()):
+            minute += draw(st.integers(0, 2))
+            sequence.append(parse_event("b2b.group.deleted", json.dumps(body())))
+    return sequence
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recreations(), st.data())
+def test_a_group_deleted_and_created_again_converges_whatever_the_delivery(sequence, data):
+    in_order = sorted(sequence, key=lambda event: event.stamp)
+    delivered = data.draw(st.permutations(sequence + data.draw(st.lists(st.sampled_from(sequence), max_size=4))))
+    got, want = final_documents(delivered), final_documents(in_order)
+    assert got == want, differences(got, want) + "\ndelivered: " + describe(delivered)

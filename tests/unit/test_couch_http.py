@@ -97,10 +97,22 @@ def test_bulk_write_gives_one_result_per_document_conflicts_and_refusals_include
 def test_bulk_write_creates_a_missing_database_once(couch):
     responses.post(f"{DB_PATH}/_bulk_docs", status=404,
                    json={"error": "not_found", "reason": "Database does not exist."})
+    responses.get(f"{URL}/_session", json={"ok": True, "userCtx": {"name": "couchsync", "roles": ["_admin"]}})
     responses.put(DB_PATH, status=201, json={"ok": True})
     responses.post(f"{DB_PATH}/_bulk_docs", json=[{"id": "a", "rev": "1-x"}])
     assert couch.bulk_write(DB, [{"_id": "a"}])[0].ok
-    assert [call.request.method for call in responses.calls] == ["POST", "PUT", "POST"]
+    assert [call.request.method for call in responses.calls] == ["POST", "GET", "PUT", "POST"]
+
+
+@responses.activate
+def test_an_identity_that_is_no_server_admin_never_asks_to_create_a_database(couch):
+    # PouchDB Server's process crashes on a non-admin's PUT /db: the gateway asks who it is first.
+    responses.get(f"{URL}/_session", json={"ok": True, "userCtx": {"name": "couchsync", "roles": ["staff"]}})
+    with pytest.raises(AccessDenied, match="only a server admin creates databases"):
+        couch.create_database(DB)
+    with pytest.raises(AccessDenied):
+        couch.create_database(DB)
+    assert [call.request.method for call in responses.calls] == ["GET"]  # asked once, no PUT
 
 
 @responses.activate
