@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import localcouch
 import pytest
@@ -426,3 +428,100 @@ def test_each_event_leaves_documents_shaped_as_the_stack_writes_them(acme, sync)
         "description": "  ", "color": "", "members": []})))
     assert documents()[0] == {sales: {"_id": sales, "name": "Sales", "createdAt": "2026-06-16T10:35:00Z",
                                       "twakeDirectory": tag("sales")}}
+
+
+def sibling(world, db: str, doc_id: str, **changes) -> None:
+    """A conflicting revision beside the current one (same parent), as a replication from another node of a
+    cluster leaves it: written with new_edits=false, as the sync identity (the protection lets it through)."""
+    path = localcouch.db_path(db)
+    current = world.server.request("GET", f"{path}/{doc_id}", params={"revs": "true"}).json()
+    ids = current.pop("_revisions")["ids"]
+    revisions = {"start": len(ids), "ids": ["f" * 32, *ids[1:]]}
+    doc = {**current, **changes, "_rev": f"{len(ids)}-{'f' * 32}", "_revisions": revisions}
+    response = world.server.request("POST", f"{path}/_bulk_docs", json={"docs": [doc], "new_edits": False},
+                                    auth=world.server.sync)
+    assert response.status_code == 201 and not response.json(), response.text
+    conflicts = world.server.request("GET", f"{path}/{doc_id}", params={"conflicts": "true"}).json()
+    assert conflicts.get("_conflicts"), "the sibling should leave a conflict"
+
+
+def conflicts_of(world, db: str, doc_id: str) -> list[str]:
+    doc = world.server.request("GET", localcouch.db_path(db) + "/" + doc_id, params={"conflicts": "true"}).json()
+    return list(doc.get("_conflicts", []))
+
+
+def test_a_conflicted_state_and_a_conflicted_contact_are_joined_and_resolved_by_an_event_and_by_reconcile(
+        acme, sync):
+    carol = "carol.acme.twake.app"
+    bob = managed_contact_id("acme", "bob@acme.com")
+    state_id = group_state_id("acme", "engineering")
+    assert not sync.apply(created("bob")).failures
+
+    def conflict_both(name: str, minute: int) -> None:
+        # The state's sibling holds a newer name than its winner; the contact's, a renamed Bob.
+        state = acme.server.request("GET", localcouch.db_path(acme.state_db) + "/" + state_id).json()
+        stamp = f"2026-06-16T10:{minute:02d}:00.000000Z#1#sibling"
+        sibling(acme, acme.state_db, state_id, values={**state["values"], "name": name},
+                stamps={**state["stamps"], "name": stamp})
+        sibling(acme, acme.db(carol, CONTACTS), bob, fullname="Bobby (other node)")
+
+    conflict_both("Platform", 40)
+    report = sync.apply(event("b2b.group.member.added", 31, members=[PEOPLE["bob"], PEOPLE["alice"]]))
+    assert report.failures == [] and report.refusals == []
+    state = acme.server.request("GET", localcouch.db_path(acme.state_db) + "/" + state_id).json()
+    assert conflicts_of(acme, acme.state_db, state_id) == [] and conflicts_of(acme, acme.db(carol, CONTACTS), bob) == []
+    assert state["values"]["name"] == "Platform" and {"bob@acme.com", "alice@acme.com"} <= set(state["members"])
+    assert acme.docs(carol, GROUPS)[ENGINEERING]["name"] == "Platform"
+    assert acme.docs(carol, CONTACTS)[bob]["fullname"] == "Bob Martin"
+
+    conflict_both("Core", 41)
+    done = subprocess.run([sys.executable, "-m", "couchsync", "reconcile", "--org", "acme"], env=acme.cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert conflicts_of(acme, acme.state_db, state_id) == [] and conflicts_of(acme, acme.db(carol, CONTACTS), bob) == []
+    for domain in ACME:
+        assert acme.docs(domain, GROUPS)[ENGINEERING]["name"] == "Core"
+    assert acme.docs(carol, CONTACTS)[bob]["fullname"] == "Bob Martin"
+
+
+def test_a_directory_the_stack_wrote_is_taken_over_and_the_next_events_apply_on_top(acme, sync):
+    # Instances populated by the stack's own consumer: its shape, contacts under ids of its own, and no
+    # couchsync state. The first event seeds the state from the organization instance (lowest stamp).
+    gateway = acme.gateway()
+    stack_group = {"_id": ENGINEERING, "name": "Engineering", "createdAt": "2026-01-01T00:00:00Z",
+                   "twakeDirectory": {"managed": True, "kind": "group", "organizationId": "acme",
+                                      "externalId": "engineering"}}
+    for n, domain in enumerate(ACME):
+        contacts = [{**expected_contact(name, [ENGINEERING]), "_id": f"stack-{name}-{n}"}
+                    for name in ("alice", "bob") if not domain.startswith(f"{name}.")]
+        assert all(r.ok for r in gateway.bulk_write(acme.db(domain, GROUPS), [stack_group]))
+        assert all(r.ok for r in gateway.bulk_write(acme.db(domain, CONTACTS), contacts))
+    report = sync.apply(event("b2b.group.member.added", 31, members=[PEOPLE["dave"]]))
+    assert report.failures == [] and report.refusals == []
+    removed = sync.apply(event("b2b.group.member.removed", 32, members=[PEOPLE["alice"]]))
+    assert removed.failures == [] and removed.refusals == []
+    # The state knows Bob's membership from the seed: a reconcile finds nothing different or extra (only
+    # Carol's contact is missing where no user.created gave it: members' owners come from their settings).
+    done = subprocess.run([sys.executable, "-m", "couchsync", "reconcile", "--org", "acme", "--dry-run"],
+                          env=acme.cli_env(), capture_output=True, text=True, timeout=300)
+    repairs = [line for line in done.stdout.splitlines() if "would repair" in line]
+    carol = managed_contact_id("acme", "carol@acme.com")
+    assert done.returncode == 0 and repairs and all(line.endswith(f"missing contact {carol}") for line in repairs), \
+        done.stdout
+    for n, domain in enumerate(ACME):
+        contacts = acme.docs(domain, CONTACTS)
+        by_email = {doc["twakeDirectory"]["email"]: doc for doc in contacts.values()}
+        assert len(by_email) == len(contacts), f"a duplicate contact in {domain}"
+        assert set(by_email) == {f"{name}@acme.com" for name in ("alice", "bob", "dave")
+                                 if not domain.startswith(f"{name}.")}
+        if "bob@acme.com" in by_email:  # the stack's contact, reused and still a member
+            assert by_email["bob@acme.com"]["_id"] == f"stack-bob-{n}"
+            assert by_email["bob@acme.com"]["relationships"]["groups"]["data"] == [{"_id": ENGINEERING,
+                                                                                    "_type": GROUPS}]
+        if "alice@acme.com" in by_email:
+            assert by_email["alice@acme.com"]["relationships"]["groups"]["data"] == []
+        assert by_email["dave@acme.com"]["relationships"]["groups"]["data"] == [{"_id": ENGINEERING,
+                                                                                 "_type": GROUPS}]
+        assert acme.docs(domain, GROUPS)[ENGINEERING]["name"] == "Engineering"
+    seeded = acme.server.request("GET", localcouch.db_path(acme.state_db) + "/_all_docs").json()["rows"]
+    assert any(row["id"].endswith(":organization") for row in seeded)
