@@ -10,6 +10,7 @@ read and projected again.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,7 @@ class Synchronizer:
         self._design = design
         self._settings = settings
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="couchsync-instance")
+        self._seeding = threading.Lock()
         self.states = StateStore(couch, settings.state_db, max_attempts=settings.max_attempts,
                                  page_size=settings.page_size)
         self.reader = InstanceReader(couch, directory, design)
@@ -171,7 +173,11 @@ class Synchronizer:
         if not instances:
             raise UnknownOrganization(f"organization {organization_id!r} has no instance")
         if not self.states.is_seeded(organization_id):
-            self.take_over(organization_id, instances)
+            # Events of one organization arrive together: one of them seeds, the others wait for it (seeding
+            # twice would change nothing, but would read the organization instance once per event).
+            with self._seeding:
+                if not self.states.is_seeded(organization_id):
+                    self.take_over(organization_id, instances)
         return instances
 
     def take_over(self, organization_id: str, instances: Sequence[Instance]) -> None:
