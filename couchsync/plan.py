@@ -9,15 +9,15 @@ the others deleted, see `documents.choose_leaf`). Nothing here does I/O, reads a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from couchsync.documents import (
     CONFLICTS, CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, SORT_INDEX, TAG, ContactIndex, Doc, cozy_hosts_of, cozy_url,
     group_ids_of, host_of, is_live, is_managed, losing_deletions, managed_contact_id, managed_tag, match_contact,
-    with_group, without_conflicts)
-from couchsync.events import Member
+    managed_group_id, with_group, without_conflicts)
+from couchsync.events import GroupEvent, GroupEventKind, Member
 from couchsync.state import GroupState, PersonState
 
 
@@ -110,36 +110,85 @@ def plan_group(state: GroupState, base: Doc | None, label: str = "") -> tuple[li
             *(Write(GROUPS, loser, "delete conflicting revision") for loser in losing_deletions(base))], None
 
 
+@dataclass(frozen=True, slots=True)
+class GroupChange:
+    """One group's part in a projection after its events.
+
+    `named`: the lower-case emails whose contacts follow the group (the events' members, or everyone the
+    state names when the group came to life); `related`: the contacts related to the group follow it too
+    (a deletion).
+    """
+
+    state: GroupState
+    named: frozenset[str] = frozenset()
+    related: bool = False
+
+
+def group_changes(events: Iterable[GroupEvent], states: Mapping[str, GroupState],
+                  live: Callable[[str], bool]) -> list[GroupChange]:
+    """What events (one, or a batch of one organization's) ask of one instance, group by group.
+
+    `states`: each group's state after the events, by managed group id; `live(group_id)`: whether the
+    instance holds the group now. A group coming to life there shows every member its state remembers;
+    a deletion voids older memberships even of a group a newer creation keeps alive.
+    """
+    by_group: dict[str, list[GroupEvent]] = {}
+    for event in events:
+        by_group.setdefault(managed_group_id(event.organization_id, event.group_id), []).append(event)
+    changes = []
+    for group_id, mine in by_group.items():
+        state = states[group_id]
+        named = {member.email.strip().lower() for event in mine for member in event.members}
+        kinds = {event.kind for event in mine}
+        if GroupEventKind.CREATED in kinds and not live(group_id):
+            named |= set(state.members)
+        related = not state.alive or GroupEventKind.DELETED in kinds
+        changes.append(GroupChange(state, frozenset(named), related))
+    return changes
+
+
 def plan_group_event(state: GroupState, people: Mapping[str, PersonState], view: InstanceView, *,
                      named: Iterable[str] = (), related: bool = False) -> Plan:
-    """The writes that project one group's state into one instance after an event.
+    """The writes that project one group's state into one instance after an event (see `GroupChange`).
 
-    `named`: the lower-case emails whose contacts follow the group (the event's members, or everyone the
-    state names when the group came to life); `related`: the contacts related to the group follow it
-    too (a deletion). `people` holds the named persons' profiles; `view.contacts` their contacts.
+    `people` holds the named persons' profiles; `view.contacts` their contacts.
     """
-    base = (view.groups or {}).get(state.group_id)
-    group, refusal = plan_group(state, base)
-    if refusal is not None:
-        return Plan(refusals=(refusal,))
-    contacts, refusals = _plan_members(state, people, set(named), related, view)
+    return plan_group_changes([GroupChange(state, frozenset(named), related)], people, view)
+
+
+def plan_group_changes(changes: Iterable[GroupChange], people: Mapping[str, PersonState],
+                       view: InstanceView) -> Plan:
+    """The writes that project several groups' states into one instance at once (a batch of events):
+    each contact is planned once, with every change that concerns it, and written once."""
+    living: list[Write] = []
+    dying: list[Write] = []
+    refusals: list[Refusal] = []
+    planned: list[GroupChange] = []
+    for change in changes:
+        base = (view.groups or {}).get(change.state.group_id)
+        group, refusal = plan_group(change.state, base)
+        if refusal is not None:
+            refusals.append(refusal)  # nothing of that group is written, its people's contacts included
+            continue
+        (living if change.state.alive else dying).extend(group)
+        planned.append(change)
+    contacts, contact_refusals = _plan_members(planned, people, view)
     # A living group is written before the contacts that point to it; a dying one after they let go of
     # it, so that a crash in between leaves no dangling relationship.
-    writes = group + contacts if state.alive else contacts + group
-    return Plan(tuple(writes), tuple(refusals))
+    return Plan(tuple(living + contacts + dying), tuple(refusals + contact_refusals))
 
 
-def _plan_members(state: GroupState, people: Mapping[str, PersonState], named: set[str], related: bool,
+def _plan_members(changes: list[GroupChange], people: Mapping[str, PersonState],
                   view: InstanceView) -> tuple[list[Write], list[Refusal]]:
     contacts = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
     planned = ContactIndex(contacts.values())  # matching by index: an event may name thousands of people
     refusals: list[Refusal] = []
-    for email in sorted(named):
+    for email in sorted(set().union(*(change.named for change in changes))):
         person = people.get(email)
         if person is None:
             continue
         member = person.member
-        candidates = planned.candidates(state.organization_id, member.email, member.workplace_fqdn)
+        candidates = planned.candidates(person.organization_id, member.email, member.workplace_fqdn)
         doc, refusal = profile_contact(person, candidates, view)
         if refusal:
             refusals.append(refusal)
@@ -147,14 +196,23 @@ def _plan_members(state: GroupState, people: Mapping[str, PersonState], named: s
             planned.put(doc)
     writes: list[Write] = []
     for doc in planned.docs():
-        email = str(managed_tag(doc).get("email") or "").strip().lower()
-        follows = email in named or (related and state.group_id in group_ids_of(doc))
-        if follows and managed_tag(doc).get("organizationId") == state.organization_id \
-                and not is_own_contact(doc, view) and (state.membership(email) is not None or not state.alive):
-            doc = _related_to(doc, state.group_id, state.is_member(email))
+        for change in changes:
+            doc = _followed(doc, change, view)
         old = contacts.get(doc["_id"])
         writes += put(CONTACTS, doc, old, "update contact" if old else "create contact")
     return writes, refusals
+
+
+def _followed(doc: Doc, change: GroupChange, view: InstanceView) -> Doc:
+    """The contact with its relationship to the change's group as the state says, when it follows it."""
+    state = change.state
+    tag = managed_tag(doc)
+    email = str(tag.get("email") or "").strip().lower()
+    follows = email in change.named or (change.related and state.group_id in group_ids_of(doc))
+    if follows and tag.get("organizationId") == state.organization_id and not is_own_contact(doc, view) \
+            and (state.membership(email) is not None or not state.alive):
+        return _related_to(doc, state.group_id, state.is_member(email))
+    return doc
 
 
 def _related_to(contact: Doc, group_id: str, member: bool) -> Doc:

@@ -50,7 +50,10 @@ class StateStore:
             DocumentConflict: still conflicting after the last attempt.
             CouchError: the database refused a write for another reason.
         """
-        pending: dict[str, State | None] = {state.state_id: state for state in contributions}
+        pending: dict[str, State | None] = {}
+        for state in contributions:  # several events of a batch may touch one state: joined first
+            known = pending.get(state.state_id)
+            pending[state.state_id] = state if known is None else join_states((known, state))
         return self._converge(pending)
 
     def read(self, state_ids: Sequence[str]) -> dict[str, Stored[State]]:

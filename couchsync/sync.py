@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs
-from couchsync.documents import CONTACTS, GROUPS, ContactLookup, is_live
+from couchsync.documents import CONTACTS, GROUPS, ContactLookup, is_live, managed_group_id
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
 from couchsync.events import Event, GroupEvent, GroupEventKind, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
-from couchsync.plan import InstanceView, Plan, plan_group_event, plan_profile
+from couchsync.plan import InstanceView, Plan, group_changes, plan_group_changes, plan_profile
 from couchsync.reader import InstanceReader
 from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id, seed
 from couchsync.state_store import StateStore, Stored
@@ -132,19 +132,42 @@ class Synchronizer:
             UnknownInstance: a user.created names an instance the organization does not (yet) have.
             CouchError: the global database or the directory state could not be read or written.
         """
+        if isinstance(event, GroupEvent):
+            return self.apply_batch([event])
         started = time.monotonic()
-        if isinstance(event, UserCreated):
-            organization_id, subject = self._organization_of(event), event.domain
-            reports = self._onboard(event, organization_id)
-        else:
-            organization_id, subject = event.organization_id, event.group_id
-            instances = self.instances_of(organization_id)
-            projection = _GroupProjection(self, event)
-            reports = tuple(self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
-                                           instances))
-        report = EventReport(event.routing_key, organization_id, subject, reports, time.monotonic() - started)
+        organization_id = self._organization_of(event)
+        reports = self._onboard(event, organization_id)
+        return self._report(event.routing_key, organization_id, event.domain, reports, started)
+
+    def apply_batch(self, events: Sequence[GroupEvent]) -> EventReport:
+        """Apply group events of one organization together: merged into the state at once, then projected
+        once per instance (one `_bulk_docs` per database for the whole batch). The result is the one of
+        applying them one by one, in any order (the merge is commutative and the projection idempotent).
+
+        Raises:
+            ValueError: the events are of several organizations, or none.
+            UnknownOrganization: the organization has no usable instance.
+            CouchError: the global database or the directory state could not be read or written.
+        """
+        organizations = {event.organization_id for event in events}
+        if len(organizations) != 1:
+            raise ValueError(f"a batch is of one organization, not {len(organizations)}")
+        started = time.monotonic()
+        organization_id = events[0].organization_id
+        instances = self.instances_of(organization_id)
+        projection = _GroupProjection(self, events)
+        reports = tuple(self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
+                                       instances))
+        routing_key = events[0].routing_key if len(events) == 1 else f"batch of {len(events)}"
+        subject = ",".join(dict.fromkeys(event.group_id for event in events))
+        return self._report(routing_key, organization_id, subject, reports, started)
+
+    @staticmethod
+    def _report(routing_key: str, organization_id: str, subject: str, reports: tuple[InstanceReport, ...],
+                started: float) -> EventReport:
+        report = EventReport(routing_key, organization_id, subject, reports, time.monotonic() - started)
         logger.debug("%s %s/%s: %d instances, %d writes, %d refusals, %d failed in %.3fs",
-                     event.routing_key, organization_id, subject, len(reports),
+                     routing_key, organization_id, subject[:MAX_LOGGED_TEXT], len(reports),
                      report.writes, len(report.refusals), len(report.failures), report.seconds)
         return report
 
@@ -275,62 +298,68 @@ class Synchronizer:
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    """The states one projection of a group event is made from."""
+    """The states one projection of group events is made from."""
 
-    group: Stored[GroupState]
-    people: dict[str, Stored[PersonState]]
+    groups: dict[str, Stored[GroupState]]  # by managed group id
+    people: dict[str, Stored[PersonState]]  # by lower-case email
 
     @property
     def basis(self) -> tuple[tuple[str, str], ...]:
-        pairs = [(self.group.state.state_id, self.group.rev)]
+        pairs = [(stored.state.state_id, stored.rev) for stored in self.groups.values()]
         pairs += [(stored.state.state_id, stored.rev) for stored in self.people.values()]
         return tuple((state_id, rev) for state_id, rev in pairs if rev)
 
 
 class _GroupProjection:
-    """A group event merged into the state, then projected into each instance (see `planner`)."""
+    """Group events of one organization merged into the state, then projected into each instance (see
+    `planner`)."""
 
-    def __init__(self, sync: Synchronizer, event: GroupEvent) -> None:
+    def __init__(self, sync: Synchronizer, events: Sequence[GroupEvent]) -> None:
         self._sync = sync
-        self._event = event
-        sync.states.merge(contribution(event))
-        self.named = frozenset(member.email.strip().lower() for member in event.members)
+        self._events = events
+        self._organization_id = events[0].organization_id
+        sync.states.merge(state for event in events for state in contribution(event))
+        self._external_ids = list(dict.fromkeys(event.group_id for event in events))
+        self.named = frozenset(member.email.strip().lower() for event in events for member in event.members)
         self._snapshot = self.read()
 
     def read(self) -> _Snapshot:
-        """The group's state and the profiles of everyone a projection may name, read afresh."""
-        org, group_id = self._event.organization_id, self._event.group_id
-        group_id_in_state = group_state_id(org, group_id)
-        group = self._sync.states.read([group_id_in_state]).get(group_id_in_state)
-        state = group.state if group and isinstance(group.state, GroupState) else GroupState(org, group_id)
+        """The groups' states and the profiles of everyone a projection may name, read afresh."""
+        org = self._organization_id
+        state_ids = [group_state_id(org, external_id) for external_id in self._external_ids]
+        found = self._sync.states.read(state_ids)
+        groups: dict[str, Stored[GroupState]] = {}
+        for external_id, state_id in zip(self._external_ids, state_ids):
+            stored = found.get(state_id)
+            if stored is not None and isinstance(stored.state, GroupState):
+                groups[stored.state.group_id] = Stored(stored.state, stored.rev)
+            else:
+                empty = GroupState(org, external_id)
+                groups[empty.group_id] = Stored(empty, "")
         emails = set(self.named)
-        if self._event.kind is GroupEventKind.CREATED:
-            emails |= set(state.members)  # a group coming to life shows every member it remembers
+        for event in self._events:
+            if event.kind is GroupEventKind.CREATED:  # a group coming to life shows every member it remembers
+                emails |= set(groups[managed_group_id(org, event.group_id)].state.members)
         ids = {person_state_id(org, email): email for email in emails}
         people = {ids[state_id]: stored for state_id, stored in self._sync.states.read(list(ids)).items()}
-        return _Snapshot(Stored(state, group.rev if group else ""),
-                         {email: Stored(stored.state, stored.rev) for email, stored in people.items()
-                          if isinstance(stored.state, PersonState)})
+        return _Snapshot(groups, {email: Stored(stored.state, stored.rev) for email, stored in people.items()
+                                  if isinstance(stored.state, PersonState)})
 
     def planner(self, instance: Instance) -> Planner:
         """Plans for one instance: the first from the state the merge left, later ones from a fresh read."""
         return lambda attempt: self._plan(instance, self._snapshot if attempt == 1 else self.read())
 
     def _plan(self, instance: Instance, snapshot: _Snapshot) -> Plan:
-        event, state = self._event, snapshot.group.state
-        reader = self._sync.reader
-        groups = reader.documents(instance, GROUPS, [state.group_id], event.organization_id)
-        named = set(self.named)
-        if event.kind is GroupEventKind.CREATED and not is_live(groups.get(state.group_id)):
-            named |= set(state.members)
-        # A deletion voids older memberships even of a group a newer creation keeps alive.
-        related = not state.alive or event.kind is GroupEventKind.DELETED
+        org, reader = self._organization_id, self._sync.reader
+        states = {group_id: stored.state for group_id, stored in snapshot.groups.items()}
+        groups = reader.documents(instance, GROUPS, list(states), org)
+        changes = group_changes(self._events, states, lambda group_id: is_live(groups.get(group_id)))
+        named = sorted(set().union(*(change.named for change in changes)))
         people = {email: stored.state for email, stored in snapshot.people.items()}
-        lookup = ContactLookup(event.organization_id,
-                               tuple((email, people[email].member.workplace_fqdn if email in people else None)
-                                     for email in sorted(named)),
-                               (state.group_id,) if related else ())
+        lookup = ContactLookup(org, tuple((email, people[email].member.workplace_fqdn if email in people else None)
+                                          for email in named),
+                               tuple(change.state.group_id for change in changes if change.related))
         view = InstanceView(instance.domain, groups=groups) if not lookup else InstanceView(
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
-        plan = plan_group_event(state, people, view, named=named, related=related)
+        plan = plan_group_changes(changes, people, view)
         return replace(plan, basis=snapshot.basis)

@@ -8,8 +8,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf, is_live
-from couchsync.events import GroupEvent, GroupEventKind
-from couchsync.plan import InstanceView, Plan, plan_group_event
+from couchsync.events import GroupEvent
+from couchsync.plan import InstanceView, Plan, group_changes, plan_group_changes
 from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id
 
 _revs = itertools.count(1)
@@ -36,24 +36,34 @@ class FakeInstance:
 
     def plan(self, event: GroupEvent) -> Plan:
         """The projection of the state, as it is, after this event (merged already or not)."""
-        org = event.organization_id
-        group = self.states.get(group_state_id(org, event.group_id)) or GroupState(org, event.group_id)
-        assert isinstance(group, GroupState)
-        base = self.docs[GROUPS].get(group.group_id)
-        named = {m.email.strip().lower() for m in event.members}
-        if event.kind is GroupEventKind.CREATED and not is_live(base):
-            named |= set(group.members)
+        return self.plan_batch([event])
+
+    def plan_batch(self, events: list[GroupEvent]) -> Plan:
+        """The projection of the state, as it is, after these events of one organization (as sync does)."""
+        org = events[0].organization_id
+        states = {}
+        for event in events:
+            state = self.states.get(group_state_id(org, event.group_id)) or GroupState(org, event.group_id)
+            assert isinstance(state, GroupState)
+            states[state.group_id] = state
+        changes = group_changes(events, states, lambda group_id: is_live(self.docs[GROUPS].get(group_id)))
+        named = set().union(*(change.named for change in changes))
         people = {email: self.states[person_state_id(org, email)] for email in named
                   if person_state_id(org, email) in self.states}
-        groups = {group.group_id: choose_leaf([copy.deepcopy(base)], org)} if base else {}
+        groups = {group_id: choose_leaf([copy.deepcopy(doc)], org) for group_id, doc in self.docs[GROUPS].items()
+                  if group_id in states}
         view = InstanceView(self.domain, self.owner_email, groups,
                             tuple(copy.deepcopy(list(self.docs[CONTACTS].values()))))
-        related = not group.alive or event.kind is GroupEventKind.DELETED
-        return plan_group_event(group, people, view, named=named, related=related)  # type: ignore
+        return plan_group_changes(changes, people, view)  # type: ignore[arg-type]
 
     def apply(self, event: GroupEvent) -> Plan:
-        self.merge(event)
-        plan = self.plan(event)
+        return self.apply_batch([event])
+
+    def apply_batch(self, events: list[GroupEvent]) -> Plan:
+        """Events merged into the state one by one, then projected once (what a batch of the worker does)."""
+        for event in events:
+            self.merge(event)
+        plan = self.plan_batch(events)
         self.put_all(plan)
         return plan
 

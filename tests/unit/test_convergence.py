@@ -127,3 +127,23 @@ def test_a_group_deleted_and_created_again_converges_whatever_the_delivery(seque
     delivered = data.draw(st.permutations(sequence + data.draw(st.lists(st.sampled_from(sequence), max_size=4))))
     got, want = final_documents(delivered), final_documents(in_order)
     assert got == want, differences(got, want) + "\ndelivered: " + describe(delivered)
+
+
+def batched_documents(batches):
+    instance = FakeInstance("carol.acme.twake.app", owner_email="carol@acme.com")
+    for batch in batches:
+        instance.apply_batch(batch)
+    return {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"} for doc_id, doc in docs.items()}
+            for doctype, docs in instance.docs.items()}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(events(), min_size=1, max_size=12), st.data())
+def test_any_sequence_cut_into_any_batches_in_any_order_gives_the_in_order_documents(sequence, data):
+    # Issue 16: the worker applies an organization's waiting events together (merged, then projected once).
+    in_order = sorted(sequence, key=lambda event: event.stamp)
+    delivered = data.draw(st.permutations(sequence + data.draw(st.lists(st.sampled_from(sequence), max_size=4))))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(len(delivered) - 1, 1)), max_size=len(delivered))))
+    batches = [delivered[start:end] for start, end in zip([0, *cuts], [*cuts, len(delivered)]) if delivered[start:end]]
+    got, want = batched_documents(batches), final_documents(in_order)
+    assert got == want, differences(got, want) + "\nbatches: " + " | ".join(describe(batch) for batch in batches)
