@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
-from couchsync.events import parse_event
+from couchsync.events import GroupEvent, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.metrics import Metrics, serve
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
@@ -208,9 +209,9 @@ def shown(text: str, limit: int = REPORT_FIELD_LENGTH) -> str:
     return escaped + (f"…({len(text)} characters)" if len(text) > limit else "")
 
 
-def _print_report(number: int, report: EventReport) -> None:
+def _print_report(lines: str, report: EventReport) -> None:
     status = "FAILED" if report.failures else "ok"
-    click.echo(f"{number}: {shown(report.routing_key)} {shown(report.organization_id)}/{shown(report.subject)}: "
+    click.echo(f"{lines}: {shown(report.routing_key)} {shown(report.organization_id)}/{shown(report.subject)}: "
                f"{status}, {len(report.instances)} instances, {report.writes} writes, "
                f"{len(report.refusals)} refusals ({report.seconds:.2f}s)")
     for domain, reason in report.refusals:
@@ -222,30 +223,64 @@ def _print_report(number: int, report: EventReport) -> None:
 @cli.command()
 @click.argument("source", type=click.File("rb"), default="-")
 @future_skew_option
+@click.option("--batch", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="Apply up to N consecutive group events of one organization together, as the worker "
+                   "batches them (merged into the state, then one projection per instance).")
 @click.pass_obj
-def apply(obj: Context, source: IO[bytes], max_future_skew: str) -> None:
+def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> None:
     """Apply events read as JSON lines from SOURCE (a file, or - for standard input).
 
-    Each line is {"routingKey": "b2b.group.created", "body": {...}}. Prints one summary per event;
-    exits 65 when a line is invalid (every other line is still applied), 1 when an event failed in
-    some instance, 0 otherwise.
+    Each line is {"routingKey": "b2b.group.created", "body": {...}}. Prints one summary per event (per
+    batch with --batch); exits 65 when a line is invalid (every other line is still applied), 1 when an
+    event failed in some instance, 0 otherwise.
     """
     obj.sync = config.with_future_skew(obj.sync, max_future_skew)
     worst = 0
+    pending: list[tuple[int, GroupEvent]] = []
+
+    def failed(lines: str, routing_key: str, error: CouchsyncError) -> None:
+        nonlocal worst
+        click.echo(f"{lines}: {shown(routing_key or '?')}: {type(error).__name__}: "
+                   f"{shown(str(error), REPORT_REASON_LENGTH)}")
+        worst = max(worst, error.exit_code)
+
+    def run(lines: str, routing_key: str, action: Callable[[], EventReport]) -> None:
+        nonlocal worst
+        try:
+            report = action()
+        except CouchsyncError as exc:
+            failed(lines, routing_key, exc)
+            return
+        _print_report(lines, report)
+        if report.failures:
+            worst = max(worst, EXIT_FAILED)
+
+    def flush() -> None:
+        if pending:
+            events = [event for _, event in pending]
+            lines = str(pending[0][0]) if len(pending) == 1 else f"{pending[0][0]}-{pending[-1][0]}"
+            pending.clear()
+            run(lines, events[0].routing_key, lambda: sync.apply_batch(events))
+
     with obj.gateway() as couch, obj.synchronizer(couch) as sync:
         for number, routing_key, body in read_messages(source):
             try:
                 if isinstance(body, Exception):
                     raise body
-                report = sync.apply(parse_event(routing_key, body, not_after=obj.sync.not_after()))
+                event = parse_event(routing_key, body, not_after=obj.sync.not_after())
             except CouchsyncError as exc:
-                click.echo(f"{number}: {shown(routing_key or '?')}: {type(exc).__name__}: "
-                           f"{shown(str(exc), REPORT_REASON_LENGTH)}")
-                worst = max(worst, exc.exit_code)
+                failed(str(number), routing_key, exc)
                 continue
-            _print_report(number, report)
-            if report.failures:
-                worst = max(worst, EXIT_FAILED)
+            if not isinstance(event, GroupEvent) or (pending and pending[0][1].organization_id
+                                                     != event.organization_id):
+                flush()
+            if isinstance(event, GroupEvent):
+                pending.append((number, event))
+                if len(pending) >= batch:
+                    flush()
+            else:
+                run(str(number), routing_key, functools.partial(sync.apply, event))
+        flush()
     sys.exit(worst)
 
 

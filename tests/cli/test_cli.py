@@ -82,6 +82,12 @@ class FakeSynchronizer:
         return EventReport(event.routing_key, getattr(event, "organization_id", None) or "acme", subject,
                            (InstanceReport("acme.twake.app", writes=1),), 0.0)
 
+    def apply_batch(self, events):
+        from couchsync.sync import EventReport, InstanceReport
+        self.applied += events
+        return EventReport(events[0].routing_key, events[0].organization_id, ",".join(e.group_id for e in events),
+                           (InstanceReport("acme.twake.app", writes=len(events)),), 0.0)
+
 
 @pytest.fixture
 def fake_sync(monkeypatch):
@@ -131,6 +137,17 @@ def test_apply_refuses_events_beyond_the_future_skew_it_is_given(fake_sync):
     assert result.exit_code == 0, result.output
     result = run("apply", "--max-future-skew", "soon", "-", input=tomorrow)
     assert result.exception.exit_code == 78
+
+
+def test_apply_batches_consecutive_events_of_one_organization_up_to_the_size_given(fake_sync):
+    other = json.dumps({"routingKey": "b2b.group.deleted", "body": {
+        "timestamp": "2026-06-16T10:30:00Z", "organizationId": "other", "id": "crew"}}).encode()
+    lines = [created("a"), created("b"), created("c"), other, b"{not json", created("d"), created("e")]
+    result = run("apply", "--batch", "2", "-", input=b"\n".join(lines))
+    assert result.exit_code == 65, result.output
+    labels = [line.split(":", 1)[0] for line in result.output.splitlines() if not line.startswith(" ")]
+    assert labels == ["1-2", "3", "5", "4", "6-7"]  # a bad line is reported at once, as the worker dead-letters it
+    assert [event.group_id for event in fake_sync.applied] == ["a", "b", "c", "crew", "d", "e"]
 
 
 def test_the_worker_takes_a_future_skew_and_refuses_a_bad_one():
