@@ -28,7 +28,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -64,8 +64,26 @@ MAX_HEADER_BYTES = 512  # one of the publisher's headers, encoded; a bigger one 
 MAX_HEADERS_BYTES = 2048  # all of the publisher's headers copied, encoded
 
 # Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure. A field
-# `refusals` (an int) counts the changes an instance refused: the message is applied all the same.
+# `refusals` (an int) counts the changes an instance refused: the message is applied all the same;
+# `bulk_writes` (an int) counts the `_bulk_docs` requests made to instance databases.
 Handler = Callable[[str, bytes], Mapping[str, object]]
+# Outcome of one message of a batch: its log fields, or the error that ends it.
+Outcome = Mapping[str, object] | Exception
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How messages are gathered into batches (`AmqpSettings.batch`, `batch_wait`).
+
+    `key(routing_key, body)` runs on the connection's thread as each message arrives: the key of the
+    messages it may be handled with (an organization), or None to handle it alone, at once (a message
+    that is not a valid event is dead-lettered without waiting for a batch). `handle(messages)` handles
+    one batch on a pool thread: one outcome per message, in order; each is then settled on its own,
+    with its own attempt count.
+    """
+
+    key: Callable[[str, bytes], str | None]
+    handle: Callable[[Sequence[tuple[str, bytes]]], Sequence[Outcome]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,15 +276,18 @@ class _Session:
     connection: BlockingConnection
     channel: BlockingChannel
     in_flight: dict[int, Delivery] = field(default_factory=dict)
+    # Batches being gathered, by key: their deliveries (in flight too) and when the first came.
+    gathering: dict[str, tuple[list[Delivery], float]] = field(default_factory=dict)
 
 
 class Consumer:
     """Consumes couchsync's queue until `stop()`, reconnecting with capped, jittered backoff."""
 
     def __init__(self, settings: AmqpSettings, handle: Handler, metrics: Metrics,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, *, batching: Batching | None = None) -> None:
         self._settings = settings
         self._handle = handle
+        self._batching = batching if settings.batch > 1 else None
         self._metrics = metrics
         self._notifier = notifier or Notifier(None)
         self._pool = ThreadPoolExecutor(settings.prefetch, thread_name_prefix="couchsync-event")
@@ -321,7 +342,7 @@ class Consumer:
                 declare(channel, self._settings)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 raise ConfigError(f"cannot declare couchsync's queues: {exc.reply_text}") from exc
-            channel.basic_qos(prefetch_count=self._settings.prefetch)
+            channel.basic_qos(prefetch_count=self._settings.prefetch_count)
             session = self._session = _Session(self._generation, connection, channel)
             consumer_tag = channel.basic_consume(self._settings.queue, self._on_message)
             if self._generation > 1:
@@ -329,8 +350,10 @@ class Consumer:
             self.consuming = True
             self._notifier.ready(f"consuming {self._settings.queue}")
             logger.info("consuming %s (prefetch %d)", self._settings.queue, self._settings.prefetch)
+            tick = min(0.5, self._settings.batch_wait / 2) if self._batching else 0.5
             while not self._stop_requested:
-                connection.process_data_events(time_limit=0.5)
+                connection.process_data_events(time_limit=tick)
+                self._start_waited(session)
                 self._notifier.watchdog()
             self._drain(session, consumer_tag)
         except _LOST as exc:
@@ -350,6 +373,8 @@ class Consumer:
         """Stop taking messages; let in-flight ones finish for a while, then hand the rest back."""
         self._notifier.stopping()
         session.channel.basic_cancel(consumer_tag)
+        for key in list(session.gathering):  # received already: started now, like every message in flight
+            self._start(session, key)
         deadline = time.monotonic() + self._settings.shutdown_timeout
         while session.in_flight and time.monotonic() < deadline:
             session.connection.process_data_events(time_limit=0.2)
@@ -363,23 +388,57 @@ class Consumer:
                     body: bytes) -> None:
         assert self._session is not None
         delivery = Delivery.of(self._session.generation, method, properties, body, queue=self._settings.queue)
-        self._session.in_flight[delivery.tag] = delivery
+        session = self._session
+        session.in_flight[delivery.tag] = delivery
         self._metrics.in_flight.inc()
-        self._pool.submit(self._work, self._session.connection, delivery)
+        key = self._batching.key(delivery.routing_key, delivery.body) if self._batching else None
+        if key is None:
+            self._pool.submit(self._work, session.connection, delivery)
+            return
+        deliveries, _ = session.gathering.setdefault(key, ([], time.monotonic()))
+        deliveries.append(delivery)
+        if len(deliveries) >= self._settings.batch:
+            self._start(session, key)
+
+    def _start_waited(self, session: _Session) -> None:
+        """Start the batches whose first message has waited `batch_wait`."""
+        now = time.monotonic()
+        for key in [key for key, (_, since) in session.gathering.items() if now - since >= self._settings.batch_wait]:
+            self._start(session, key)
+
+    def _start(self, session: _Session, key: str) -> None:
+        deliveries, _ = session.gathering.pop(key)
+        self._pool.submit(self._work_batch, session.connection, deliveries)
 
     def _work(self, connection: BlockingConnection, delivery: Delivery) -> None:
         """On a pool thread: handle the message, then settle it on the connection's thread."""
         started = time.monotonic()
-        error: BaseException | None = None
-        fields: Mapping[str, object] = {}
         try:
-            fields = self._handle(delivery.routing_key, delivery.body)
+            outcome: Outcome = self._handle(delivery.routing_key, delivery.body)
         except Exception as exc:  # noqa: BLE001 (the last-resort handler: a bug must not kill the worker)
-            error = exc
-            if not isinstance(exc, CouchsyncError):
-                logger.error("unexpected error on message %s", delivery.message_id, exc_info=True)
+            outcome = exc
+        self._settle_later(connection, delivery, outcome, time.monotonic() - started)
+
+    def _work_batch(self, connection: BlockingConnection, deliveries: list[Delivery]) -> None:
+        """On a pool thread: handle a batch, then settle each of its messages on the connection's thread."""
+        assert self._batching is not None
+        started = time.monotonic()
+        try:
+            outcomes = list(self._batching.handle([(d.routing_key, d.body) for d in deliveries]))
+        except Exception as exc:  # noqa: BLE001 (as in _work)
+            outcomes = [exc] * len(deliveries)
+        seconds = time.monotonic() - started
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            self._settle_later(connection, delivery, outcome, seconds)
+
+    def _settle_later(self, connection: BlockingConnection, delivery: Delivery, outcome: Outcome,
+                      seconds: float) -> None:
+        error = outcome if isinstance(outcome, Exception) else None
+        if error is not None and not isinstance(error, CouchsyncError):
+            logger.error("unexpected error on message %s", delivery.message_id, exc_info=error)
+        fields = outcome if not isinstance(outcome, Exception) else {}
         decision = disposition(error, delivery.attempt, self._settings)
-        settle = functools.partial(self._settle, delivery, decision, fields, time.monotonic() - started)
+        settle = functools.partial(self._settle, delivery, decision, fields, seconds)
         try:
             connection.add_callback_threadsafe(settle)
         except _LOST:
@@ -424,6 +483,9 @@ class Consumer:
             self._metrics.observe_fanout(delivery.routing_key, seconds)
             if isinstance(refusals, int) and refusals > 0:
                 self._metrics.count_refusals(delivery.routing_key, refusals)
+            bulk_writes = fields.get("bulk_writes")
+            if isinstance(bulk_writes, int) and bulk_writes > 0:
+                self._metrics.bulk_writes.inc(bulk_writes)
         line = {"message": delivery.message_id, "delivery_tag": delivery.tag, "routing_key": delivery.routing_key,
                 "attempt": delivery.attempt, "outcome": outcome, **fields, "seconds": round(seconds, 3)}
         if isinstance(decision, Ack):

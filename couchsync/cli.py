@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
-from couchsync.amqp import Consumer
+from couchsync.amqp import Batching, Consumer
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome
@@ -153,14 +153,14 @@ def amqp_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _amqp_settings(ctx: click.Context, params: dict[str, Any]) -> config.AmqpSettings:
+def _amqp_settings(ctx: click.Context, params: dict[str, Any], **tuning: Any) -> config.AmqpSettings:
     _refuse_typed_secrets(ctx, "amqp_password", "amqp_url", "COUCHSYNC_AMQP_PASSWORD", "--amqp-password-file")
     return config.load_amqp(params["amqp_url"], username=params["amqp_user"], password=params["amqp_password"],
                             password_file=params["amqp_password_file"], exchange=params["exchange"],
                             auth_exchange=params["auth_exchange"],
                             queue_prefix=params["queue_prefix"], prefetch=params["prefetch"],
                             delivery_limit=params["delivery_limit"], retry_delay=params["retry_delay"],
-                            shutdown_timeout=params["shutdown_timeout"])
+                            shutdown_timeout=params["shutdown_timeout"], **tuning)
 
 
 def read_messages(stream: Iterable[bytes | str]) -> Iterator[tuple[int, str, Any]]:
@@ -291,10 +291,15 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> 
               show_default=True, help="Port of /metrics and /healthz (0: off).")
 @click.option("--notify-socket", envvar="NOTIFY_SOCKET", hidden=True)
 @click.option("--watchdog-usec", envvar="WATCHDOG_USEC", hidden=True)
+@click.option("--batch", envvar="COUCHSYNC_BATCH", type=click.IntRange(1, 10_000), default=config.DEFAULT_BATCH,
+              show_default=True, help="Waiting events of one organization applied together, at most (1: one by one).")
+@click.option("--batch-wait", envvar="COUCHSYNC_BATCH_WAIT", type=click.FloatRange(0, 60_000),
+              default=config.DEFAULT_BATCH_WAIT * 1000, show_default=True,
+              help="Milliseconds the first event of a batch waits for others.")
 @future_skew_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
-           watchdog_usec: str | None, max_future_skew: str, **amqp: Any) -> None:
+           watchdog_usec: str | None, batch: int, batch_wait: float, max_future_skew: str, **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
@@ -302,14 +307,15 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     """
     obj: Context = ctx.obj
     obj.sync = config.with_future_skew(obj.sync, max_future_skew)
-    settings = _amqp_settings(ctx, amqp)
+    settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000)
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
                                  notify_socket=notify_socket, watchdog_usec=watchdog_usec)
     metrics = Metrics()
     obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
     sync = obj.synchronizer(couch)
-    consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds))
+    consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
+                        batching=Batching(sync.batch_key, sync.handle_batch))
     server = serve(metrics, process.metrics_host, process.metrics_port,
                    lambda: consumer.consuming) if process.metrics_port else None
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -32,6 +32,8 @@ DEFAULT_EXCHANGE = "b2b"
 DEFAULT_AUTH_EXCHANGE = "auth"  # where the directory announces new users (user.created)
 DEFAULT_QUEUE_PREFIX = "couchsync."
 DEFAULT_PREFETCH = 8          # the stack's
+DEFAULT_BATCH = 64            # events of one organization applied together at most
+DEFAULT_BATCH_WAIT = 0.2      # seconds the first event of a batch waits for others
 DEFAULT_DELIVERY_LIMIT = 5    # the stack's: attempts before a message is dead-lettered
 DEFAULT_RETRY_DELAY = 2.0     # seconds before the first retry, doubling after
 DEFAULT_RETRY_DELAY_MAX = 300.0
@@ -123,6 +125,13 @@ class AmqpSettings:
     retry_delay_max: float = DEFAULT_RETRY_DELAY_MAX
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     heartbeat: int = 30
+    batch: int = 1  # the worker's option defaults to DEFAULT_BATCH; 1 applies each message alone
+    batch_wait: float = DEFAULT_BATCH_WAIT
+
+    @property
+    def prefetch_count(self) -> int:
+        """Unacknowledged messages the broker may hand out: enough to fill a batch on every thread."""
+        return min(self.prefetch * self.batch, 65535)
 
     @property
     def queue(self) -> str:
@@ -172,9 +181,10 @@ def load_amqp(url: str, *, username: str = DEFAULT_AMQP_USER, password: str | No
     settings = AmqpSettings(url=urlunsplit(parts._replace(netloc=_host(parts))), username=user, password=secret,
                             **tuning)
     if settings.prefetch < 1 or settings.delivery_limit < 1 or settings.retry_delay <= 0 \
-            or settings.shutdown_timeout <= 0 or not settings.queue_prefix:
-        raise ConfigError("prefetch, delivery limit, retry delay and shutdown timeout must be positive, "
-                          "and the queue prefix not empty")
+            or settings.shutdown_timeout <= 0 or not settings.queue_prefix or settings.batch < 1 \
+            or settings.batch_wait < 0:
+        raise ConfigError("prefetch, delivery limit, retry delay, shutdown timeout and batch must be positive, "
+                          "the batch wait not negative, and the queue prefix not empty")
     return settings
 
 

@@ -37,6 +37,8 @@ class Metrics:
         self.refusals = Counter("couchsync_refusals", "Changes an instance refused, by routing key: an "
                                 "unmanaged document where a managed one belongs (the event is applied "
                                 "everywhere else and acknowledged).", ["routing_key"], registry=self.registry)
+        self.bulk_writes = Counter("couchsync_bulk_writes", "`_bulk_docs` requests made to instance databases by "
+                                   "applied messages (a batch's, once).", registry=self.registry)
         self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
         self.instance_records_rejected = Counter(
             "couchsync_instance_records_rejected", "Records of the global instances database skipped as invalid "

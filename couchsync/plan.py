@@ -9,7 +9,7 @@ the others deleted, see `documents.choose_leaf`). Nothing here does I/O, reads a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,13 +124,14 @@ class GroupChange:
     related: bool = False
 
 
-def group_changes(events: Iterable[GroupEvent], states: Mapping[str, GroupState],
-                  live: Callable[[str], bool]) -> list[GroupChange]:
+def group_changes(events: Iterable[GroupEvent], states: Mapping[str, GroupState]) -> list[GroupChange]:
     """What events (one, or a batch of one organization's) ask of one instance, group by group.
 
-    `states`: each group's state after the events, by managed group id; `live(group_id)`: whether the
-    instance holds the group now. A group coming to life there shows every member its state remembers;
-    a deletion voids older memberships even of a group a newer creation keeps alive.
+    `states`: each group's state after the events, by managed group id. A creation names every member
+    the state remembers, whether or not the instance holds the group already: another projection may
+    have brought the group there first without them (a concurrent `member.added` names only its own
+    members), and only the creation is responsible for all of them. A deletion voids older memberships
+    even of a group a newer creation keeps alive: the contacts related to it follow it.
     """
     by_group: dict[str, list[GroupEvent]] = {}
     for event in events:
@@ -140,7 +141,7 @@ def group_changes(events: Iterable[GroupEvent], states: Mapping[str, GroupState]
         state = states[group_id]
         named = {member.email.strip().lower() for event in mine for member in event.members}
         kinds = {event.kind for event in mine}
-        if GroupEventKind.CREATED in kinds and not live(group_id):
+        if GroupEventKind.CREATED in kinds:
             named |= set(state.members)
         related = not state.alive or GroupEventKind.DELETED in kinds
         changes.append(GroupChange(state, frozenset(named), related))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs
-from couchsync.documents import CONTACTS, GROUPS, ContactLookup, is_live, managed_group_id
+from couchsync.documents import CONTACTS, GROUPS, ContactLookup, managed_group_id
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
 from couchsync.events import Event, GroupEvent, GroupEventKind, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
@@ -46,6 +46,7 @@ class InstanceReport:
     error: str | None = None
     retryable: bool = False
     attempts: int = 1
+    requests: int = 0  # `_bulk_docs` requests to the instance's databases
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class EventReport:
         """The event's log fields (no document content, no secret; the consumer adds the duration)."""
         return {"routing_key": self.routing_key, "organization": self.organization_id, "subject": self.subject,
                 "instances": len(self.instances), "writes": self.writes,
+                "bulk_writes": sum(report.requests for report in self.instances),
                 "unchanged": sum(1 for r in self.instances if r.writes == 0 and r.error is None),
                 "refusals": len(self.refusals), "failed": len(self.failures)}
 
@@ -278,13 +280,48 @@ class Synchronizer:
             InstancesFailed: failed in some instances (InstancesUnavailable: trying again may help).
             CouchError: the global database could not be read.
         """
-        report = self.apply(parse_event(routing_key, body, not_after=self._settings.not_after()))
-        report.raise_for_failures()
-        # Refusals are outcomes, not failures: trying again is refused the same way until someone removes
-        # the document in the way, and the other instances are written already. Said, counted, acknowledged.
-        for domain, reason in report.refusals[:MAX_LOGGED_REFUSALS]:
-            logger.warning("refused in %s: %s", domain[:MAX_LOGGED_TEXT], reason[:MAX_LOGGED_TEXT])
-        return report.fields()
+        return _fields_of(self.apply(parse_event(routing_key, body, not_after=self._settings.not_after())))
+
+    def batch_key(self, routing_key: str, body: bytes) -> str | None:
+        """The key of the messages this one may be applied with (its organization: see `handle_batch`);
+        None for a message to handle alone, at once: a user.created, or one that is not a valid event."""
+        try:
+            event = parse_event(routing_key, body, not_after=self._settings.not_after())
+        except CouchsyncError:
+            return None
+        return event.organization_id if isinstance(event, GroupEvent) else None
+
+    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[Mapping[str, object] | Exception]:
+        """Apply messages of one organization together (see `apply_batch`); one outcome per message, in
+        order: its log fields, or the error that ends it.
+
+        Every valid event shares the batch's outcome: a failure in some instance fails each of them (each
+        is then retried on its own count). The batch's totals (writes, refusals, requests) are carried by
+        the first one's fields, so that sums over messages stay true.
+        """
+        outcomes: list[Mapping[str, object] | Exception | None] = [None] * len(messages)
+        events: list[tuple[int, GroupEvent]] = []
+        for position, (routing_key, body) in enumerate(messages):
+            try:
+                event = parse_event(routing_key, body, not_after=self._settings.not_after())
+                if not isinstance(event, GroupEvent):
+                    outcomes[position] = _fields_of(self.apply(event))
+                    continue
+            except CouchsyncError as exc:
+                outcomes[position] = exc
+                continue
+            events.append((position, event))
+        if events:
+            try:
+                fields: Mapping[str, object] | Exception = _fields_of(self.apply_batch([e for _, e in events]))
+            except CouchsyncError as exc:
+                fields = exc
+            for number, (position, _) in enumerate(events):
+                outcomes[position] = fields if number == 0 or isinstance(fields, Exception) else {
+                    **fields, "writes": 0, "bulk_writes": 0, "refusals": 0}
+        handled = [outcome for outcome in outcomes if outcome is not None]
+        assert len(handled) == len(messages), "every message has its outcome"
+        return handled
 
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""
@@ -293,7 +330,8 @@ class Synchronizer:
         except CouchsyncError as exc:
             logger.warning("failed in %s: %s", instance.domain, exc)
             return InstanceReport(instance.domain, error=str(exc), retryable=exc.retryable)
-        return InstanceReport(instance.domain, written.writes, written.refusals, attempts=written.attempts)
+        return InstanceReport(instance.domain, written.writes, written.refusals, attempts=written.attempts,
+                              requests=written.requests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +391,7 @@ class _GroupProjection:
         org, reader = self._organization_id, self._sync.reader
         states = {group_id: stored.state for group_id, stored in snapshot.groups.items()}
         groups = reader.documents(instance, GROUPS, list(states), org)
-        changes = group_changes(self._events, states, lambda group_id: is_live(groups.get(group_id)))
+        changes = group_changes(self._events, states)
         named = sorted(set().union(*(change.named for change in changes)))
         people = {email: stored.state for email, stored in snapshot.people.items()}
         lookup = ContactLookup(org, tuple((email, people[email].member.workplace_fqdn if email in people else None)
@@ -363,3 +401,17 @@ class _GroupProjection:
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_changes(changes, people, view)
         return replace(plan, basis=snapshot.basis)
+
+
+def _fields_of(report: EventReport) -> dict[str, object]:
+    """The log fields of an applied event, once its refusals are said.
+
+    Raises:
+        InstancesFailed: it failed in some instances (InstancesUnavailable: trying again may help).
+    """
+    report.raise_for_failures()
+    # Refusals are outcomes, not failures: trying again is refused the same way until someone removes
+    # the document in the way, and the other instances are written already. Said, counted, acknowledged.
+    for domain, reason in report.refusals[:MAX_LOGGED_REFUSALS]:
+        logger.warning("refused in %s: %s", domain[:MAX_LOGGED_TEXT], reason[:MAX_LOGGED_TEXT])
+    return report.fields()

@@ -37,6 +37,7 @@ class Written:
     done: tuple[Write, ...]
     refusals: tuple[str, ...]
     attempts: int
+    requests: int = 0  # `_bulk_docs` requests made, over all attempts
 
     @property
     def writes(self) -> int:
@@ -59,9 +60,11 @@ class PlanWriter:
             CouchError: a document failed for another reason than a conflict or a validation refusal.
         """
         done: list[Write] = []
+        requests = 0
         for attempt in range(1, self._max_attempts + 1):
             plan = first if attempt == 1 and first is not None else planner(attempt)
             results = self.write(instance, plan)
+            requests += sum(1 for _ in itertools.groupby(plan.writes[:len(results)], key=_doctype))  # as `write`
             done += [write for write, result in zip(plan.writes, results) if result.ok]
             if not any(result.conflict for result in results):
                 _raise_unexpected(instance, results)
@@ -70,7 +73,7 @@ class PlanWriter:
                     refusals = [refusal.reason for refusal in plan.refusals]
                     refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
                                  if not r.ok and r.error == "forbidden"]
-                    return Written(tuple(done), tuple(refusals), attempt)
+                    return Written(tuple(done), tuple(refusals), attempt, requests)
             logger.debug("conflict in %s (or the state moved), planning again", instance.domain)
             # Writers of the same document re-plan at once and collide again: spread them out.
             time.sleep(random.uniform(0, REPLAN_PAUSE * attempt))
@@ -79,11 +82,15 @@ class PlanWriter:
     def write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
         """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""
         results: list[WriteResult] = []
-        for doctype, writes in itertools.groupby(plan.writes, key=lambda write: write.doctype):
+        for doctype, writes in itertools.groupby(plan.writes, key=_doctype):
             results += self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
             if any(result.conflict for result in results):
                 break
         return results
+
+
+def _doctype(write: Write) -> str:
+    return write.doctype
 
 
 def _raise_unexpected(instance: Instance, results: Sequence[WriteResult]) -> None:

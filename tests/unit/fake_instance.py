@@ -7,7 +7,7 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 
-from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf, is_live
+from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf
 from couchsync.events import GroupEvent
 from couchsync.plan import InstanceView, Plan, group_changes, plan_group_changes
 from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id
@@ -46,7 +46,7 @@ class FakeInstance:
             state = self.states.get(group_state_id(org, event.group_id)) or GroupState(org, event.group_id)
             assert isinstance(state, GroupState)
             states[state.group_id] = state
-        changes = group_changes(events, states, lambda group_id: is_live(self.docs[GROUPS].get(group_id)))
+        changes = group_changes(events, states)
         named = set().union(*(change.named for change in changes))
         people = {email: self.states[person_state_id(org, email)] for email in named
                   if person_state_id(org, email) in self.states}
