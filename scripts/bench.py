@@ -1,6 +1,6 @@
 """couchsync's benchmarks, each a ratio against a baseline measured in the same run on the same server.
 
-    scripts/bench [--runs 3] [--only fanout,groups,bootstrap,worker,rss,planning,bigevent] [--json F] [--scale 1]
+    scripts/bench [--runs 3] [--only fanout,groups,...,burst] [--json F] [--scale 1]
 
 Against Apache CouchDB when a release is at hand (COUCHSYNC_COUCHDB_RELEASE, or the shared one beside the
 checkout), else PouchDB Server (in memory), or the CouchDB that COUCHSYNC_TEST_COUCH_URL names (with admin
@@ -23,6 +23,8 @@ one pooled requests.Session, the same concurrency, no planning, no protection, n
              each doubling against twice the time of the size before, i.e. against linear growth.
 7. bigevent  `couchsync apply` of one group.created of 10,000 members to 3 instances (wall time; CPU and
              peak RSS in the note); baseline: the same documents read + written raw per database.
+8. burst     500 member.added (5 groups x 100 people) for one organization of 200 instances through the
+             worker, batched (the default) against --batch 1: wall time and `_bulk_docs` requests to instances.
 
 Each figure is the median of --runs runs (min and max beside it); couchsync and its baseline alternate,
 so that a server warming up or slowing down weighs on both alike.
@@ -38,7 +40,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -413,43 +416,88 @@ def big_event(bench: Bench, runs: int, members: int, instances: int) -> Figure:
 
 def worker_throughput(bench: Bench, runs: int, events: int, instances: int) -> Figure:
     """Events per second through RabbitMQ, from the first publish to the last one handled."""
-    import pika  # only this case needs the broker
-
     figure = Figure("worker", "events/s", note=f"{events} member.added/removed events, {instances} instances, "
-                    "20 groups; one worker process, default prefetch and concurrency")
+                    "20 groups; one worker process, default prefetch, concurrency and batching")
     for run in range(runs):
         org = f"{bench.tag}w{run}"
         domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
         bench.add_instances(domains, org)
         bench.deploy(domains)
-        exchange, prefix = f"{org}.b2b", f"{org}.couchsync."
-        port = localcouch.free_port()
-        env = {**bench.cli_env(), "COUCHSYNC_EXCHANGE": exchange, "COUCHSYNC_AUTH_EXCHANGE": f"{org}.auth",
-               "COUCHSYNC_QUEUE_PREFIX": prefix}
-        worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: localbroker.events_handled(port) >= 0, 60)
+        with running_worker(bench, org) as (port, exchange):
             messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org,
                                                "id": f"g{g}", "name": f"Group {g}", "members": []})
                         for g in range(20)]
             messages += [("b2b.group.member.removed" if i % 4 == 3 else "b2b.group.member.added", {
                 "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
                 "id": f"g{i % 20}", "members": [member(org, i % 500)]}) for i in range(events - 20)]
-            connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
-            channel = connection.channel()
-            channel.exchange_declare(exchange, "topic", durable=True)
             started = time.perf_counter()
-            for routing_key, body in messages:
-                channel.basic_publish(exchange, routing_key, json.dumps(body).encode())
-            connection.close()
+            publish(exchange, messages)
             wait_for(lambda: localbroker.events_handled(port) >= events, 3600)
             figure.couchsync.append(events / (time.perf_counter() - started))
-        finally:
-            worker.terminate()
-            worker.wait(60)
-            localbroker.remove(prefix, exchange, f"{org}.auth")
     return figure
+
+
+def burst(bench: Bench, runs: int, instances: int, groups: int, people: int) -> list[Figure]:
+    """`groups` x `people` member.added for one organization, through the worker: batched (the default)
+    against one by one (--batch 1), in the same run: wall time and `_bulk_docs` requests to instances."""
+    note = f"{groups * people} member.added ({groups} groups x {people} people), {instances} instances"
+    seconds = Figure("burst", "seconds", baseline_name="the same worker with --batch 1", target=1 / 5, note=note)
+    writes = Figure("burst instance-writes", "requests", baseline_name="the same worker with --batch 1",
+                    target=1 / 10, note=note + "; `_bulk_docs` requests to instance databases")
+    for run in range(runs):
+        for batch, samples in ((None, seconds.couchsync), ("1", seconds.baseline)):
+            org = f"{bench.tag}b{run}{'one' if batch else 'batch'}"
+            domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
+            bench.add_instances(domains, org)
+            bench.deploy(domains)
+            with running_worker(bench, org, **({"COUCHSYNC_BATCH": batch} if batch else {})) as (port, exchange):
+                publish(exchange, [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org,
+                                                          "id": f"g{g}", "name": f"Group {g}", "members": []})
+                                   for g in range(groups)])
+                wait_for(lambda: localbroker.events_handled(port) >= groups, 600)
+                before = localbroker.metric_total(port, "couchsync_bulk_writes_total")
+                added = [("b2b.group.member.added", {
+                    "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
+                    "id": f"g{i % groups}", "members": [member(org, i)]}) for i in range(groups * people)]
+                started = time.perf_counter()
+                publish(exchange, added)
+                wait_for(lambda: localbroker.events_handled(port) >= groups + len(added), 3600)
+                samples.append(time.perf_counter() - started)
+                (writes.couchsync if samples is seconds.couchsync else writes.baseline).append(
+                    localbroker.metric_total(port, "couchsync_bulk_writes_total") - before)
+    return [seconds, writes]
+
+
+@contextmanager
+def running_worker(bench: Bench, org: str, **env: str) -> Iterator[tuple[int, str]]:
+    """A `couchsync worker` on queues and exchanges of the organization's own: its metrics port, its exchange."""
+    exchange, prefix = f"{org}.b2b", f"{org}.couchsync."
+    port = localcouch.free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)],
+                              env={**bench.cli_env(), "COUCHSYNC_EXCHANGE": exchange,
+                                   "COUCHSYNC_AUTH_EXCHANGE": f"{org}.auth", "COUCHSYNC_QUEUE_PREFIX": prefix, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: localbroker.events_handled(port) >= 0, 60)
+        yield port, exchange
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        localbroker.remove(prefix, exchange, f"{org}.auth")
+
+
+def publish(exchange: str, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publish (routing key, body) pairs to the exchange, as the directory does."""
+    import pika  # only the worker's cases need the broker
+
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(exchange, "topic", durable=True)
+        for routing_key, body in messages:
+            channel.basic_publish(exchange, routing_key, json.dumps(body).encode())
+    finally:
+        connection.close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> None:
@@ -478,7 +526,7 @@ def print_table(figures: list[Figure]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss,planning,bigevent")
+    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss,planning,bigevent,burst")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--scale", type=float, default=1.0, help="size factor (0.1 for a quick look)")
     args = parser.parse_args()
@@ -506,6 +554,8 @@ def main() -> int:
             figures += planning(args.runs, tuple(n(size) for size in (1000, 2000, 4000, 8000)))
         if "bigevent" in cases:
             figures.append(big_event(bench, args.runs, n(10_000), 3))
+        if "burst" in cases:
+            figures += burst(bench, args.runs, n(200), 5, n(100))
     finally:
         server.stop()
     print_table(figures)

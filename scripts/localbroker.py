@@ -11,11 +11,17 @@ QUEUE_SUFFIXES = ("b2b.group", "b2b.group.retry", "b2b.group.dead")
 
 def events_handled(metrics_port: int) -> float:
     """Events the worker has handled (every outcome), from its /metrics; -1 while it does not answer."""
+    return metric_total(metrics_port, "couchsync_events_total")
+
+
+def metric_total(metrics_port: int, name: str) -> float:
+    """The sum of a metric's samples (every label), from the worker's /metrics; -1 while it does not answer."""
     try:
         text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     except requests.RequestException:
         return -1
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("couchsync_events_total"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line == name or line.startswith((name + " ", name + "{")))
 
 
 def remove(queue_prefix: str, *exchanges: str) -> None:
