@@ -452,6 +452,9 @@ def conflicts_of(world, db: str, doc_id: str) -> list[str]:
 
 def test_a_conflicted_state_and_a_conflicted_contact_are_joined_and_resolved_by_an_event_and_by_reconcile(
         acme, sync):
+    if acme.protected and acme.server.kind == localcouch.POUCHDB:
+        pytest.skip("PouchDB Server drops replicated revisions in validated databases silently (servers.md): "
+                    "the sibling cannot be made there")
     carol = "carol.acme.twake.app"
     bob = managed_contact_id("acme", "bob@acme.com")
     state_id = group_state_id("acme", "engineering")
