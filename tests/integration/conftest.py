@@ -242,15 +242,21 @@ class Broker:
     def publish(self, messages: list[tuple[str, bytes]]) -> None:
         """Publish (routing key, body) pairs as the directory does: user.created to the auth exchange,
         the rest to the b2b one; persistent and confirmed."""
+        self.publish_raw([(self.auth_exchange if routing_key.startswith("user.") else self.exchange, routing_key,
+                           body, {}) for routing_key, body in messages])
+
+    def publish_raw(self, messages: list[tuple[str, str, bytes, dict[str, Any]]]) -> None:
+        """Publish (exchange, routing key, body, headers) as any publisher may, persistent and confirmed;
+        "" is the default exchange (a key naming a queue)."""
         connection = pika.BlockingConnection(self.parameters)
         try:
             channel = connection.channel()
             for exchange in (self.exchange, self.auth_exchange):
                 channel.exchange_declare(exchange, "topic", durable=True)
             channel.confirm_delivery()
-            for routing_key, body in messages:
-                exchange = self.auth_exchange if routing_key.startswith("user.") else self.exchange
-                channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2))
+            for exchange, routing_key, body, headers in messages:
+                channel.basic_publish(exchange, routing_key, body,
+                                      pika.BasicProperties(delivery_mode=2, headers=headers or None))
         finally:
             connection.close()
 

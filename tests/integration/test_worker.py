@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pika
 import pytest
 import requests
 
@@ -391,21 +390,6 @@ def test_a_refusal_is_applied_elsewhere_acknowledged_and_counted_and_a_squat_is_
     assert worker.stop() == 0
 
 
-def publish_raw(broker: Broker, messages: list[tuple[str, str, bytes, dict]]) -> None:
-    """Publish (exchange, routing key, body, headers) as any publisher may, confirmed; "" is the default
-    exchange (a key naming a queue)."""
-    connection = pika.BlockingConnection(broker.parameters)
-    try:
-        channel = connection.channel()
-        for exchange in (broker.exchange, broker.auth_exchange):
-            channel.exchange_declare(exchange, "topic", durable=True)
-        channel.confirm_delivery()
-        for exchange, routing_key, body, headers in messages:
-            channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2, headers=headers))
-    finally:
-        connection.close()
-
-
 def reconnects(worker: Worker) -> float:
     return worker.metrics().get("couchsync_broker_reconnects_total", 0.0)
 
@@ -417,7 +401,7 @@ def test_messages_with_huge_headers_are_dead_lettered_without_dropping_the_broke
     seed(world)
     worker = start_worker(world)
     huge = {ROUTING_KEY: "b2b.group." + "A" * 70000, "x-trace": "B" * 40000, "x-small": "kept"}
-    publish_raw(broker, [
+    broker.publish_raw([
         (broker.exchange, "b2b.group.created", b"{not json", huge),  # as any publisher on the exchange
         ("", broker.settings.queue, b"{not json either", huge),  # as if back from couchsync's own retry queue
     ])
@@ -448,8 +432,8 @@ def test_a_routing_key_header_from_a_publisher_is_not_trusted_and_unknown_keys_s
     forged = json.dumps({"twakeId": "erin", "domain": "erin.acme.twake.app", "internalEmail": "erin@acme.com",
                          "workplaceFqdn": "erin.acme.twake.app", "timestamp": 1781700000,
                          "organizationId": "acme"}).encode()
-    publish_raw(broker, [(broker.exchange, "b2b.group.created", forged, {ROUTING_KEY: "user.created"})]
-                + [(broker.exchange, f"b2b.group.k{i}", b"{}", {}) for i in range(30)])
+    broker.publish_raw([(broker.exchange, "b2b.group.created", forged, {ROUTING_KEY: "user.created"})]
+                       + [(broker.exchange, f"b2b.group.k{i}", b"{}", {}) for i in range(30)])
     wait_until(lambda: worker.count("dead_lettered") == 31 and drained(broker, worker), 60,
                "the forged and the unknown ones are dead-lettered")
     assert worker.count("applied") == 1  # the forged message was handled as what the exchange routed it by

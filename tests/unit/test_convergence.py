@@ -54,9 +54,15 @@ def events(draw):
 
 
 def final_documents(sequence):
+    """The documents the events leave, applied one by one in this order."""
+    return batched_documents([[event] for event in sequence])
+
+
+def batched_documents(batches):
+    """The documents the batches of events leave, each batch applied together, in this order."""
     instance = FakeInstance("carol.acme.twake.app", owner_email="carol@acme.com")
-    for event in sequence:
-        instance.apply(event)
+    for batch in batches:
+        instance.apply_batch(batch)
     return {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"} for doc_id, doc in docs.items()}
             for doctype, docs in instance.docs.items()}
 
@@ -127,14 +133,6 @@ def test_a_group_deleted_and_created_again_converges_whatever_the_delivery(seque
     delivered = data.draw(st.permutations(sequence + data.draw(st.lists(st.sampled_from(sequence), max_size=4))))
     got, want = final_documents(delivered), final_documents(in_order)
     assert got == want, differences(got, want) + "\ndelivered: " + describe(delivered)
-
-
-def batched_documents(batches):
-    instance = FakeInstance("carol.acme.twake.app", owner_email="carol@acme.com")
-    for batch in batches:
-        instance.apply_batch(batch)
-    return {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"} for doc_id, doc in docs.items()}
-            for doctype, docs in instance.docs.items()}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
