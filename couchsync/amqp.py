@@ -16,9 +16,11 @@ backstop for a message that kills the worker each time it is handled.
 
 `couchsync.dead_letters` reads and replays the dead letters.
 
-Events are handled on a thread pool (one thread per prefetched message): the connection's thread only
-moves frames, so heartbeats never lapse during a long fan-out, and results come back to it through
-`add_callback_threadsafe`.
+Events are handled on a thread pool (`prefetch` threads): the connection's thread only moves frames,
+so heartbeats never lapse during a long fan-out, and results come back to it through
+`add_callback_threadsafe`. With `Batching`, messages of one key (an organization) are gathered on the
+connection's thread for up to `batch_wait` seconds or `batch` messages, then handled together on one
+thread; each is still settled on its own.
 """
 
 from __future__ import annotations
