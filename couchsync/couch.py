@@ -368,9 +368,12 @@ class CouchGateway:
             NotFound: the server keeps no feed (CouchDB without `_global_changes`).
             CouchError: the server does not serve the feed (PouchDB Server answers 400).
         """
+        # A request of our own: the SDK's get_db_updates logs a deprecation warning at every poll.
         with translate_errors("_db_updates"):
-            result = self._service.get_db_updates(feed="longpoll", since=since,
-                                                  timeout=int(timeout * 1000)).get_result()
+            params = {"feed": "longpoll", "since": since, "timeout": int(timeout * 1000)}
+            request = self._service.prepare_request(method="GET", url="/_db_updates", params=params,
+                                                    headers={"Accept": "application/json"})
+            result = self._service.send(request).get_result()
         return list(result.get("results") or []), str(result.get("last_seq") or since)
 
     def get_local(self, db: str, doc_id: str) -> Doc | None:

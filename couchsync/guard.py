@@ -149,7 +149,13 @@ class ProtectionGuard:
         if self._since_rev:
             body["_rev"] = self._since_rev
         try:
-            self._since_rev = self._couch.put_local(self._state.db, SINCE_DOC, body)
+            try:
+                self._since_rev = self._couch.put_local(self._state.db, SINCE_DOC, body)
+            except NotFound:
+                # couchsync's own database, not deployed yet: made here (its creation is in the feed,
+                # which gives it its protection), as the state store makes it on its first write.
+                self._couch.create_database(self._state.db)
+                self._since_rev = self._couch.put_local(self._state.db, SINCE_DOC, body)
         except DocumentConflict:
             # Another worker saved it: read its revision again, ours is as good a sequence.
             self._since_rev = (self._couch.get_local(self._state.db, SINCE_DOC) or {}).get("_rev")
