@@ -83,6 +83,16 @@ def translate_errors(db: str | None = None, doc_id: str | None = None) -> Iterat
         raise CouchError(f"CouchDB request failed: {type(exc).__name__}", db=db, doc_id=doc_id) from exc
 
 
+def _json(result: Any) -> Doc:
+    """A JSON body the SDK left undecoded: PouchDB Server sends `_local` documents without a JSON content type."""
+    if isinstance(result, requests.Response):
+        with translate_errors():
+            result = result.json()
+    if not isinstance(result, dict):
+        raise CouchError("CouchDB answered something that is not a JSON object")
+    return result
+
+
 def _session(settings: CouchSettings) -> requests.Session:
     retry = Retry(total=settings.http_retries, connect=settings.http_retries, read=settings.http_retries,
                   backoff_factor=settings.http_backoff, status_forcelist=(429, 500, 502, 503, 504),
@@ -380,14 +390,14 @@ class CouchGateway:
         """The `_local/<doc_id>` document (never replicated, never validated), or None."""
         try:
             with translate_errors(db, f"_local/{doc_id}"):
-                return self._service.get_local_document(db, doc_id).get_result()  # type: ignore[no-any-return]
+                return _json(self._service.get_local_document(db, doc_id).get_result())
         except NotFound:
             return None
 
     def put_local(self, db: str, doc_id: str, body: Doc) -> str:
         """Put `_local/<doc_id>` (give the `_rev` read, if any); returns the new revision."""
         with translate_errors(db, f"_local/{doc_id}"):
-            result = self._service.put_local_document(db, doc_id, body).get_result()
+            result = _json(self._service.put_local_document(db, doc_id, body).get_result())
         return str(result.get("rev", ""))
 
     def find_sorted(self, db: str, selector: Doc, sort_field: str, *, limit: int,
