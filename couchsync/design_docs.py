@@ -24,7 +24,7 @@ from typing import Any
 from couchsync.config import SyncIdentity
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.documents import CONTACTS, GROUPS, database_name, doctype_of_database
-from couchsync.errors import ConfigError, CouchsyncError
+from couchsync.errors import ConfigError, CouchsyncError, DocumentConflict
 
 LOOKUP_DDOC = "couchsync"
 LOOKUP_VIEW = "lookup"
@@ -129,7 +129,15 @@ def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool 
     if current is not None and same_body(current, body):
         return "unchanged"
     if not dry_run:
-        couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
+        try:
+            couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
+        except DocumentConflict:
+            # Someone installed it meanwhile (the worker's guard, another worker's first lookup): as good,
+            # when it is this very body.
+            again = couch.get_design(db, name)
+            if again is None or not same_body(again, body):
+                raise
+            return "unchanged"
     return "updated" if current else "installed"
 
 

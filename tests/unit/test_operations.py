@@ -12,7 +12,7 @@ from couchsync import config, design_docs
 from couchsync.amqp import Consumer
 from couchsync.design_docs import Outcome, findings
 from couchsync.documents import CONTACTS, GROUPS, doctype_of_database
-from couchsync.errors import CouchUnavailable, UnknownOrganization
+from couchsync.errors import CouchUnavailable, DocumentConflict, UnknownOrganization
 from couchsync.guard import relevant
 from couchsync.metrics import Metrics, ReconcileMetrics
 from couchsync.reconcile import REFUSED, REPAIRED, InstanceResult
@@ -174,3 +174,25 @@ def test_the_textfile_is_written_whole_in_prometheus_text_format(tmp_path):
     assert "couchsync_reconcile_last_success_timestamp_seconds 1.7e+09" in text
     assert "couchsync_reconcile_drift_found 9.0" in text
     assert [p.name for p in tmp_path.iterdir()] == ["couchsync-reconcile.prom"]  # no temporary file left
+
+
+class RacedCouch:
+    """A database where someone else puts the design document between our read and our write."""
+
+    def __init__(self, theirs: dict) -> None:
+        self.theirs = theirs
+        self.reads = 0
+
+    def get_design(self, db: str, name: str) -> dict | None:
+        self.reads += 1
+        return None if self.reads == 1 else {"_id": f"_design/{name}", "_rev": "1-x", **self.theirs}
+
+    def put_design(self, db: str, name: str, body: dict) -> str:
+        raise DocumentConflict("document update conflict", db=db, doc_id=f"_design/{name}", status=409)
+
+
+def test_a_design_document_installed_by_someone_else_meanwhile_is_as_good_when_it_is_the_same():
+    lookup = design_docs.load().lookup
+    assert design_docs.ensure(RacedCouch(lookup), "a/io-cozy-contacts", "couchsync", lookup) == "unchanged"
+    with pytest.raises(DocumentConflict):
+        design_docs.ensure(RacedCouch({"language": "javascript"}), "a/io-cozy-contacts", "couchsync", lookup)
