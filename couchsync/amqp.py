@@ -64,6 +64,7 @@ MAX_REASON = 1000  # characters of a reason, in a header or a log line
 MAX_ROUTING_KEY = 255  # an AMQP routing key is a short string
 MAX_HEADER_BYTES = 512  # one of the publisher's headers, encoded; a bigger one is left out
 MAX_HEADERS_BYTES = 2048  # all of the publisher's headers copied, encoded
+PROBE_SECONDS = 5.0  # between two reads of the queue depths (one passive queue.declare per queue)
 
 # Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure. A field
 # `refusals` (an int) counts the changes an instance refused: the message is applied all the same;
@@ -299,6 +300,8 @@ class Consumer:
         self._stop_requested = False
         self.consuming = False
         self.drained = True  # False when a shutdown left an event still running
+        self._empty_at: float | None = None  # when the main queue was last seen empty (Unix time)
+        self._last_published = 0.0  # the newest `timestamp` of a delivered message (Unix time)
 
     def stop(self) -> None:
         """Ask the consumer to stop (safe from a signal handler)."""
@@ -353,10 +356,14 @@ class Consumer:
             self._notifier.ready(f"consuming {self._settings.queue}")
             logger.info("consuming %s (prefetch %d)", self._settings.queue, self._settings.prefetch)
             tick = min(0.5, self._settings.batch_wait / 2) if self._batching else 0.5
+            next_probe = 0.0
             while not self._stop_requested:
                 connection.process_data_events(time_limit=tick)
                 self._start_waited(session)
                 self._notifier.watchdog()
+                if time.monotonic() >= next_probe:
+                    self._probe(channel)
+                    next_probe = time.monotonic() + PROBE_SECONDS
             self._drain(session, consumer_tag)
         except _LOST as exc:
             logger.warning("broker connection lost: %s", type(exc).__name__)
@@ -370,6 +377,26 @@ class Consumer:
                     connection.close()
                 except _LOST:
                     pass
+
+    def _probe(self, channel: BlockingChannel) -> None:
+        """Queue depths (a passive queue.declare: the broker's own count of ready messages) and a bound on
+        the age of the main queue's oldest ready message.
+
+        AMQP shows no message without handing it out, so the age is bounded, not read: the main queue is
+        FIFO, so every ready message arrived after the later of (a) the last time it was seen empty and (b)
+        the `timestamp` property of the last message delivered (when its publisher set one; couchsync keeps
+        it on a retry). Without timestamps it is how long the queue has not been empty.
+        """
+        depths = {label: channel.queue_declare(name, passive=True).method.message_count for label, name in (
+            ("main", self._settings.queue), ("retry", self._settings.retry_queue),
+            ("dead", self._settings.dead_letter_queue))}
+        for label, count in depths.items():
+            self._metrics.queue_messages.labels(label).set(count)
+        now = time.time()
+        if depths["main"] == 0 or self._empty_at is None:
+            self._empty_at = now
+        age = 0.0 if depths["main"] == 0 else now - max(self._empty_at, self._last_published)
+        self._metrics.oldest_message_age.set(max(0.0, age))
 
     def _drain(self, session: _Session, consumer_tag: str) -> None:
         """Stop taking messages; let in-flight ones finish for a while, then hand the rest back."""
@@ -390,6 +417,8 @@ class Consumer:
                     body: bytes) -> None:
         assert self._session is not None
         delivery = Delivery.of(self._session.generation, method, properties, body, queue=self._settings.queue)
+        if isinstance(properties.timestamp, int) and properties.timestamp <= time.time():
+            self._last_published = max(self._last_published, float(properties.timestamp))
         session = self._session
         session.in_flight[delivery.tag] = delivery
         self._metrics.in_flight.inc()

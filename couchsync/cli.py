@@ -8,9 +8,12 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,12 +24,14 @@ from couchsync import __version__, config, design_docs, logs
 from couchsync.amqp import Batching, Consumer
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
-from couchsync.design_docs import DesignDocs, Outcome
+from couchsync.design_docs import DesignDocs, Outcome, findings
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
 from couchsync.events import GroupEvent, parse_event
+from couchsync.guard import ProtectionGuard
 from couchsync.instances import Instance, InstanceDirectory
-from couchsync.metrics import Metrics, serve
+from couchsync.metrics import Metrics, ReconcileMetrics, serve
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
+from couchsync.reconcile_all import OrganizationResult, ReconcileRun, RunProgress
 from couchsync.sync import EventReport, Synchronizer
 from couchsync.systemd import Notifier
 
@@ -41,6 +46,7 @@ class Context:
     sync: config.SyncSettings
     design_source: Path
     on_rejected: Callable[[str], None] | None = None  # a skipped instance record (the worker counts them)
+    identity: config.SyncIdentity | None = None  # given, a bootstrap installs the protection before it copies
 
     def gateway(self) -> CouchGateway:
         return CouchGateway(self.couch)
@@ -54,7 +60,8 @@ class Context:
 
     def synchronizer(self, couch: CouchGateway) -> Synchronizer:
         design = self.design()
-        return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync)
+        protection = design.protection(self.identity) if self.identity else None
+        return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync, protection)
 
     def reconciler(self, couch: CouchGateway, sync: Synchronizer) -> Reconciler:
         return Reconciler(couch, sync.directory, sync.states, sync.instances_of, sync.reader, sync.writer,
@@ -161,6 +168,24 @@ def _amqp_settings(ctx: click.Context, params: dict[str, Any], **tuning: Any) ->
                             queue_prefix=params["queue_prefix"], prefetch=params["prefetch"],
                             delivery_limit=params["delivery_limit"], retry_delay=params["retry_delay"],
                             shutdown_timeout=params["shutdown_timeout"], **tuning)
+
+
+def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Who the protection lets write managed documents, shared by `deploy-design-docs`, `worker` (which
+    installs and restores it) and `bootstrap-member` (which installs it before copying)."""
+    options = [
+        click.option("--sync-name", "sync_names", multiple=True, envvar="COUCHSYNC_SYNC_NAMES", metavar="NAME",
+                     help="A CouchDB user name of the sync identity (repeatable; default: --couch-user)."),
+        click.option("--sync-role", "sync_roles", multiple=True, envvar="COUCHSYNC_SYNC_ROLES", metavar="ROLE",
+                     help="A CouchDB role of the sync identity (repeatable; never _admin)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _identity(obj: Context, names: Sequence[str], roles: Sequence[str]) -> config.SyncIdentity:
+    return config.load_identity(names or [obj.couch.username or ""], roles)
 
 
 def read_messages(stream: Iterable[bytes | str]) -> Iterator[tuple[int, str, Any]]:
@@ -296,10 +321,18 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> 
 @click.option("--batch-wait", envvar="COUCHSYNC_BATCH_WAIT", type=click.FloatRange(0, 60_000),
               default=config.DEFAULT_BATCH_WAIT * 1000, show_default=True,
               help="Milliseconds the first event of a batch waits for others.")
+@click.option("--protection-guard/--no-protection-guard", envvar="COUCHSYNC_PROTECTION_GUARD", default=True,
+              show_default=True, help="Install the protection in new contacts and groups databases and put it "
+              "back where it is deleted or changed (CouchDB's _db_updates feed, else sweeps).")
+@click.option("--protection-sweep", envvar="COUCHSYNC_PROTECTION_SWEEP", type=click.FloatRange(min=1),
+              default=3600, show_default=True, help="Seconds between two checks of every instance's protection "
+              "(a backstop of the feed; at most 300 on a server without the feed).")
+@identity_options
 @future_skew_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
-           watchdog_usec: str | None, batch: int, batch_wait: float, max_future_skew: str, **amqp: Any) -> None:
+           watchdog_usec: str | None, batch: int, batch_wait: float, protection_guard: bool, protection_sweep: float,
+           sync_names: tuple[str, ...], sync_roles: tuple[str, ...], max_future_skew: str, **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
@@ -307,6 +340,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     """
     obj: Context = ctx.obj
     obj.sync = config.with_future_skew(obj.sync, max_future_skew)
+    obj.identity = _identity(obj, sync_names, sync_roles)
     settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000)
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
                                  notify_socket=notify_socket, watchdog_usec=watchdog_usec)
@@ -314,15 +348,21 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
     sync = obj.synchronizer(couch)
+    guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
+                            concurrency=obj.sync.concurrency, sweep_interval=protection_sweep)
     consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
                         batching=Batching(sync.batch_key, sync.handle_batch))
     server = serve(metrics, process.metrics_host, process.metrics_port,
                    lambda: consumer.consuming) if process.metrics_port else None
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: consumer.stop())
+        signal.signal(signum, lambda *_: consumer.stop())  # the guard is stopped below, not in a handler
+    if protection_guard:
+        # A daemon thread: a poll of the feed in progress must not hold up the shutdown.
+        threading.Thread(target=guard.run, name="couchsync-guard", daemon=True).start()
     try:
         consumer.run()
     finally:
+        guard.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
@@ -384,13 +424,14 @@ def dlq_replay(ctx: click.Context, /, ids: tuple[str, ...], replay_all: bool, **
 @click.option("--dry-run", is_flag=True, help="Print what would change and write nothing.")
 @click.option("--create-missing", is_flag=True,
               help="Create contacts and groups databases that do not exist yet (needs server admin rights).")
-@click.option("--sync-name", "sync_names", multiple=True, envvar="COUCHSYNC_SYNC_NAMES", metavar="NAME",
-              help="A CouchDB user name of the sync identity (repeatable; default: --couch-user).")
-@click.option("--sync-role", "sync_roles", multiple=True, envvar="COUCHSYNC_SYNC_ROLES", metavar="ROLE",
-              help="A CouchDB role of the sync identity (repeatable; never _admin).")
+@click.option("--check", is_flag=True, help="List the databases whose design documents are missing or differ "
+              "from what would be deployed, and write nothing; exit 1 when there is any.")
+@click.option("--json", "as_json", is_flag=True, help="With --check: one JSON document for machines.")
+@identity_options
 @click.pass_obj
 def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry_run: bool,
-                       create_missing: bool, sync_names: tuple[str, ...], sync_roles: tuple[str, ...]) -> None:
+                       create_missing: bool, check: bool, as_json: bool, sync_names: tuple[str, ...],
+                       sync_roles: tuple[str, ...]) -> None:
     """Install the protection and lookup design documents in every instance, and the global indexes.
 
     Every instance's io.cozy.contacts and io.cozy.contacts.groups databases get the validate_doc_update
@@ -399,7 +440,11 @@ def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry
     """
     if org_id and domain:
         raise click.UsageError("--org and --instance exclude each other")
-    identity = config.load_identity(sync_names or [obj.couch.username or ""], sync_roles)
+    if as_json and not check:
+        raise click.UsageError("--json goes with --check")
+    identity = _identity(obj, sync_names, sync_roles)
+    if check:
+        _check_design_docs(obj, identity, org_id, domain, as_json)
     design = obj.design()
     protection = design.protection(identity)
     with obj.gateway() as couch:
@@ -420,6 +465,34 @@ def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry
                 bar.update(1)
     _print_deployment(outcomes, dry_run)
     sys.exit(EXIT_FAILED if any(outcome.error for outcome in outcomes) else 0)
+
+
+def _check_design_docs(obj: Context, identity: config.SyncIdentity, org_id: str | None, domain: str | None,
+                       as_json: bool) -> None:
+    """`deploy-design-docs --check`: a dry run that lists only what is wrong, and exits 1 when anything is."""
+    design = obj.design()
+    protection = design.protection(identity)
+    with obj.gateway() as couch:
+        targets = [design.state_target(obj.sync.state_db, identity)]
+        targets += [target for instance in _chosen_instances(obj.directory(couch), org_id, domain)
+                    for target in design.instance_targets(instance.prefix, protection)]
+        outcomes = list(design_docs.deploy_all(couch, targets, concurrency=obj.sync.concurrency, dry_run=True))
+    broken = [(outcome.db, findings(outcome)) for outcome in outcomes if findings(outcome)]
+    failed = [outcome for outcome in outcomes if outcome.error]
+    missing = sum(1 for outcome in outcomes if outcome.missing)
+    if as_json:
+        click.echo(json.dumps({"checked": len(outcomes), "missing_databases": missing,
+                               "broken": [{"db": db, "design_docs": dict(found)} for db, found in broken],
+                               "failed": [{"db": outcome.db, "error": outcome.error} for outcome in failed]},
+                              indent=2))
+    else:
+        for db, found in broken:
+            click.echo(f"{db}: " + ", ".join(f"{ddoc} {state}" for ddoc, state in found))
+        for outcome in failed:
+            click.echo(f"failed {outcome.db}: {outcome.error}")
+        click.echo(f"checked {len(outcomes)} databases: {len(broken)} with design documents missing or different, "
+                   f"{missing} not created yet, {len(failed)} failed")
+    sys.exit(EXIT_FAILED if broken or failed else 0)
 
 
 def _chosen_instances(directory: InstanceDirectory, org_id: str | None, domain: str | None) -> list[Instance]:
@@ -467,15 +540,18 @@ def _print_deployment(outcomes: Iterable[Outcome], dry_run: bool) -> None:
 @cli.command("bootstrap-member")
 @click.argument("domain")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and write nothing.")
+@identity_options
 @click.pass_obj
-def bootstrap_member(obj: Context, domain: str, dry_run: bool) -> None:
+def bootstrap_member(obj: Context, domain: str, dry_run: bool, sync_names: tuple[str, ...],
+                     sync_roles: tuple[str, ...]) -> None:
     """Give the member instance DOMAIN its organization's directory.
 
     Copies the organization instance's managed groups and contacts (with their group relationships)
     and gives DOMAIN a managed contact for each member of the organization. Safe to run again: what
-    is already there is not rewritten, so a run cut short is finished by the next. Exits 0 when done
-    (refusals are reported, not failures).
+    is already there is not rewritten, so a run cut short is finished by the next. The protection and
+    lookup view are installed first. Exits 0 when done (refusals are reported, not failures).
     """
+    obj.identity = _identity(obj, sync_names, sync_roles)
     with obj.gateway() as couch, obj.synchronizer(couch) as sync, _ProgressBar("bootstrapping") as bar:
         report = sync.bootstrap(domain, dry_run=dry_run, progress=bar.update)
     if dry_run:
@@ -514,7 +590,12 @@ class _ProgressBar:
 
 
 @cli.command()
-@click.option("--org", "org_id", metavar="ID", required=True, help="The organization to reconcile.")
+@click.option("--org", "org_id", metavar="ID", help="The organization to reconcile.")
+@click.option("--all", "every", is_flag=True, help="Every organization, resuming an interrupted run.")
+@click.option("--org-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
+              help="With --all: organizations reconciled at once.")
+@click.option("--textfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --all: write the run's metrics there, atomically, for node_exporter's textfile collector.")
 @click.option("--instance", "domain", metavar="DOMAIN", help="Only this member instance.")
 @click.option("--dry-run", is_flag=True, help="List the drift and write nothing.")
 @click.option("--max-deletions", "limit", metavar="N|P%", default="10%", show_default=True,
@@ -523,14 +604,24 @@ class _ProgressBar:
 @click.option("--force", is_flag=True, help="Delete beyond --max-deletions.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
 @click.pass_obj
-def reconcile(obj: Context, org_id: str, domain: str | None, dry_run: bool, limit: DeletionLimit, force: bool,
-              as_json: bool) -> None:
+def reconcile(obj: Context, org_id: str | None, every: bool, org_concurrency: int, textfile: Path | None,
+              domain: str | None, dry_run: bool, limit: DeletionLimit, force: bool, as_json: bool) -> None:
     """Compare every instance's managed documents with the directory state and repair drift.
 
     Missing and different managed groups and contacts are written as the state has them; extra ones
-    are deleted, within --max-deletions. Unmanaged documents are never touched. Exits 1 when an
-    instance failed or was refused, 0 otherwise.
+    are deleted, within --max-deletions. Unmanaged documents are never touched. --org ID reconciles
+    one organization, --all every one (resumable: a run that dies is finished by the next). Exits 1
+    when an instance failed or was refused, 0 otherwise.
     """
+    if bool(org_id) == every:
+        raise click.UsageError("give --org ID or --all")
+    if every:
+        if domain:
+            raise click.UsageError("--instance goes with --org")
+        _reconcile_all(obj, org_concurrency, textfile, dry_run, limit, force, as_json)
+    if textfile:
+        raise click.UsageError("--textfile goes with --all")
+    assert org_id is not None
     with obj.gateway() as couch, obj.synchronizer(couch) as sync:
         results = obj.reconciler(couch, sync).reconcile(org_id, domain=domain, dry_run=dry_run, limit=limit,
                                                         force=force)
@@ -540,6 +631,65 @@ def reconcile(obj: Context, org_id: str, domain: str | None, dry_run: bool, limi
     else:
         _print_reconcile(results, dry_run)
     sys.exit(EXIT_FAILED if any(result.status in (REFUSED, ERROR) for result in results) else 0)
+
+
+def _reconcile_all(obj: Context, org_concurrency: int, textfile: Path | None, dry_run: bool, limit: DeletionLimit,
+                   force: bool, as_json: bool) -> None:
+    """`reconcile --all`: one line per organization as it finishes, a summary, the textfile; then exit."""
+    # Each organization fans out to --concurrency instances: the HTTP pool serves them all.
+    obj.couch = replace(obj.couch, pool_size=obj.sync.concurrency * org_concurrency + config.DEFAULT_PREFETCH)
+    metrics = ReconcileMetrics()
+    started = time.monotonic()
+    with obj.gateway() as couch, obj.synchronizer(couch) as sync:
+        reconciler = obj.reconciler(couch, sync)
+        run = ReconcileRun(couch, obj.sync.state_db, sync.directory.organizations,
+                           lambda org: reconciler.reconcile(org, dry_run=dry_run, limit=limit, force=force),
+                           concurrency=org_concurrency, record=not dry_run)
+        progress = run.start()
+        if progress.resumed:
+            click.echo(f"resuming the run started at {_utc(progress.started)}: "
+                       f"{progress.resumed} organizations finished already")
+        try:
+            progress = run.run(progress, lambda result: _print_organization(result, dry_run, as_json))
+        finally:
+            if textfile is not None:
+                _write_reconcile_metrics(metrics, progress, time.monotonic() - started, textfile)
+    click.echo(f"{progress.organizations} organizations ({progress.resumed} by the interrupted run): "
+               f"{progress.ok} ok, {len(progress.failed)} failed; drift found {progress.found}, "
+               f"repaired {progress.repaired}")
+    sys.exit(EXIT_FAILED if progress.failed else 0)
+
+
+def _print_organization(result: OrganizationResult, dry_run: bool, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"organization": result.organization_id, "error": result.error,
+                               "found": result.found, "repaired": result.repaired,
+                               "instances": [instance.as_json() for instance in result.instances]}))
+        return
+    status = "failed" if result.failed else "ok"
+    click.echo(f"{result.organization_id}: {status}, {len(result.instances)} instances, drift {result.found}, "
+               f"{'would repair' if dry_run else 'repaired'} {0 if dry_run else result.repaired}"
+               + (f": {shown(result.error, REPORT_REASON_LENGTH)}" if result.error else ""))
+    for instance in result.instances:
+        if instance.status in (REFUSED, ERROR):
+            reason = shown(instance.reason or "", REPORT_REASON_LENGTH)
+            click.echo(f"    {instance.domain}: {instance.status}: {reason}")
+
+
+def _write_reconcile_metrics(metrics: ReconcileMetrics, progress: RunProgress, seconds: float, path: Path) -> None:
+    metrics.last_run.set(time.time())
+    if progress.last_success is not None:
+        metrics.last_success.set(progress.last_success)
+    metrics.drift_found.set(progress.found)
+    metrics.drift_repaired.set(progress.repaired)
+    metrics.organizations.labels("ok").set(progress.ok)
+    metrics.organizations.labels("failed").set(len(progress.failed))
+    metrics.seconds.set(seconds)
+    metrics.write(path)
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 def _print_reconcile(results: Sequence[InstanceResult], dry_run: bool) -> None:

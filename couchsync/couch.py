@@ -83,6 +83,16 @@ def translate_errors(db: str | None = None, doc_id: str | None = None) -> Iterat
         raise CouchError(f"CouchDB request failed: {type(exc).__name__}", db=db, doc_id=doc_id) from exc
 
 
+def _json(result: Any) -> Doc:
+    """A JSON body the SDK left undecoded: PouchDB Server sends `_local` documents without a JSON content type."""
+    if isinstance(result, requests.Response):
+        with translate_errors():
+            result = result.json()
+    if not isinstance(result, dict):
+        raise CouchError("CouchDB answered something that is not a JSON object")
+    return result
+
+
 def _session(settings: CouchSettings) -> requests.Session:
     retry = Retry(total=settings.http_retries, connect=settings.http_retries, read=settings.http_retries,
                   backoff_factor=settings.http_backoff, status_forcelist=(429, 500, 502, 503, 504),
@@ -349,6 +359,57 @@ class CouchGateway:
         return [WriteResult(doc_id=row.get("id", doc.get("_id", "")), rev=row.get("rev"),
                             error=row.get("error"), reason=row.get("reason"))
                 for row, doc in zip(rows, docs)]
+
+    def design_revision(self, db: str, name: str) -> str | None:
+        """The revision of `_design/<name>` (a HEAD: no body), or None when it or its database is missing."""
+        try:
+            with translate_errors(db, f"_design/{name}"):
+                headers = self._service.head_design_document(db, name).get_headers()
+        except NotFound:
+            return None
+        etag = headers.get("ETag") or headers.get("etag") or ""
+        return etag.strip('"') or None
+
+    def db_updates(self, since: str, *, timeout: float) -> tuple[list[Doc], str]:
+        """One longpoll of the server's `_db_updates` feed: the events after `since` ("now" for none), and
+        the sequence to ask from next. Returns early as soon as there is an event.
+
+        Raises:
+            NotFound: the server keeps no feed (CouchDB without `_global_changes`).
+            CouchError: the server does not serve the feed (PouchDB Server answers 400).
+        """
+        # A request of our own: the SDK's get_db_updates logs a deprecation warning at every poll.
+        with translate_errors("_db_updates"):
+            params = {"feed": "longpoll", "since": since, "timeout": int(timeout * 1000)}
+            request = self._service.prepare_request(method="GET", url="/_db_updates", params=params,
+                                                    headers={"Accept": "application/json"})
+            result = self._service.send(request).get_result()
+        return list(result.get("results") or []), str(result.get("last_seq") or since)
+
+    def get_local(self, db: str, doc_id: str) -> Doc | None:
+        """The `_local/<doc_id>` document (never replicated, never validated), or None."""
+        try:
+            with translate_errors(db, f"_local/{doc_id}"):
+                return _json(self._service.get_local_document(db, doc_id).get_result())
+        except NotFound:
+            return None
+
+    def put_local(self, db: str, doc_id: str, body: Doc) -> str:
+        """Put `_local/<doc_id>` (give the `_rev` read, if any); returns the new revision."""
+        with translate_errors(db, f"_local/{doc_id}"):
+            result = _json(self._service.put_local_document(db, doc_id, body).get_result())
+        return str(result.get("rev", ""))
+
+    def find_sorted(self, db: str, selector: Doc, sort_field: str, *, limit: int,
+                    fields: Sequence[str]) -> list[Doc]:
+        """One page of a Mango query sorted on an indexed field, ascending (page by a `$gt` on that field)."""
+        try:
+            with translate_errors(db):
+                page = self._service.post_find(db, selector, sort=[{sort_field: "asc"}], limit=limit,
+                                               fields=list(fields)).get_result()
+        except NotFound:
+            return []
+        return list(page.get("docs") or [])
 
     def get_design(self, db: str, name: str) -> Doc | None:
         """`_design/<name>`, or None when it or its database does not exist."""

@@ -23,8 +23,8 @@ from typing import Any
 
 from couchsync.config import SyncIdentity
 from couchsync.couch import CouchGateway, MangoIndex
-from couchsync.documents import CONTACTS, GROUPS, database_name
-from couchsync.errors import ConfigError, CouchsyncError
+from couchsync.documents import CONTACTS, GROUPS, database_name, doctype_of_database
+from couchsync.errors import ConfigError, CouchsyncError, DocumentConflict
 
 LOOKUP_DDOC = "couchsync"
 LOOKUP_VIEW = "lookup"
@@ -59,6 +59,14 @@ class DesignDocs:
         guard = (PROTECTION_DDOC, protection)
         return (Target(database_name(prefix, CONTACTS), (guard, (LOOKUP_DDOC, self.lookup))),
                 Target(database_name(prefix, GROUPS), (guard,)))
+
+    def database_target(self, db: str, protection: Doc) -> Target | None:
+        """The target of one database found by its name (a contacts or groups database), else None."""
+        doctype = doctype_of_database(db)
+        if doctype is None:
+            return None
+        contacts, groups = self.instance_targets(db.rpartition("/")[0], protection)
+        return contacts if doctype == CONTACTS else groups
 
     def global_target(self, global_db: str) -> Target:
         """The global instances database, with its indexes."""
@@ -110,13 +118,26 @@ def _validation(path: Path) -> str:
     return source
 
 
+def same_body(current: Doc, body: Doc) -> bool:
+    """Whether a stored design document is `body` (CouchDB's `_id`, `_rev` and the like set aside)."""
+    return {k: v for k, v in current.items() if not k.startswith("_")} == body
+
+
 def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False) -> str:
     """Put `_design/<name>` unless it already has this body: "installed", "updated" or "unchanged"."""
     current = couch.get_design(db, name)
-    if current is not None and {k: v for k, v in current.items() if not k.startswith("_")} == body:
+    if current is not None and same_body(current, body):
         return "unchanged"
     if not dry_run:
-        couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
+        try:
+            couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
+        except DocumentConflict:
+            # Someone installed it meanwhile (the worker's guard, another worker's first lookup): as good,
+            # when it is this very body.
+            again = couch.get_design(db, name)
+            if again is None or not same_body(again, body):
+                raise
+            return "unchanged"
     return "updated" if current else "installed"
 
 
@@ -178,3 +199,13 @@ def deploy_all(couch: CouchGateway, targets: Sequence[Target], *, concurrency: i
                    for target in targets]
         for future in futures:
             yield future.result()
+
+
+MISSING, DIFFERS = "missing", "differs"
+
+
+def findings(outcome: Outcome) -> list[tuple[str, str]]:
+    """What a dry-run outcome says is wrong: (`_design/<name>`, "missing" | "differs") for each design
+    document that deploying would install or update."""
+    named = {"installed": MISSING, "updated": DIFFERS}
+    return [(ddoc, named[status]) for ddoc, status in outcome.results if status in named]

@@ -46,6 +46,21 @@ def database_name(prefix: str, doctype: str) -> str:
     return f"{prefix}/{doctype}".lower().replace(".", "-").replace(":", "-")
 
 
+def doctype_of_database(db: str) -> str | None:
+    """CONTACTS or GROUPS when `db` is an instance's contacts or groups database, else None.
+
+    `database_name` folds case and `.`/`:`, so a name gives back the doctype and the folded prefix only:
+    that is enough, the protection being the same in every instance.
+    """
+    prefix, _, _ = db.rpartition("/")
+    if not prefix or prefix.startswith("_"):
+        return None
+    for doctype in (CONTACTS, GROUPS):
+        if database_name(prefix, doctype) == db:
+            return doctype
+    return None
+
+
 def managed_tag(doc: Doc | None) -> dict[str, Any]:
     """The twakeDirectory tag of a managed document; empty for any other document."""
     tag = doc.get(TAG) if doc else None

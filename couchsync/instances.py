@@ -194,6 +194,24 @@ class InstanceDirectory:
         """Every usable instance of the cluster."""
         return iter(self._find({"domain": {"$gt": None}}, whole=True))
 
+    def organizations(self, after: str = "") -> Iterator[str]:
+        """Every organization id that some instance record names, in order, those up to `after` left out.
+
+        Pages on the `by-orgid` index by `org_id > last id seen`: each page brings at least one new
+        organization whatever its size, and a page is never read twice. Records are not checked here;
+        reconciling an organization reads its usable instances.
+        """
+        if not self._indexed:
+            self.ensure_indexes()
+        while True:
+            docs = self._couch.find_sorted(self._global_db, {"org_id": {"$gt": after}}, "org_id",
+                                           limit=self._page_size, fields=("org_id",))
+            ids = sorted({doc["org_id"] for doc in docs if isinstance(doc.get("org_id"), str) and doc["org_id"]})
+            yield from ids
+            if len(docs) < self._page_size or not ids:
+                return
+            after = ids[-1]
+
     def instance(self, domain: str) -> Instance | None:
         """The usable instance with this domain, if any."""
         return next(iter(self._find({"domain": domain.strip().lower()})), None)

@@ -2,15 +2,20 @@
 
 `GET /metrics` is the Prometheus exposition; `GET /healthz` answers 200 while the worker is connected
 to the broker and consuming, 503 otherwise (for a load balancer or a liveness probe).
+
+`reconcile --all` is a process that ends: its figures (`ReconcileMetrics`) go to a file for node_exporter's
+textfile collector, written atomically, instead of an endpoint nobody would scrape in time.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile)
 
 from couchsync.events import ROUTING_KEYS, USER_CREATED
 
@@ -47,6 +52,23 @@ class Metrics:
         self.reconnects = Counter("couchsync_broker_reconnects", "Connections to the broker made again after "
                                   "one was lost.", registry=self.registry)
 
+        self.queue_messages = Gauge("couchsync_queue_messages", "Ready messages in couchsync's queues (a passive "
+                                    "queue.declare every few seconds), by queue: main, retry, dead.", ["queue"],
+                                    registry=self.registry)
+        self.oldest_message_age = Gauge(
+            "couchsync_oldest_message_age_seconds", "An upper bound on the age of the oldest ready message of the "
+            "main queue (0 when it is empty): every ready message arrived after the later of the last time the "
+            "queue was seen empty and the AMQP timestamp of the last message delivered.", registry=self.registry)
+        self.protection_restored = Counter(
+            "couchsync_protection_restored", "Protections (_design/couchsync-protection) put back after they were "
+            "deleted or changed, found by the _db_updates feed or a sweep.", registry=self.registry)
+        self.protection_installed = Counter(
+            "couchsync_protection_installed", "Protections installed in a contacts or groups database seen for the "
+            "first time (a new instance).", registry=self.registry)
+        self.protection_feed = Gauge(
+            "couchsync_protection_feed_following", "1 while the worker follows CouchDB's _db_updates feed, 0 while "
+            "it falls back to periodic sweeps.", registry=self.registry)
+
     def count_event(self, routing_key: str, outcome: str) -> None:
         """One message handled, with its outcome."""
         self.events.labels(routing_key_label(routing_key), outcome).inc()
@@ -66,6 +88,31 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+class ReconcileMetrics:
+    """What one `reconcile --all` run found and did, for node_exporter's textfile collector."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.last_success = Gauge("couchsync_reconcile_last_success_timestamp_seconds", "When a run last went "
+                                  "through every organization (Unix time).", registry=self.registry)
+        self.last_run = Gauge("couchsync_reconcile_last_run_timestamp_seconds", "When the last run ended "
+                              "(Unix time), finished or not.", registry=self.registry)
+        self.drift_found = Gauge("couchsync_reconcile_drift_found", "Managed documents found missing, different "
+                                 "or extra by the last run.", registry=self.registry)
+        self.drift_repaired = Gauge("couchsync_reconcile_drift_repaired", "Managed documents the last run "
+                                    "repaired.", registry=self.registry)
+        self.organizations = Gauge("couchsync_reconcile_organizations", "Organizations of the last run, by "
+                                   "outcome (ok, failed: an instance refused or in error).", ["outcome"],
+                                   registry=self.registry)
+        self.seconds = Gauge("couchsync_reconcile_duration_seconds", "How long the last process of the run took "
+                             "(a resumed run: its last part).", registry=self.registry)
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the metrics to `path` atomically (a temporary file renamed over it): node_exporter never
+        reads half a file."""
+        write_to_textfile(str(path), self.registry)
 
 
 def routing_key_label(routing_key: str) -> str:

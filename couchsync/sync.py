@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
-from couchsync.design_docs import DesignDocs
-from couchsync.documents import CONTACTS, GROUPS, ContactLookup, managed_group_id
+from couchsync.design_docs import DesignDocs, ensure
+from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc, managed_group_id
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
 from couchsync.events import Event, GroupEvent, GroupEventKind, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
@@ -103,8 +103,9 @@ class Synchronizer:
     """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
 
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
-                 settings: SyncSettings) -> None:
+                 settings: SyncSettings, protection: Doc | None = None) -> None:
         self._couch = couch
+        self._protection = protection  # installed in an instance before a bootstrap copies into it
         self.directory = self._directory = directory
         self._design = design
         self._settings = settings
@@ -266,11 +267,26 @@ class Synchronizer:
 
     def _bootstrap(self, target: Instance, instances: Sequence[Instance], *, owner_email: str | None,
                    dry_run: bool = False, progress: Progress | None = None) -> CopyReport:
+        if self._protection is not None and not dry_run:
+            self._protect(target)
         members = [instance for instance in instances
                    if not instance.is_organization_instance and instance.domain != target.domain]
         people = members_as_people(self._directory, members, self._pool)
         return self.copier.copy(target.org_id, target, people, owner_email=owner_email, dry_run=dry_run,
                                 progress=progress)
+
+    def _protect(self, instance: Instance) -> None:
+        """Install the protection and the lookup view in a new instance before its directory is copied: a
+        database the stack has just created must not take forged managed documents meanwhile.
+
+        Raises:
+            CouchError: a database could not be created or given its design documents.
+        """
+        assert self._protection is not None
+        for target in self._design.instance_targets(instance.prefix, self._protection):
+            self._couch.create_database(target.db)  # one that exists is fine
+            for name, body in target.ddocs:
+                ensure(self._couch, target.db, name, body)
 
     def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
         """Apply one message's event everywhere; its log fields (what the worker gives the consumer).

@@ -173,7 +173,9 @@ def start_couchdb(release: Path, *, data_dir: Path | None = None, port: int | No
     couch = LocalCouch(f"http://127.0.0.1:{port}", admin, sync, COUCHDB, process, workdir, node=node)
     try:
         wait_until_up(couch.url, process, log, path="/_up")
-        for system_db in ("_users", "_replicator"):  # single_node creates them; a node of a cluster waits
+        # single_node creates the first two; a node of a cluster waits. `_global_changes` is what the
+        # `_db_updates` feed is kept in: a cluster's setup makes it, a bare node does not.
+        for system_db in ("_users", "_replicator", "_global_changes"):
             ensure_system_db(couch, system_db)
         couch.version = server_version(couch)
     except BaseException:  # an interrupted start too: no node is left behind
