@@ -478,7 +478,7 @@ def running_worker(bench: Bench, org: str, **env: str) -> Iterator[tuple[int, st
                                    "COUCHSYNC_AUTH_EXCHANGE": f"{org}.auth", "COUCHSYNC_QUEUE_PREFIX": prefix, **env},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: localbroker.events_handled(port) >= 0, 60)
+        wait_for(lambda: localbroker.consuming(port), 60)  # before, a publish could find no queue bound
         yield port, exchange
     finally:
         worker.terminate()

@@ -9,6 +9,14 @@ import requests
 QUEUE_SUFFIXES = ("b2b.group", "b2b.group.retry", "b2b.group.dead")
 
 
+def consuming(metrics_port: int) -> bool:
+    """Whether the worker consumes its queue (its /healthz): its queues are declared and bound by then."""
+    try:
+        return requests.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def events_handled(metrics_port: int) -> float:
     """Events the worker has handled (every outcome), from its /metrics; -1 while it does not answer."""
     return metric_total(metrics_port, "couchsync_events_total")
