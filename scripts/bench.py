@@ -540,30 +540,34 @@ def main() -> int:
     try:
         bench = Bench(server)
         print(f"bench: {server.label} at {server.url}, {args.runs} runs per figure", file=sys.stderr)
-        if "fanout" in cases:
-            figures += fan_out(bench, args.runs, n(1000), 1, "fanout")
-        if "groups" in cases:
-            figures += fan_out(bench, args.runs, n(200), 20, "groups")
-        if "bootstrap" in cases:
-            figures += bootstrap(bench, args.runs, n(10_000), n(200))
-        if "worker" in cases:
-            figures.append(worker_throughput(bench, args.runs, n(2000), 20))
-        if "rss" in cases:
-            figures.append(peak_rss(bench, args.runs, n(200), (n(1000), n(10_000))))
-        if "planning" in cases:
-            figures += planning(args.runs, tuple(n(size) for size in (1000, 2000, 4000, 8000)))
-        if "bigevent" in cases:
-            figures.append(big_event(bench, args.runs, n(10_000), 3))
-        if "burst" in cases:
-            figures += burst(bench, args.runs, n(200), 5, n(100))
+        measures: dict[str, Callable[[], list[Figure]]] = {
+            "fanout": lambda: fan_out(bench, args.runs, n(1000), 1, "fanout"),
+            "groups": lambda: fan_out(bench, args.runs, n(200), 20, "groups"),
+            "bootstrap": lambda: bootstrap(bench, args.runs, n(10_000), n(200)),
+            "worker": lambda: [worker_throughput(bench, args.runs, n(2000), 20)],
+            "rss": lambda: [peak_rss(bench, args.runs, n(200), (n(1000), n(10_000)))],
+            "planning": lambda: planning(args.runs, tuple(n(size) for size in (1000, 2000, 4000, 8000))),
+            "bigevent": lambda: [big_event(bench, args.runs, n(10_000), 3)],
+            "burst": lambda: burst(bench, args.runs, n(200), 5, n(100)),
+        }
+        for case, measure in measures.items():
+            if case in cases:
+                # Each case's figures are shown and saved as soon as they are measured: a long run cut
+                # short keeps what it measured.
+                measured = measure()
+                print_table(measured)
+                figures += measured
+                save(args, server, figures)
     finally:
         server.stop()
-    print_table(figures)
+    print(f"bench: figures written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def save(args: argparse.Namespace, server: localcouch.LocalCouch, figures: list[Figure]) -> None:
     with open(args.json, "w", encoding="utf-8") as out:
         json.dump({"server": server.kind, "version": server.version, "runs": args.runs, "scale": args.scale,
                    "figures": [figure.as_json() for figure in figures]}, out, indent=2)
-    print(f"bench: figures written to {args.json}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
