@@ -227,45 +227,73 @@ def message_digest(routing_key: str, body: bytes) -> str:
     return hashlib.sha256(routing_key.encode() + b"\0" + body).hexdigest()[:12]
 
 
-def declare(channel: BlockingChannel, settings: AmqpSettings) -> None:
-    """Declare the exchanges, queues and bindings (idempotent; a mismatch closes the channel: 406)."""
-    channel.exchange_declare(settings.exchange, "topic", durable=True)
-    channel.exchange_declare(settings.auth_exchange, "topic", durable=True)
-    channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
-    channel.queue_declare(settings.queue, durable=True, arguments={
-        "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit,
-        "x-dead-letter-exchange": settings.dead_letter_exchange,
-        "x-dead-letter-routing-key": settings.dead_letter_queue})
-    channel.queue_bind(settings.queue, settings.exchange, BINDING)
-    channel.queue_bind(settings.queue, settings.auth_exchange, USER_BINDING)
-    # Expired retries go back to the main queue at least once, even if a broker node fails meanwhile.
-    channel.queue_declare(settings.retry_queue, durable=True, arguments={
-        "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": settings.queue,
-        "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
-    # A classic queue: no delivery limit to drop dead letters that `dlq list` reads and puts back.
-    channel.queue_declare(settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "classic"})
-    channel.queue_bind(settings.dead_letter_queue, settings.dead_letter_exchange, settings.dead_letter_queue)
+def declare(connection: BlockingConnection, settings: AmqpSettings) -> BlockingChannel:
+    """Declare the exchanges, queues and bindings (idempotent); the channel to go on with.
 
-
-def connect(settings: AmqpSettings) -> BlockingConnection:
-    """A connection to the broker.
+    Every queue is a quorum queue, replicated on the cluster's nodes: a classic queue lives on one node,
+    and while that node is down it can be neither declared (404) nor published to. A dead-letter queue
+    an older couchsync declared as a classic queue is used as it is (see the README, "Upgrading").
 
     Raises:
-        ConfigError: the broker refused the credentials (restarting will not help).
-        BrokerUnavailable: the broker cannot be reached.
+        ConfigError: a queue exists with other arguments (406), or cannot be declared.
     """
-    parameters = pika.URLParameters(settings.url)
-    parameters.credentials = pika.PlainCredentials(settings.username, settings.password.value)
-    parameters.heartbeat = settings.heartbeat
-    parameters.blocked_connection_timeout = 60
-    parameters.client_properties = {"connection_name": "couchsync"}
+    channel = connection.channel()
     try:
-        return BlockingConnection(parameters)
-    except pika.exceptions.ProbableAuthenticationError as exc:
-        raise ConfigError(f"the broker at {redact(settings.url)} refused the credentials of "
-                          f"{settings.username}") from exc
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailable(f"broker {redact(settings.url)} unreachable: {type(exc).__name__}") from exc
+        channel.exchange_declare(settings.exchange, "topic", durable=True)
+        channel.exchange_declare(settings.auth_exchange, "topic", durable=True)
+        channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
+        channel.queue_declare(settings.queue, durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-exchange": settings.dead_letter_exchange,
+            "x-dead-letter-routing-key": settings.dead_letter_queue})
+        channel.queue_bind(settings.queue, settings.exchange, BINDING)
+        channel.queue_bind(settings.queue, settings.auth_exchange, USER_BINDING)
+        # Expired retries go back to the main queue at least once, even if a broker node fails meanwhile.
+        channel.queue_declare(settings.retry_queue, durable=True, arguments={
+            "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": settings.queue,
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise ConfigError(f"cannot declare couchsync's queues: {exc.reply_text}") from exc
+    try:
+        # No delivery limit: `dlq list` reads dead letters and puts them back.
+        channel.queue_declare(settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise ConfigError(f"cannot declare couchsync's dead-letter queue: {exc.reply_text}") from exc
+        logger.warning("the dead-letter queue %s is a classic queue, on one broker node: see the README, "
+                       "Upgrading, to make it a quorum queue", settings.dead_letter_queue)
+        channel = connection.channel()
+    try:
+        channel.queue_bind(settings.dead_letter_queue, settings.dead_letter_exchange, settings.dead_letter_queue)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise ConfigError(f"cannot bind couchsync's dead-letter queue: {exc.reply_text}") from exc
+    return channel
+
+
+def connect(settings: AmqpSettings, first: int = 0) -> tuple[BlockingConnection, int]:
+    """A connection to the broker: its addresses tried in turn from number `first`; the connection and the
+    number of the address that answered.
+
+    Raises:
+        ConfigError: a node refused the credentials (restarting will not help).
+        BrokerUnavailable: no address could be reached.
+    """
+    failures = []
+    for offset in range(len(settings.urls)):
+        number = (first + offset) % len(settings.urls)
+        url = settings.urls[number]
+        parameters = pika.URLParameters(url)
+        parameters.credentials = pika.PlainCredentials(settings.username, settings.password.value)
+        parameters.heartbeat = settings.heartbeat
+        parameters.blocked_connection_timeout = 60
+        parameters.client_properties = {"connection_name": "couchsync"}
+        try:
+            return BlockingConnection(parameters), number
+        except pika.exceptions.ProbableAuthenticationError as exc:
+            raise ConfigError(f"the broker at {redact(url)} refused the credentials of {settings.username}") from exc
+        except pika.exceptions.AMQPError as exc:
+            failures.append(f"{redact(url)}: {type(exc).__name__}")
+    raise BrokerUnavailable(f"broker unreachable ({'; '.join(failures)})")
 
 
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
@@ -296,6 +324,7 @@ class Consumer:
         self._pool = ThreadPoolExecutor(settings.prefetch, thread_name_prefix="couchsync-event")
         self._session: _Session | None = None
         self._generation = 0
+        self._address = 0  # the number of the broker address to try first
         # A plain flag, not an Event: stop() runs in a signal handler, where taking a lock can deadlock.
         self._stop_requested = False
         self.consuming = False
@@ -337,16 +366,17 @@ class Consumer:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _consume(self) -> None:
-        """One connection: consume until it is lost (return, to connect again) or a stop is asked."""
-        connection = connect(self._settings)
+        """One connection: consume until it is lost (return, to connect again) or a stop is asked.
+
+        A lost connection is opened again starting with the next address: its node may be the one that
+        went away (a cluster's quorum queues are served by every node).
+        """
+        connection, number = connect(self._settings, self._address)
+        self._address = (number + 1) % len(self._settings.urls)
         self._generation += 1
         try:
-            channel = connection.channel()
+            channel = declare(connection, self._settings)
             channel.confirm_delivery()
-            try:
-                declare(channel, self._settings)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                raise ConfigError(f"cannot declare couchsync's queues: {exc.reply_text}") from exc
             channel.basic_qos(prefetch_count=self._settings.prefetch_count)
             session = self._session = _Session(self._generation, connection, channel)
             consumer_tag = channel.basic_consume(self._settings.queue, self._on_message)
@@ -354,7 +384,8 @@ class Consumer:
                 self._metrics.reconnects.inc()
             self.consuming = True
             self._notifier.ready(f"consuming {self._settings.queue}")
-            logger.info("consuming %s (prefetch %d)", self._settings.queue, self._settings.prefetch)
+            logger.info("consuming %s at %s (prefetch %d)", self._settings.queue,
+                        redact(self._settings.urls[number]), self._settings.prefetch)
             tick = min(0.5, self._settings.batch_wait / 2) if self._batching else 0.5
             next_probe = 0.0
             while not self._stop_requested:

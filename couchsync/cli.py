@@ -32,8 +32,11 @@ from couchsync.instances import Instance, InstanceDirectory
 from couchsync.metrics import Metrics, ReconcileMetrics, serve
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
 from couchsync.reconcile_all import OrganizationResult, ReconcileRun, RunProgress
+from couchsync.settle import Settling
 from couchsync.sync import EventReport, Synchronizer
 from couchsync.systemd import Notifier
+
+logger = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 
@@ -58,10 +61,11 @@ class Context:
         return InstanceDirectory(couch, self.sync.global_db, indexes=indexes, page_size=self.sync.page_size,
                                  on_rejected=self.on_rejected)
 
-    def synchronizer(self, couch: CouchGateway) -> Synchronizer:
+    def synchronizer(self, couch: CouchGateway, settling: Settling | None = None) -> Synchronizer:
         design = self.design()
         protection = design.protection(self.identity) if self.identity else None
-        return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync, protection)
+        return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync, protection,
+                            settling)
 
     def reconciler(self, couch: CouchGateway, sync: Synchronizer) -> Reconciler:
         return Reconciler(couch, sync.directory, sync.states, sync.instances_of, sync.reader, sync.writer,
@@ -113,8 +117,10 @@ def _refuse_typed_secrets(ctx: click.Context, password: str, url: str, envvar: s
     Any credentials in a typed URL are refused, percent-encoded ones (`u%3Apw@`) included.
     """
     typed = ctx.get_parameter_source(password) is ParameterSource.COMMANDLINE
+    urls = ctx.params[url]
     if typed or (ctx.get_parameter_source(url) is ParameterSource.COMMANDLINE
-                 and config.has_userinfo(ctx.params[url])):
+                 and any(config.has_userinfo(part) for value in ([urls] if isinstance(urls, str) else urls)
+                         for part in value.split(","))):
         raise ConfigError(f"a password on the command line would show in the process list: "
                           f"use {envvar} or {file_option}")
 
@@ -131,8 +137,9 @@ def future_skew_option(command: Callable[..., Any]) -> Callable[..., Any]:
 def amqp_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The broker's options, shared by `worker` and `dlq`."""
     options = [
-        click.option("--amqp-url", envvar="COUCHSYNC_AMQP_URL", default=config.DEFAULT_AMQP_URL, show_default=True,
-                     help="RabbitMQ URL, without credentials."),
+        click.option("--amqp-url", envvar="COUCHSYNC_AMQP_URL", multiple=True, default=[config.DEFAULT_AMQP_URL],
+                     show_default=True, help="RabbitMQ URL, without credentials; repeated or comma-separated for "
+                     "a cluster's nodes, tried in turn (the variable: separated by commas or spaces)."),
         click.option("--amqp-user", envvar="COUCHSYNC_AMQP_USER", default=config.DEFAULT_AMQP_USER,
                      show_default=True),
         click.option("--amqp-password-file", envvar="COUCHSYNC_AMQP_PASSWORD_FILE", type=click.Path(dir_okay=False),
@@ -327,12 +334,17 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> 
 @click.option("--protection-sweep", envvar="COUCHSYNC_PROTECTION_SWEEP", type=click.FloatRange(min=1),
               default=3600, show_default=True, help="Seconds between two checks of every instance's protection "
               "(a backstop of the feed; at most 300 on a server without the feed).")
+@click.option("--settle-delay", envvar="COUCHSYNC_SETTLE_DELAY", type=click.FloatRange(0, 3600), default=5,
+              show_default=True, help="Seconds after which every document written is read again with its "
+              "conflicts, which a CouchDB cluster may have let concurrent writers make (0: never; a single "
+              "node makes none).")
 @identity_options
 @future_skew_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
            watchdog_usec: str | None, batch: int, batch_wait: float, protection_guard: bool, protection_sweep: float,
-           sync_names: tuple[str, ...], sync_roles: tuple[str, ...], max_future_skew: str, **amqp: Any) -> None:
+           settle_delay: float, sync_names: tuple[str, ...], sync_roles: tuple[str, ...], max_future_skew: str,
+           **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
@@ -347,7 +359,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     metrics = Metrics()
     obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
-    sync = obj.synchronizer(couch)
+    sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc))
     guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
                             concurrency=obj.sync.concurrency, sweep_interval=protection_sweep)
     consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
@@ -359,9 +371,13 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     if protection_guard:
         # A daemon thread: a poll of the feed in progress must not hold up the shutdown.
         threading.Thread(target=guard.run, name="couchsync-guard", daemon=True).start()
+    settled = threading.Event()
+    if settle_delay:
+        threading.Thread(target=_settle, args=(sync, settled), name="couchsync-settle", daemon=True).start()
     try:
         consumer.run()
     finally:
+        settled.set()
         guard.stop()
         if server is not None:
             server.shutdown()
@@ -371,8 +387,32 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
         # CouchDB writes that are safe to cut (idempotent): exit now rather than wait for them.
         logging.shutdown()
         os._exit(0)
+    _settle_last(sync, settings.shutdown_timeout)
     sync.close()
     couch.close()
+
+
+def _settle(sync: Synchronizer, stop: threading.Event) -> None:
+    """The worker's settling thread: read again, every second or so, what was written `delay` ago."""
+    while not stop.wait(min(1.0, sync.settling.delay / 2)):
+        try:
+            sync.settle()
+        except Exception:  # noqa: BLE001 (a bug here must not end the checks; each is logged)
+            logger.exception("reading written documents again failed")
+
+
+def _settle_last(sync: Synchronizer, timeout: float) -> None:
+    """At shutdown, once the last writes are due, read them again (at most `timeout` seconds' wait): a
+    conflict they made would otherwise wait for the next event or reconcile that touches them."""
+    wait = sync.settling.waiting()
+    if wait > timeout:
+        logger.warning("not reading the last writes again: they are due in %.1fs, after the shutdown timeout", wait)
+        return
+    time.sleep(wait)
+    try:
+        sync.settle(everything=True)
+    except CouchsyncError as exc:
+        logger.warning("reading the last writes again failed: %s", exc)
 
 
 @cli.group()

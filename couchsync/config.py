@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -27,6 +27,7 @@ DEFAULT_TIMEOUT = 30.0        # seconds for one CouchDB request
 DEFAULT_HTTP_RETRIES = 3      # quick retries of one request on connection errors, 429 and 5xx
 DEFAULT_MAX_ATTEMPTS = 5      # read → plan → write rounds per instance before a 409 is given up
 DEFAULT_AMQP_URL = "amqp://127.0.0.1:5672/%2F"
+MAX_AMQP_URLS = 32  # a cluster's nodes: more is a mistake in the configuration
 DEFAULT_AMQP_USER = "guest"   # RabbitMQ's own default account, which it accepts from localhost only
 DEFAULT_EXCHANGE = "b2b"
 DEFAULT_AUTH_EXCHANGE = "auth"  # where the directory announces new users (user.created)
@@ -111,9 +112,13 @@ def load_identity(names: Iterable[str], roles: Iterable[str] = ()) -> SyncIdenti
 
 @dataclass(frozen=True, slots=True)
 class AmqpSettings:
-    """Where the broker is, the queues couchsync owns there, and how it retries."""
+    """Where the broker is, the queues couchsync owns there, and how it retries.
 
-    url: str
+    `urls`: the addresses of the broker's nodes (without credentials), tried in turn; a cluster's nodes
+    all serve the same quorum queues.
+    """
+
+    urls: tuple[str, ...]
     username: str
     password: Secret
     exchange: str = DEFAULT_EXCHANGE
@@ -127,6 +132,11 @@ class AmqpSettings:
     heartbeat: int = 30
     batch: int = 1  # the worker's option defaults to DEFAULT_BATCH; 1 applies each message alone
     batch_wait: float = DEFAULT_BATCH_WAIT
+
+    @property
+    def url(self) -> str:
+        """The first address, the one tried first."""
+        return self.urls[0]
 
     @property
     def prefetch_count(self) -> int:
@@ -162,24 +172,32 @@ class WorkerSettings:
     watchdog_seconds: float | None = None  # from $WATCHDOG_USEC
 
 
-def load_amqp(url: str, *, username: str = DEFAULT_AMQP_USER, password: str | None = None,
+def load_amqp(urls: str | Sequence[str], *, username: str = DEFAULT_AMQP_USER, password: str | None = None,
               password_file: str | None = None, **tuning: Any) -> AmqpSettings:
-    """AmqpSettings from a URL without credentials and the credentials apart.
+    """AmqpSettings from URLs without credentials (one, several, or comma-separated: a cluster's nodes)
+    and the credentials apart (the first URL's, if it carries them).
 
     Raises:
-        ConfigError: not an amqp(s) URL, no password for a user other than guest, numbers out of range.
+        ConfigError: not amqp(s) URLs, too many, no password for a user other than guest, numbers out of range.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ConfigError(f"the AMQP URL must be amqp(s)://host[:port][/vhost]: {redact(url)}")
-    user = username or _url_user(parts) or DEFAULT_AMQP_USER
-    secret = _password(password, password_file, parts)
+    addresses = [part.strip() for url in ([urls] if isinstance(urls, str) else urls)
+                 for part in url.split(",") if part.strip()]
+    if not addresses:
+        raise ConfigError("no AMQP URL")
+    if len(addresses) > MAX_AMQP_URLS:
+        raise ConfigError(f"at most {MAX_AMQP_URLS} AMQP URLs, not {len(addresses)}")
+    parts = [urlsplit(address) for address in addresses]
+    for address, part in zip(addresses, parts):
+        if part.scheme not in ("amqp", "amqps") or not part.hostname:
+            raise ConfigError(f"the AMQP URL must be amqp(s)://host[:port][/vhost]: {redact(address)}")
+    user = username or _url_user(parts[0]) or DEFAULT_AMQP_USER
+    secret = _password(password, password_file, parts[0])
     if secret is None:
         if user != DEFAULT_AMQP_USER:
             raise ConfigError(f"no AMQP password for {user}: set COUCHSYNC_AMQP_PASSWORD or --amqp-password-file")
         secret = Secret(DEFAULT_AMQP_USER)
-    settings = AmqpSettings(url=urlunsplit(parts._replace(netloc=_host(parts))), username=user, password=secret,
-                            **tuning)
+    bare = tuple(dict.fromkeys(urlunsplit(part._replace(netloc=_host(part))) for part in parts))
+    settings = AmqpSettings(urls=bare, username=user, password=secret, **tuning)
     if settings.prefetch < 1 or settings.delivery_limit < 1 or settings.retry_delay <= 0 \
             or settings.shutdown_timeout <= 0 or not settings.queue_prefix or settings.batch < 1 \
             or settings.batch_wait < 0:

@@ -76,8 +76,9 @@ def translate_errors(db: str | None = None, doc_id: str | None = None) -> Iterat
         yield
     except ApiException as exc:
         raise _error_for(exc.status_code, exc.message or "", db, doc_id) from exc
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        # requests' messages name the host and path only: the credentials travel in a header.
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        # A body cut short (ChunkedEncodingError) is a connection that broke mid-answer, as an overloaded
+        # node's do: passing. requests' messages name the host and path only: credentials travel in a header.
         raise CouchUnavailable(f"CouchDB unreachable: {type(exc).__name__}", db=db, doc_id=doc_id) from exc
     except requests.RequestException as exc:
         raise CouchError(f"CouchDB request failed: {type(exc).__name__}", db=db, doc_id=doc_id) from exc

@@ -121,10 +121,9 @@ def list_dead_letters(settings: AmqpSettings, limit: int = 1000) -> list[DeadMes
     Raises:
         BrokerUnavailable, ConfigError: as `connect`.
     """
-    connection = connect(settings)
+    connection, _ = connect(settings)
     try:
-        channel = connection.channel()
-        declare(channel, settings)
+        channel = declare(connection, settings)
         return [message for _, message, _ in _read_dead_letters(channel, settings, limit)]
     finally:
         connection.close()
@@ -138,11 +137,10 @@ def replay_dead_letters(settings: AmqpSettings, ids: set[str] | None, limit: int
     Raises:
         BrokerUnavailable, ConfigError: as `connect`.
     """
-    connection = connect(settings)
+    connection, _ = connect(settings)
     replayed = []
     try:
-        channel = connection.channel()
-        declare(channel, settings)
+        channel = declare(connection, settings)
         channel.confirm_delivery()
         for tag, message, properties in _read_dead_letters(channel, settings, limit):
             if ids is not None and message.id not in ids:

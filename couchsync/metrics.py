@@ -44,6 +44,10 @@ class Metrics:
                                 "everywhere else and acknowledged).", ["routing_key"], registry=self.registry)
         self.bulk_writes = Counter("couchsync_bulk_writes", "`_bulk_docs` requests made to instance databases by "
                                    "applied messages (a batch's, once).", registry=self.registry)
+        self.conflicts_merged = Counter(
+            "couchsync_conflicts_merged", "Losing revisions of conflicted state and managed documents deleted once "
+            "joined into the winner (a CouchDB cluster accepts concurrent updates through different nodes).",
+            registry=self.registry)
         self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
         self.instance_records_rejected = Counter(
             "couchsync_instance_records_rejected", "Records of the global instances database skipped as invalid "

@@ -27,7 +27,6 @@ from couchsync.plan import (
 from couchsync.state import SEED_STAMP, GroupState, PersonState
 
 MISSING, DIFFERENT, EXTRA = "missing", "different", "extra"
-CONFLICT_WRITE = "delete conflicting revision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +52,8 @@ def repair(doctype: str, doc: Doc, old: Doc | None, what: str) -> Write:
 
 
 def _labelled(writes: Sequence[Write], old: Doc | None, what: str) -> list[Write]:
-    return [Write(write.doctype, write.doc, f"{DIFFERENT} {what}: conflicting revision")
-            if write.summary == CONFLICT_WRITE else repair(write.doctype, write.doc, old, what) for write in writes]
+    return [Write(write.doctype, write.doc, f"{DIFFERENT} {what}: conflicting revision", merge=True)
+            if write.merge else repair(write.doctype, write.doc, old, what) for write in writes]
 
 
 def differing_fields(new: Doc, old: Doc | None) -> list[str]:

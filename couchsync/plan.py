@@ -21,6 +21,9 @@ from couchsync.events import GroupEvent, GroupEventKind, Member
 from couchsync.state import GroupState, PersonState
 
 
+RESOLVE = "delete conflicting revision"  # the summary of a losing leaf's deletion (a merge)
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
     """Put this document (with its current `_rev`, if any) into the instance's database of `doctype`.
@@ -31,6 +34,7 @@ class Write:
     doctype: str
     doc: Doc
     summary: str
+    merge: bool = False  # the deletion of a losing leaf: a conflict merged (counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,7 @@ def put(doctype: str, doc: Doc, old: Doc | None, summary: str) -> list[Write]:
     if not changed(doc, old):
         return []
     writes = [Write(doctype, without_conflicts(doc), summary)]
-    return writes + [Write(doctype, loser, "delete conflicting revision") for loser in losing_deletions(old or {})]
+    return writes + [Write(doctype, loser, RESOLVE, merge=True) for loser in losing_deletions(old or {})]
 
 
 def group_doc(state: GroupState, base: Doc | None) -> Doc:
@@ -107,7 +111,7 @@ def plan_group(state: GroupState, base: Doc | None, label: str = "") -> tuple[li
     if base is None or not is_live(base):
         return [], None
     return [Write(GROUPS, {"_id": base["_id"], "_rev": base["_rev"], "_deleted": True}, label or "delete group"),
-            *(Write(GROUPS, loser, "delete conflicting revision") for loser in losing_deletions(base))], None
+            *(Write(GROUPS, loser, RESOLVE, merge=True) for loser in losing_deletions(base))], None
 
 
 @dataclass(frozen=True, slots=True)

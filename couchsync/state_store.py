@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from couchsync.couch import CouchGateway
 from couchsync.documents import Doc, losing_deletions
 from couchsync.errors import CouchError, DocumentConflict
+from couchsync.settle import STATE, Settling
 from couchsync.state import (
     GROUP, PERSON, GroupState, PersonState, State, id_range, join_states, organization_state_id, state_from_doc)
 
@@ -36,9 +37,11 @@ class Stored(Generic[S]):
 class StateStore:
     """Reads and merges states in one database (`couchsync/directory` by default); thread-safe."""
 
-    def __init__(self, couch: CouchGateway, db: str, *, max_attempts: int = 5, page_size: int = 1000) -> None:
+    def __init__(self, couch: CouchGateway, db: str, *, max_attempts: int = 5, page_size: int = 1000,
+                 settling: Settling | None = None) -> None:
         self._couch = couch
         self.db = db
+        self._settling = settling or Settling(0)
         self._max_attempts = max_attempts
         self._page_size = page_size
         self._seeded: set[str] = set()
@@ -82,6 +85,7 @@ class StateStore:
                     doc["_conflicts"] = [leaf["_rev"] for leaf in current[1:]]
                 docs += [{k: v for k, v in doc.items() if k != "_conflicts"}, *losing_deletions(doc)]
             results = self._couch.bulk_write(self.db, docs)
+            self._settling.merged(sum(1 for doc, result in zip(docs, results) if doc.get("_deleted") and result.ok))
             retry: dict[str, State | None] = {}
             for doc, result in zip(docs, results):
                 if doc.get("_deleted"):
@@ -93,6 +97,8 @@ class StateStore:
                                      doc_id=doc["_id"])
                 else:
                     done[doc["_id"]] = Stored(joined[doc["_id"]], result.rev)
+            self._settling.written(None, STATE, [doc["_id"] for doc, result in zip(docs, results)
+                                                 if result.ok and not doc.get("_deleted")])
             if not retry:
                 return done
             pending = retry

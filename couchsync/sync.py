@@ -4,29 +4,32 @@ An event is merged into the organization's state (`couchsync.state_store`) with 
 write, then projected into every instance of the organization concurrently (bounded by
 `SyncSettings.concurrency`), each on its own: a failure in one is reported with the instance and does
 not stop the others. A 409, or a state that moved under a projection's writes, makes the instance be
-read and projected again.
+read and projected again. What a CouchDB cluster let concurrent writers leave conflicted is read again
+later and repaired by the same projections (`settle`, `repair`; see `couchsync.settle`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs, ensure
-from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc, managed_group_id
+from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc
 from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
-from couchsync.events import Event, GroupEvent, GroupEventKind, UserCreated, parse_event
+from couchsync.events import Event, GroupEvent, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
-from couchsync.plan import InstanceView, Plan, group_changes, plan_group_changes, plan_profile
+from couchsync.plan import GroupChange, InstanceView, Plan, group_changes, plan_group_changes, plan_profile
 from couchsync.reader import InstanceReader
 from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id, seed
+from couchsync.settle import Repair, Settling, joined_repairs, repairs_of, unsettled
 from couchsync.state_store import StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
 
@@ -103,8 +106,9 @@ class Synchronizer:
     """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
 
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
-                 settings: SyncSettings, protection: Doc | None = None) -> None:
+                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None) -> None:
         self._couch = couch
+        self.settling = settling or Settling(0)
         self._protection = protection  # installed in an instance before a bootstrap copies into it
         self.directory = self._directory = directory
         self._design = design
@@ -112,9 +116,9 @@ class Synchronizer:
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="couchsync-instance")
         self._seeding = threading.Lock()
         self.states = StateStore(couch, settings.state_db, max_attempts=settings.max_attempts,
-                                 page_size=settings.page_size)
+                                 page_size=settings.page_size, settling=self.settling)
         self.reader = InstanceReader(couch, directory, design)
-        self.writer = PlanWriter(couch, self.states, settings.max_attempts)
+        self.writer = PlanWriter(couch, self.states, settings.max_attempts, self.settling)
         self.copier = DirectoryCopy(couch, self.states, self.reader, self.writer, settings.page_size)
 
     def __enter__(self) -> Synchronizer:
@@ -158,7 +162,9 @@ class Synchronizer:
         started = time.monotonic()
         organization_id = events[0].organization_id
         instances = self.instances_of(organization_id)
-        projection = _GroupProjection(self, events)
+        self.states.merge(state for event in events for state in contribution(event))
+        projection = _GroupProjection(self, organization_id, [event.group_id for event in events],
+                                      lambda states: group_changes(events, states))
         reports = tuple(self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
                                        instances))
         routing_key = events[0].routing_key if len(events) == 1 else f"batch of {len(events)}"
@@ -252,11 +258,16 @@ class Synchronizer:
             mine = InstanceReport(new.domain, error=str(exc), retryable=exc.retryable)
         return (*fanned, mine)
 
+    def _plan_person_at(self, instance: Instance, state_id: str, attempt: int) -> Plan:
+        """`_plan_person` as a Planner: every attempt reads afresh."""
+        return self._plan_person(instance, state_id)
+
     def _plan_person(self, instance: Instance, state_id: str) -> Plan:
         """A person's contact in one instance, their memberships as the organization's groups say."""
-        stored = self.states.read([state_id])[state_id]
+        stored = self.states.read([state_id]).get(state_id)
+        if stored is None or not isinstance(stored.state, PersonState):
+            return Plan()  # nobody the state knows (a repair of a contact seeded from settings)
         person = stored.state
-        assert isinstance(person, PersonState)
         groups = list(self.states.groups(person.organization_id))
         lookup = ContactLookup(person.organization_id, ((person.email, person.member.workplace_fqdn),))
         view = InstanceView(instance.domain, self.reader.owner_email(instance),
@@ -287,6 +298,63 @@ class Synchronizer:
             self._couch.create_database(target.db)  # one that exists is fine
             for name, body in target.ddocs:
                 ensure(self._couch, target.db, name, body)
+
+    def settle(self, *, everything: bool = False) -> int:
+        """Read again what was written `settling.delay` seconds ago (`everything`: all that waits), and
+        repair what a cluster left conflicted (see `couchsync.settle`); the conflicted documents found.
+
+        A place that cannot be read, or a repair that fails, is read again at the next call.
+        """
+        repairs = self.settling.repairs()
+        found = 0
+        for (instance, doctype), written in self.settling.due(everything=everything).items():
+            db = self.states.db if instance is None else instance.database(doctype)
+            try:
+                conflicted = unsettled(self._couch.leaves(db, list(written)), written)
+            except CouchsyncError as exc:
+                logger.warning("cannot read %s again to look for conflicts: %s", db, exc)
+                self.settling.written(instance, doctype, [i for i, d in written.items() if not d],
+                                      [i for i, d in written.items() if d])
+                continue
+            found += len(conflicted)
+            repairs += repairs_of((instance, doctype), conflicted)
+        for repair in joined_repairs(repairs):
+            try:
+                report = self.repair(repair)
+                report.raise_for_failures()
+            except CouchsyncError as exc:
+                logger.warning("repair of %s after a conflict failed (tried again at the next event or "
+                               "reconcile): %s", repair.organization_id, exc)
+            else:
+                logger.info("conflict merged: %s, %d writes in %d instances", repair, report.writes,
+                            len(report.instances))
+        return found
+
+    def repair(self, repair: Repair) -> EventReport:
+        """Project groups and people again from the state, in one instance or all of the organization's: the
+        state's leaves joined on the way, each instance document merged (see `couchsync.settle`).
+
+        Raises:
+            UnknownOrganization: the organization has no usable instance.
+            CouchError: the directory state could not be read or written.
+        """
+        started = time.monotonic()
+        org = repair.organization_id
+        instances = [instance for instance in self.instances_of(org)
+                     if repair.domain is None or instance.domain == repair.domain]
+        # Each group as a whole: its document, everyone it remembers, every contact related to it.
+        groups = _GroupProjection(self, org, sorted(repair.groups), lambda states: [
+            GroupChange(state, frozenset(state.members), related=True) for state in states.values()]) \
+            if repair.groups else None
+        people = [person_state_id(org, email) for email in sorted(repair.emails)]
+
+        def one(instance: Instance) -> InstanceReport:
+            reports = [self._converge(instance, groups.planner(instance))] if groups else []
+            reports += [self._converge(instance, functools.partial(self._plan_person_at, instance, state_id))
+                        for state_id in people]
+            return _joined_reports(instance.domain, reports)
+        return self._report("repair", org, ",".join(sorted(repair.groups | repair.emails)),
+                            tuple(self._pool.map(one, instances)), started)
 
     def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
         """Apply one message's event everywhere; its log fields (what the worker gives the consumer).
@@ -356,6 +424,7 @@ class _Snapshot:
 
     groups: dict[str, Stored[GroupState]]  # by managed group id
     people: dict[str, Stored[PersonState]]  # by lower-case email
+    changes: tuple[GroupChange, ...]  # what the groups ask of each instance
 
     @property
     def basis(self) -> tuple[tuple[str, str], ...]:
@@ -365,20 +434,19 @@ class _Snapshot:
 
 
 class _GroupProjection:
-    """Group events of one organization merged into the state, then projected into each instance (see
-    `planner`)."""
+    """Groups of one organization projected from their states into each instance (see `planner`):
+    `changes` says, from the groups' states, what each group asks of an instance."""
 
-    def __init__(self, sync: Synchronizer, events: Sequence[GroupEvent]) -> None:
+    def __init__(self, sync: Synchronizer, organization_id: str, external_ids: Sequence[str],
+                 changes: Callable[[Mapping[str, GroupState]], list[GroupChange]]) -> None:
         self._sync = sync
-        self._events = events
-        self._organization_id = events[0].organization_id
-        sync.states.merge(state for event in events for state in contribution(event))
-        self._external_ids = list(dict.fromkeys(event.group_id for event in events))
-        self.named = frozenset(member.email.strip().lower() for event in events for member in event.members)
+        self._organization_id = organization_id
+        self._external_ids = list(dict.fromkeys(external_ids))
+        self._changes = changes
         self._snapshot = self.read()
 
     def read(self) -> _Snapshot:
-        """The groups' states and the profiles of everyone a projection may name, read afresh."""
+        """The groups' states and the profiles of everyone their changes name, read afresh."""
         org = self._organization_id
         state_ids = [group_state_id(org, external_id) for external_id in self._external_ids]
         found = self._sync.states.read(state_ids)
@@ -390,14 +458,11 @@ class _GroupProjection:
             else:
                 empty = GroupState(org, external_id)
                 groups[empty.group_id] = Stored(empty, "")
-        emails = set(self.named)
-        for event in self._events:
-            if event.kind is GroupEventKind.CREATED:  # a group coming to life shows every member it remembers
-                emails |= set(groups[managed_group_id(org, event.group_id)].state.members)
-        ids = {person_state_id(org, email): email for email in emails}
+        changes = self._changes({group_id: stored.state for group_id, stored in groups.items()})
+        ids = {person_state_id(org, email): email for change in changes for email in change.named}
         people = {ids[state_id]: stored for state_id, stored in self._sync.states.read(list(ids)).items()}
         return _Snapshot(groups, {email: Stored(stored.state, stored.rev) for email, stored in people.items()
-                                  if isinstance(stored.state, PersonState)})
+                                  if isinstance(stored.state, PersonState)}, tuple(changes))
 
     def planner(self, instance: Instance) -> Planner:
         """Plans for one instance: the first from the state the merge left, later ones from a fresh read."""
@@ -405,9 +470,8 @@ class _GroupProjection:
 
     def _plan(self, instance: Instance, snapshot: _Snapshot) -> Plan:
         org, reader = self._organization_id, self._sync.reader
-        states = {group_id: stored.state for group_id, stored in snapshot.groups.items()}
-        groups = reader.documents(instance, GROUPS, list(states), org)
-        changes = group_changes(self._events, states)
+        groups = reader.documents(instance, GROUPS, list(snapshot.groups), org)
+        changes = snapshot.changes
         named = sorted(set().union(*(change.named for change in changes)))
         people = {email: stored.state for email, stored in snapshot.people.items()}
         lookup = ContactLookup(org, tuple((email, people[email].member.workplace_fqdn if email in people else None)
@@ -417,6 +481,14 @@ class _GroupProjection:
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_changes(changes, people, view)
         return replace(plan, basis=snapshot.basis)
+
+
+def _joined_reports(domain: str, reports: Sequence[InstanceReport]) -> InstanceReport:
+    """Several convergences of one instance reported as one (the first error, if any)."""
+    failed = next((report for report in reports if report.error is not None), None)
+    return InstanceReport(domain, sum(r.writes for r in reports), tuple(x for r in reports for x in r.refusals),
+                          failed.error if failed else None, failed.retryable if failed else False,
+                          max((r.attempts for r in reports), default=1), sum(r.requests for r in reports))
 
 
 def _fields_of(report: EventReport) -> dict[str, object]:

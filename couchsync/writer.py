@@ -16,14 +16,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from couchsync.couch import CouchGateway, WriteResult
+from couchsync.documents import CONTACTS
 from couchsync.errors import AccessDenied, CouchError, DocumentConflict
 from couchsync.instances import Instance
 from couchsync.plan import Plan, Write
+from couchsync.settle import Settling
 from couchsync.state_store import StateStore
 
 logger = logging.getLogger(__name__)
 
-REPLAN_PAUSE = 0.02  # seconds, times the attempt: the most a re-plan after a 409 waits
+REPLAN_PAUSE = 0.02  # seconds, times 2 ** attempt: the most a re-plan after a 409 waits
 
 # Reads the state and the instance and plans; the argument is the attempt (1 first: the caller may hold
 # the state already).
@@ -47,10 +49,12 @@ class Written:
 class PlanWriter:
     """Writes plans through a CouchGateway, each document at most once per attempt."""
 
-    def __init__(self, couch: CouchGateway, states: StateStore, max_attempts: int) -> None:
+    def __init__(self, couch: CouchGateway, states: StateStore, max_attempts: int,
+                 settling: Settling | None = None) -> None:
         self._couch = couch
         self._states = states
         self._max_attempts = max_attempts
+        self._settling = settling or Settling(0)
 
     def converge(self, instance: Instance, planner: Planner, *, first: Plan | None = None) -> Written:
         """Plan, write, and plan again while a write conflicts; `first`: the first plan, made already.
@@ -65,7 +69,9 @@ class PlanWriter:
             plan = first if attempt == 1 and first is not None else planner(attempt)
             results = self.write(instance, plan)
             requests += sum(1 for _ in itertools.groupby(plan.writes[:len(results)], key=_doctype))  # as `write`
-            done += [write for write, result in zip(plan.writes, results) if result.ok]
+            written = [write for write, result in zip(plan.writes, results) if result.ok]
+            self._settling.merged(sum(1 for write in written if write.merge))
+            done += written
             if not any(result.conflict for result in results):
                 _raise_unexpected(instance, results)
                 # Nothing written changes nothing: a stale projection is only harmful once written.
@@ -75,15 +81,27 @@ class PlanWriter:
                                  if not r.ok and r.error == "forbidden"]
                     return Written(tuple(done), tuple(refusals), attempt, requests)
             logger.debug("conflict in %s (or the state moved), planning again", instance.domain)
-            # Writers of the same document re-plan at once and collide again: spread them out.
-            time.sleep(random.uniform(0, REPLAN_PAUSE * attempt))
+            # Writers of the same documents re-plan at once and collide again: spread them out, wider each
+            # time (competing workers project the same organization's batches into the same instances).
+            time.sleep(random.uniform(0, REPLAN_PAUSE * 2 ** attempt))
         raise DocumentConflict(f"still conflicting after {self._max_attempts} attempts", db=instance.prefix)
 
     def write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
         """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""
         results: list[WriteResult] = []
-        for doctype, writes in itertools.groupby(plan.writes, key=_doctype):
-            results += self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
+        for doctype, group in itertools.groupby(plan.writes, key=_doctype):
+            writes = list(group)
+            written = self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
+            # Read again once a cluster has settled (see `couchsync.settle`).
+            ok = [write for write, result in zip(writes, written) if result.ok and not write.merge]
+            self._settling.written(instance, doctype, [w.doc["_id"] for w in ok if not w.doc.get("_deleted")],
+                                   [w.doc["_id"] for w in ok if w.doc.get("_deleted")])
+            if doctype == CONTACTS:
+                merged = {write.doc["_id"] for write, result in zip(writes, written) if result.ok and write.merge}
+                for write in ok:
+                    if write.doc["_id"] in merged:
+                        self._settling.contact_merged(instance, write.doc)
+            results += written
             if any(result.conflict for result in results):
                 break
         return results

@@ -5,7 +5,8 @@
 Against Apache CouchDB when a release is at hand (COUCHSYNC_COUCHDB_RELEASE, or the shared one beside the
 checkout), else PouchDB Server (in memory), or the CouchDB that COUCHSYNC_TEST_COUCH_URL names (with admin
 credentials, as for the tests). The baselines are minimal clients doing the same writes:
-one pooled requests.Session, the same concurrency, no planning, no protection, no retries.
+one pooled requests.Session, the same concurrency, no planning, no retries; where couchsync writes into
+protected databases, so do they (the server validates every write alike).
 
 1. fanout    one member.added applied to an organization of 1,000 instances; baseline: per instance,
              read + write the group, read + write the contact.
@@ -13,7 +14,8 @@ one pooled requests.Session, the same concurrency, no planning, no protection, n
              instance, read then written per database.
    Both also against a second baseline that, like couchsync, finds the members' contacts by email
    through the `couchsync/lookup` view before writing them: the part of the gap that is the server's
-   index rather than couchsync. Each baseline writes into databases of its own, so that nobody's view
+   index rather than couchsync. Each baseline writes into databases of its own (protected like
+   couchsync's), so that nobody's view
    indexes another's documents.
 3. bootstrap 10,000 contacts and 200 groups copied into a new instance; baselines: paged `_find` +
              `_bulk_docs` of the same documents, and `_replicate` with a selector where it is honoured.
@@ -25,6 +27,10 @@ one pooled requests.Session, the same concurrency, no planning, no protection, n
              peak RSS in the note); baseline: the same documents read + written raw per database.
 8. burst     500 member.added (5 groups x 100 people) for one organization of 200 instances through the
              worker, batched (the default) against --batch 1: wall time and `_bulk_docs` requests to instances.
+9. workers   1,000 events for a 20-instance organization through 1, 2 and 3 workers on the same queues, each
+             on its own node of a three-node CouchDB cluster and a three-node RabbitMQ cluster (started for
+             the case, from the release): events per second; baseline: the cluster's raw write rate (one
+             document a request through its three nodes) measured in the same run.
 
 Each figure is the median of --runs runs (min and max beside it); couchsync and its baseline alternate,
 so that a server warming up or slowing down weighs on both alike.
@@ -33,6 +39,7 @@ so that a server warming up or slowing down weighs on both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -231,7 +238,8 @@ def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) ->
     domains = [org + ".example"] + [f"i{n:05d}.{org}.example" for n in range(instances - 1)]
     bench.add_instances(domains, org)
     bench.deploy(domains)
-    bench.add_baselines(domains, RAW, LOOKUP)
+    # The baselines' databases are protected too: the server validates their writes as it does couchsync's.
+    bench.add_baselines(domains, RAW, LOOKUP, protected=True)
     note = f"{instances} instances, {members} member(s), {instances * (members + 1)} documents written per run"
     figure = Figure(case, "seconds", baseline_name="raw read + write per database, same concurrency", target=1.25,
                     note=note)
@@ -298,6 +306,9 @@ def bootstrap(bench: Bench, runs: int, contacts: int, groups: int) -> list[Figur
     if not honours_selector:
         replicate.note += "; not measured: PouchDB Server ignores a replication selector (servers.md)"
     with bench.gateway() as gateway, bench.synchronizer(gateway) as sync:
+        # Unmeasured: the organization's state taken over from its organization instance, once (a first
+        # event or bootstrap of a directory the stack wrote does it; every later one reads the state).
+        sync.instances_of(org)
         for run in range(runs):
             raw, mine = f"raw{run}.{org}.example", f"new{run}.{org}.example"
             bench.add_instances([raw, mine], org)
@@ -468,9 +479,88 @@ def burst(bench: Bench, runs: int, instances: int, groups: int, people: int) -> 
     return [seconds, writes]
 
 
+def scale_out(runs: int, instances: int, events: int) -> list[Figure]:
+    """Events per second through 1, 2 and 3 workers on the same queues, each on its own node of a three-node
+    CouchDB cluster and of a three-node RabbitMQ cluster started for the case; baseline: the raw write rate
+    of the same CouchDB cluster in the same run (one document a request through its three nodes)."""
+    release = localcouch.find_release()
+    if release is None:
+        print("bench: workers needs an Apache CouchDB release for its cluster: skipped", file=sys.stderr)
+        return []
+    import localrabbit  # only this case needs the RabbitMQ cluster
+
+    couch, rabbit = localcouch.start_couchdb_cluster(release), None
+    try:
+        rabbit = localrabbit.start_cluster(3)
+        bench = Bench(couch.first)
+        figures = [Figure(f"workers x{count}", "events/s", baseline_name="raw writes/s of the cluster",
+                          note=f"{events} member.added/removed events, {instances} instances, 20 groups; "
+                          f"{count} worker(s), each on its own CouchDB and RabbitMQ node")
+                   for count in (1, 2, 3)]
+        for run in range(runs):
+            for count, figure in zip((1, 2, 3), figures):
+                figure.baseline.append(raw_write_rate(bench, couch, f"r{run}x{count}", instances))
+                figure.couchsync.append(workers_rate(bench, couch, rabbit, f"{bench.tag}s{run}x{count}", count,
+                                                     instances, events))
+        return figures
+    finally:
+        if rabbit is not None:
+            rabbit.stop()
+        couch.stop()
+
+
+def workers_rate(bench: Bench, couch: localcouch.CouchCluster, rabbit: Any, org: str, count: int, instances: int,
+                 events: int) -> float:
+    """Events per second through `count` workers, from the first publish to the last event handled."""
+    domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
+    bench.add_instances(domains, org)
+    bench.deploy(domains)
+    messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org, "id": f"g{g}",
+                                       "name": f"Group {g}", "members": []}) for g in range(20)]
+    messages += [("b2b.group.member.removed" if i % 4 == 3 else "b2b.group.member.added", {
+        "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
+        "id": f"g{i % 20}", "members": [member(org, i % 500)]}) for i in range(events - 20)]
+    urls = list(rabbit.urls)
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(running_worker(bench, org, broker_port=rabbit.nodes[number].amqp_port,
+                                                    COUCHSYNC_COUCH_URL=couch.nodes[number].url,
+                                                    COUCHSYNC_AMQP_URL=",".join(urls[number:] + urls[:number])))[0]
+                 for number in range(count)]
+        exchange = f"{org}.b2b"
+        started = time.perf_counter()
+        publish(exchange, messages, rabbit.nodes[0].amqp_port)
+        wait_for(lambda: sum(localbroker.events_handled(port) for port in ports) >= events, 3600)
+        return events / (time.perf_counter() - started)
+
+
+def raw_write_rate(bench: Bench, couch: localcouch.CouchCluster, name: str, instances: int) -> float:
+    """Documents per second a minimal client writes into the cluster, one per request, into `instances`
+    databases, through its nodes in turn, CONCURRENCY threads per node."""
+    databases = [database_name(f"{bench.tag}-raw{name}-i{n}", CONTACTS) for n in range(instances)]
+    for db in databases:
+        localcouch.ensure_db(couch.first, db)
+    sessions = []
+    for node in couch.nodes:
+        session = requests.Session()
+        session.auth = node.sync
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=CONCURRENCY))
+        sessions.append((session, node.url))
+    writes = 100 * instances
+
+    def write(number: int) -> None:
+        session, url = sessions[number % len(sessions)]
+        db = localcouch.db_path(databases[number % len(databases)])
+        session.post(url + db, json={"_id": f"doc{number}", "n": number}, timeout=60).raise_for_status()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY * len(sessions)) as pool:
+        list(pool.map(write, range(writes)))
+    return writes / (time.perf_counter() - started)
+
+
 @contextmanager
-def running_worker(bench: Bench, org: str, **env: str) -> Iterator[tuple[int, str]]:
-    """A `couchsync worker` on queues and exchanges of the organization's own: its metrics port, its exchange."""
+def running_worker(bench: Bench, org: str, broker_port: int = 5672, **env: str) -> Iterator[tuple[int, str]]:
+    """A `couchsync worker` on queues and exchanges of the organization's own: its metrics port, its exchange.
+    `broker_port`: where its queues are (the machine's RabbitMQ; a cluster's queues go with the cluster)."""
     exchange, prefix = f"{org}.b2b", f"{org}.couchsync."
     port = localcouch.free_port()
     worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)],
@@ -483,14 +573,15 @@ def running_worker(bench: Bench, org: str, **env: str) -> Iterator[tuple[int, st
     finally:
         worker.terminate()
         worker.wait(60)
-        localbroker.remove(prefix, exchange, f"{org}.auth")
+        if broker_port == 5672:
+            localbroker.remove(prefix, exchange, f"{org}.auth")
 
 
-def publish(exchange: str, messages: list[tuple[str, dict[str, Any]]]) -> None:
+def publish(exchange: str, messages: list[tuple[str, dict[str, Any]]], port: int = 5672) -> None:
     """Publish (routing key, body) pairs to the exchange, as the directory does."""
     import pika  # only the worker's cases need the broker
 
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port))
     try:
         channel = connection.channel()
         channel.exchange_declare(exchange, "topic", durable=True)
@@ -526,7 +617,7 @@ def print_table(figures: list[Figure]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss,planning,bigevent,burst")
+    parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss,planning,bigevent,burst,workers")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--scale", type=float, default=1.0, help="size factor (0.1 for a quick look)")
     args = parser.parse_args()
@@ -549,6 +640,7 @@ def main() -> int:
             "planning": lambda: planning(args.runs, tuple(n(size) for size in (1000, 2000, 4000, 8000))),
             "bigevent": lambda: [big_event(bench, args.runs, n(10_000), 3)],
             "burst": lambda: burst(bench, args.runs, n(200), 5, n(100)),
+            "workers": lambda: scale_out(args.runs, n(20), n(1000)),
         }
         for case, measure in measures.items():
             if case in cases:

@@ -153,26 +153,12 @@ def start_couchdb(release: Path, *, data_dir: Path | None = None, port: int | No
     Raises:
         RuntimeError: the release cannot be found or unpacked, or the node did not come up.
     """
-    home = release_home(release)
-    workdir = Path(tempfile.mkdtemp(prefix="couchsync-couchdb-"))
     admin = like.admin if like else ("admin", secrets.token_hex(8))
     sync = like.sync if like else (SYNC_USER, secrets.token_hex(8))
     port = port or (int(urlsplit(like.url).port or 0) if like else None) or free_port()
-    data = data_dir or workdir / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    log = workdir / "couch.log"
-    (workdir / "node.ini").write_text(node_ini(data, port, [admin, sync], log))
     node = like.node if like else f"couchsync-{secrets.token_hex(4)}@127.0.0.1"
-    (workdir / "vm.args").write_text(vm_args(node, secrets.token_hex(16)))
-    inis = [home / "etc" / "default.ini", home / "etc" / "local.ini", workdir / "node.ini"]
-    env = {**os.environ, "COUCHDB_ARGS_FILE": str(workdir / "vm.args"),
-           "COUCHDB_INI_FILES": " ".join(str(path) for path in inis)}
-    with (workdir / "stdout.log").open("wb") as out:
-        process = subprocess.Popen([str(home / "bin" / "couchdb")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    couch = LocalCouch(f"http://127.0.0.1:{port}", admin, sync, COUCHDB, process, workdir, node=node)
+    couch = _start_node(release_home(release), node, secrets.token_hex(16), port, admin, sync, data_dir=data_dir)
     try:
-        wait_until_up(couch.url, process, log, path="/_up")
         # single_node creates the first two; a node of a cluster waits. `_global_changes` is what the
         # `_db_updates` feed is kept in: a cluster's setup makes it, a bare node does not.
         for system_db in ("_users", "_replicator", "_global_changes"):
@@ -182,6 +168,93 @@ def start_couchdb(release: Path, *, data_dir: Path | None = None, port: int | No
         couch.stop()
         raise
     return couch
+
+
+def _start_node(home: Path, node: str, cookie: str, port: int, admin: tuple[str, str], sync: tuple[str, str], *,
+                data_dir: Path | None = None, cluster: list[str] | None = None) -> LocalCouch:
+    """One node, up (`/_up`); `cluster`: the settings its cluster's nodes share (see `start_couchdb_cluster`)."""
+    workdir = Path(tempfile.mkdtemp(prefix="couchsync-couchdb-"))
+    data = data_dir or workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    log = workdir / "couch.log"
+    (workdir / "node.ini").write_text(node_ini(data, port, [admin, sync], log) + "\n".join(cluster or ()) + "\n")
+    (workdir / "vm.args").write_text(vm_args(node, cookie))
+    inis = [home / "etc" / "default.ini", home / "etc" / "local.ini", workdir / "node.ini"]
+    env = {**os.environ, "COUCHDB_ARGS_FILE": str(workdir / "vm.args"),
+           "COUCHDB_INI_FILES": " ".join(str(path) for path in inis)}
+    with (workdir / "stdout.log").open("wb") as out:
+        process = subprocess.Popen([str(home / "bin" / "couchdb")], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    couch = LocalCouch(f"http://127.0.0.1:{port}", admin, sync, COUCHDB, process, workdir, node=node)
+    try:
+        wait_until_up(couch.url, process, log, path="/_up")
+    except BaseException:
+        couch.stop()
+        raise
+    return couch
+
+
+@dataclass
+class CouchCluster:
+    """Nodes of one CouchDB cluster, each its own URL; the same admins on each."""
+
+    nodes: list[LocalCouch]
+
+    @property
+    def first(self) -> LocalCouch:
+        return self.nodes[0]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_couchdb_cluster(release: Path, size: int = 3) -> CouchCluster:
+    """A cluster of `size` Apache CouchDB nodes of `release` on this machine (`q=2, n=3` by default: each
+    node holds a copy of every shard), set up as the release's documentation says: nodes added on the
+    first, then `finish_cluster`.
+
+    Raises:
+        RuntimeError: a node did not come up or the cluster could not be set up (no node is left behind).
+    """
+    home = release_home(release)
+    admin, sync = ("admin", secrets.token_hex(8)), (SYNC_USER, secrets.token_hex(8))
+    tag, cookie = secrets.token_hex(4), secrets.token_hex(16)
+    shared = ["[couchdb]", "single_node = false", f"uuid = {secrets.token_hex(16)}",
+              "[chttpd_auth]", f"secret = {secrets.token_hex(16)}"]
+    cluster = CouchCluster([])
+    try:
+        for number in range(1, size + 1):
+            cluster.nodes.append(_start_node(home, f"couchsync-{tag}-c{number}@127.0.0.1", cookie, free_port(),
+                                             admin, sync, cluster=shared))
+        first = cluster.first
+        for node in cluster.nodes[1:]:
+            _cluster_call(first, "PUT", f"/_node/_local/_nodes/{node.node}", json={})
+        _cluster_call(first, "POST", "/_cluster_setup", json={"action": "finish_cluster"})
+        _wait_for_members(first, size)
+        for node in cluster.nodes:
+            ensure_system_db(node, "_global_changes")
+            node.version = server_version(node)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _cluster_call(node: LocalCouch, method: str, path: str, **kwargs: Any) -> None:
+    response = node.request(method, path, **kwargs)
+    if not response.ok:
+        raise RuntimeError(f"cluster setup: {method} {path} answered {response.status_code}: {response.text[:300]}")
+
+
+def _wait_for_members(node: LocalCouch, size: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        members = node.request("GET", "/_membership").json()
+        if len(members.get("cluster_nodes", ())) == size and len(members.get("all_nodes", ())) == size:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the cluster has not got its {size} nodes after {START_TIMEOUT}s")
 
 
 def node_ini(data: Path, port: int, admins: list[tuple[str, str]], log: Path) -> str:

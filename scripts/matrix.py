@@ -1,9 +1,11 @@
 """The pytest runs of `scripts/test`, one per server, each announced, timed and summed up.
 
 No pytest arguments: the whole suite on Apache CouchDB (the release COUCHSYNC_COUCHDB_RELEASE names, else
-the shared one beside the checkout), then again on PouchDB Server. With arguments: one run, on Apache
-CouchDB when a release is at hand. COUCHSYNC_TEST_SERVER=couchdb or pouchdb keeps one server only;
-COUCHSYNC_TEST_COUCH_URL (a CouchDB with admin credentials) replaces them all: one run, there.
+the shared one beside the checkout), then again on PouchDB Server, then the scale-out tests (marked
+`cluster`) on a three-node CouchDB cluster of that release and a three-node RabbitMQ cluster. With
+arguments: one run, on Apache CouchDB when a release is at hand. COUCHSYNC_TEST_SERVER=couchdb or pouchdb
+keeps one server only (no cluster part); COUCHSYNC_TEST_COUCH_URL (a CouchDB with admin credentials)
+replaces them all: one run there, the cluster tests left out.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Part:
 
     kind: str
     where: str | None = None  # the release, or the external URL
+    selection: tuple[str, ...] = ()  # pytest arguments of the part (which tests)
+    clusters: bool = False  # the part of the cluster tests
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         env = {key: value for key, value in base.items() if key != localcouch.RELEASE_ENV}
@@ -48,7 +52,8 @@ class Part:
             version = localcouch.release_version(Path(self.where))
         else:
             version = localcouch.pouchdb_version()
-        return f"{localcouch.KIND_NAMES[self.kind]} {version}".strip()
+        label = f"{localcouch.KIND_NAMES[self.kind]} {version}".strip()
+        return f"clusters: {label} x3 nodes, RabbitMQ x3 nodes" if self.clusters else label
 
 
 class UsageError(Exception):
@@ -61,8 +66,10 @@ def plan(environ: Mapping[str, str], whole_suite: bool) -> list[Part]:
     Raises:
         UsageError: COUCHSYNC_TEST_SERVER is unknown, or asks for CouchDB with no release at hand.
     """
+    # The whole suite leaves the cluster tests to a part of their own: they start their own clusters.
+    one_server = ("-m", "not cluster") if whole_suite else ()
     if environ.get(localcouch.URL_ENV):
-        return [Part(localcouch.EXTERNAL, environ[localcouch.URL_ENV])]
+        return [Part(localcouch.EXTERNAL, environ[localcouch.URL_ENV], one_server)]
     wanted = environ.get(SERVER_ENV, "")
     if wanted and wanted not in CHOICES:
         raise UsageError(f"{SERVER_ENV} must be one of {', '.join(CHOICES)}, not {wanted!r}")
@@ -70,9 +77,11 @@ def plan(environ: Mapping[str, str], whole_suite: bool) -> list[Part]:
     if wanted == "couchdb" and not release:
         raise UsageError(f"{SERVER_ENV}=couchdb, but no release: set {localcouch.RELEASE_ENV} "
                          f"(none at {localcouch.SHARED_RELEASE} either)")
-    parts = [Part(localcouch.COUCHDB, str(release))] if release and wanted != "pouchdb" else []
+    parts = [Part(localcouch.COUCHDB, str(release), one_server)] if release and wanted != "pouchdb" else []
     if wanted != "couchdb" and (whole_suite or not parts):
-        parts.append(Part(localcouch.POUCHDB))
+        parts.append(Part(localcouch.POUCHDB, selection=one_server))
+    if whole_suite and release and not wanted:
+        parts.append(Part(localcouch.COUCHDB, str(release), ("-m", "cluster"), clusters=True))
     return parts
 
 
@@ -108,7 +117,7 @@ def main(args: list[str]) -> int:
         print(f"\n== {title} ==", flush=True)
         started = time.monotonic()
         try:
-            status, summary = run_pytest(args, part.environ(os.environ))
+            status, summary = run_pytest([*part.selection, *args], part.environ(os.environ))
         except KeyboardInterrupt:
             return 130  # pytest, in our process group, got the interrupt too and has said so
         results.append((title, status, summary, time.monotonic() - started))

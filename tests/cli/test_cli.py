@@ -50,6 +50,12 @@ def test_a_broker_password_on_the_command_line_is_refused_with_exit_78():
     result = run("worker", "--amqp-url", "amqp://couchsync:hunter2@rabbit/", "--metrics-port", "0")
     assert result.exception is not None and result.exception.exit_code == 78
     assert "hunter2" not in str(result.exception)
+    # In any of a cluster's addresses, repeated or comma-separated.
+    for urls in (["--amqp-url", "amqp://r1/", "--amqp-url", "amqp://c:hunter2@r2/"],
+                 ["--amqp-url", "amqp://r1/,amqp://c:hunter2@r2/"]):
+        result = run("worker", *urls, "--metrics-port", "0")
+        assert result.exception is not None and result.exception.exit_code == 78, urls
+        assert "hunter2" not in str(result.exception) + result.output
     result = run("dlq", "list", "--amqp-password", "hunter2")
     assert result.exception.exit_code == 78
 

@@ -24,6 +24,7 @@ from couchsync import config, design_docs
 from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, SETTINGS, database_name
 from couchsync.instances import InstanceDirectory
+from couchsync.settle import Settling
 from couchsync.sync import Synchronizer
 
 
@@ -164,13 +165,14 @@ class World:
         self.gateways.append(gateway)
         return gateway
 
-    def synchronizer(self, concurrency: int = 8, page_size: int = 1000) -> Synchronizer:
+    def synchronizer(self, concurrency: int = 8, page_size: int = 1000,
+                     settling: Settling | None = None) -> Synchronizer:
         gateway = self.gateway(pool_size=concurrency)
         design = design_docs.load()
         directory = InstanceDirectory(gateway, self.global_db, indexes=design.global_indexes, page_size=page_size)
         settings = config.load_sync(global_db=self.global_db, state_db=self.state_db, concurrency=concurrency,
                                     page_size=page_size)
-        return Synchronizer(gateway, directory, design, settings)
+        return Synchronizer(gateway, directory, design, settings, settling=settling)
 
     def cleanup(self) -> None:
         for gateway in self.gateways:
@@ -218,8 +220,9 @@ def rabbitmq():
 class Broker:
     """A test's own exchange and couchsync queue names on the real RabbitMQ, deleted afterwards."""
 
-    parameters: pika.ConnectionParameters
+    parameters: pika.ConnectionParameters  # where the test publishes and looks
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    urls: tuple[str, ...] = (config.DEFAULT_AMQP_URL,)  # what couchsync is given (a cluster's nodes)
 
     @property
     def exchange(self) -> str:
@@ -231,13 +234,14 @@ class Broker:
 
     @property
     def settings(self) -> config.AmqpSettings:
-        return config.load_amqp(config.DEFAULT_AMQP_URL, exchange=self.exchange, auth_exchange=self.auth_exchange,
+        return config.load_amqp(self.urls, exchange=self.exchange, auth_exchange=self.auth_exchange,
                                 queue_prefix=f"t{self.tag}.couchsync.")
 
     def env(self, **overrides: str) -> dict[str, str]:
         """What the CLI needs to use these names."""
-        return {"COUCHSYNC_EXCHANGE": self.exchange, "COUCHSYNC_AUTH_EXCHANGE": self.auth_exchange,
-                "COUCHSYNC_QUEUE_PREFIX": self.settings.queue_prefix, **overrides}
+        return {"COUCHSYNC_AMQP_URL": ",".join(self.urls), "COUCHSYNC_EXCHANGE": self.exchange,
+                "COUCHSYNC_AUTH_EXCHANGE": self.auth_exchange, "COUCHSYNC_QUEUE_PREFIX": self.settings.queue_prefix,
+                **overrides}
 
     def publish(self, messages: list[tuple[str, bytes]]) -> None:
         """Publish (routing key, body) pairs as the directory does: user.created to the auth exchange,

@@ -14,7 +14,8 @@ from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_gr
 from couchsync.errors import UnknownOrganization
 from couchsync.events import parse_event
 from couchsync.instances import InstanceDirectory
-from couchsync.state import group_state_id
+from couchsync.settle import Settling
+from couchsync.state import GroupState, contribution, group_state_id
 
 ENGINEERING = "b2b-group-eff7808d5b54bb721b52529759597c29"  # the spec's id for acme/engineering
 ACME = ["acme.twake.app", "alice.acme.twake.app", "bob.acme.twake.app", "carol.acme.twake.app"]
@@ -430,19 +431,24 @@ def test_each_event_leaves_documents_shaped_as_the_stack_writes_them(acme, sync)
                                       "twakeDirectory": tag("sales")}}
 
 
-def sibling(world, db: str, doc_id: str, **changes) -> None:
+def sibling(world, db: str, doc_id: str, rev_hash: str = "f" * 32, **changes) -> None:
     """A conflicting revision beside the current one (same parent), as a replication from another node of a
-    cluster leaves it: written with new_edits=false, as the sync identity (the protection lets it through)."""
+    cluster leaves it: written with new_edits=false, as the sync identity (the protection lets it through).
+    CouchDB's winner between the two is the greater revision hash: "f…" wins, "0…" loses."""
     path = localcouch.db_path(db)
     current = world.server.request("GET", f"{path}/{doc_id}", params={"revs": "true"}).json()
     ids = current.pop("_revisions")["ids"]
-    revisions = {"start": len(ids), "ids": ["f" * 32, *ids[1:]]}
-    doc = {**current, **changes, "_rev": f"{len(ids)}-{'f' * 32}", "_revisions": revisions}
+    revisions = {"start": len(ids), "ids": [rev_hash, *ids[1:]]}
+    doc = {**current, **changes, "_rev": f"{len(ids)}-{rev_hash}", "_revisions": revisions}
     response = world.server.request("POST", f"{path}/_bulk_docs", json={"docs": [doc], "new_edits": False},
                                     auth=world.server.sync)
     assert response.status_code == 201 and not response.json(), response.text
     conflicts = world.server.request("GET", f"{path}/{doc_id}", params={"conflicts": "true"}).json()
     assert conflicts.get("_conflicts"), "the sibling should leave a conflict"
+
+
+def group_ids(contact) -> set[str]:
+    return {group["_id"] for group in contact["relationships"]["groups"]["data"]}
 
 
 def conflicts_of(world, db: str, doc_id: str) -> list[str]:
@@ -485,6 +491,51 @@ def test_a_conflicted_state_and_a_conflicted_contact_are_joined_and_resolved_by_
     for domain in ACME:
         assert acme.docs(domain, GROUPS)[ENGINEERING]["name"] == "Core"
     assert acme.docs(carol, CONTACTS)[bob]["fullname"] == "Bob Martin"
+
+
+def test_conflicts_a_cluster_leaves_unread_are_found_by_settling_and_merged_with_what_they_lost(acme):
+    # Issue 15: two workers writing through two nodes of a cluster both succeed; the losing leaves are
+    # replicated after either looked, and nothing reads them again once the burst is over.
+    if acme.protected and acme.server.kind == localcouch.POUCHDB:
+        pytest.skip("PouchDB Server drops replicated revisions in validated databases silently (servers.md)")
+    merged: list[int] = []
+    sync = acme.synchronizer(settling=Settling(3600, merged.append))  # read again only when asked for all
+    try:
+        carol, alice = "carol.acme.twake.app", "alice.acme.twake.app"
+        bob = managed_contact_id("acme", "bob@acme.com")
+        sales = managed_group_id("acme", "sales")
+        assert not sync.apply(created("bob")).failures
+        assert not sync.apply(event("b2b.group.created", 31, id="sales", name="Sales", members=[])).failures
+        # Another worker added Bob to Sales at the same moment: its state and its projection into Carol's
+        # instance are losing leaves.
+        bob_to_sales = event("b2b.group.member.added", 32, id="sales", members=[PEOPLE["bob"]])
+        sales_state = group_state_id("acme", "sales")
+        stored = acme.server.request("GET", localcouch.db_path(acme.state_db) + "/" + sales_state).json()
+        joined = GroupState.from_doc(stored).joined(contribution(bob_to_sales)[0])
+        sibling(acme, acme.state_db, sales_state, rev_hash="0" * 32, **joined.to_doc())
+        both = [{"_id": ENGINEERING, "_type": GROUPS}, {"_id": sales, "_type": GROUPS}]
+        sibling(acme, acme.db(carol, CONTACTS), bob, rev_hash="0" * 32, relationships={"groups": {"data": both}})
+        assert sync.settle(everything=True) == 2
+        assert conflicts_of(acme, acme.state_db, sales_state) == [] and conflicts_of(acme, acme.db(carol, CONTACTS),
+                                                                                     bob) == []
+        for domain in ("acme.twake.app", alice, carol):  # the state's repair reaches every instance
+            assert group_ids(acme.docs(domain, CONTACTS)[bob]) == {ENGINEERING, sales}, domain
+        assert sum(merged) == 2
+
+        # An event that reads a conflicted contact keeps the chosen leaf's relationships to the groups it does
+        # not concern: what the other leaf alone held (Bob in Support, projected by another worker) comes back
+        # from the state once the contact is read again.
+        support = managed_group_id("acme", "support")
+        sync.states.merge(contribution(event("b2b.group.created", 33, id="support", name="Support",
+                                             members=[PEOPLE["bob"]])))
+        three = [*both, {"_id": support, "_type": GROUPS}]
+        sibling(acme, acme.db(alice, CONTACTS), bob, rev_hash="0" * 32, relationships={"groups": {"data": three}})
+        assert not sync.apply(event("b2b.group.member.added", 34, members=[PEOPLE["bob"]])).failures
+        assert conflicts_of(acme, acme.db(alice, CONTACTS), bob) == []
+        sync.settle(everything=True)
+        assert group_ids(acme.docs(alice, CONTACTS)[bob]) == {ENGINEERING, sales, support}
+    finally:
+        sync.close()
 
 
 def test_a_directory_the_stack_wrote_is_taken_over_and_the_next_events_apply_on_top(acme, sync):

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 import localcouch
+from couchsync import config
 from couchsync.amqp import ROUTING_KEY
 from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_group_id
 from couchsync.events import parse_event
@@ -451,4 +452,15 @@ def test_a_routing_key_header_from_a_publisher_is_not_trusted_and_unknown_keys_s
     assert metrics['couchsync_events_total{outcome="dead_lettered",routing_key="other"}'] == 30
     assert metrics['couchsync_events_total{outcome="dead_lettered",routing_key="b2b.group.created"}'] == 1
     assert not [name for name in metrics if "b2b.group.k" in name]
+    assert worker.stop() == 0
+
+
+def test_a_broker_address_that_does_not_answer_is_passed_over_for_the_next(world, broker, start_worker):
+    # Issue 15: a cluster's nodes in one setting; the first one down (nothing listens on its port).
+    seed(world)
+    closed = f"amqp://127.0.0.1:{localcouch.free_port()}/%2F"
+    worker = start_worker(world, COUCHSYNC_AMQP_URL=f"{closed},{config.DEFAULT_AMQP_URL}")
+    broker.publish(group_messages(0)[:1])
+    wait_until(lambda: worker.count("applied") == 1 and drained(broker, worker), 60, "the event is applied")
+    assert f"at {config.DEFAULT_AMQP_URL}" in worker.log.read_text()
     assert worker.stop() == 0

@@ -96,6 +96,22 @@ def test_another_amqp_user_needs_a_password_and_a_url_must_be_amqp():
         "amqps://rabbit:5671/prod"
 
 
+def test_a_clusters_nodes_are_given_as_several_urls_or_comma_separated_and_kept_in_order_once():
+    settings = config.load_amqp(["amqp://r1:5672/%2F, amqp://r2:5672/%2F", "amqp://r3/%2F", "amqp://r1:5672/%2F"])
+    assert settings.urls == ("amqp://r1:5672/%2F", "amqp://r2:5672/%2F", "amqp://r3/%2F")
+    assert settings.url == "amqp://r1:5672/%2F"
+    # The first URL's credentials, if any, serve every node; none is kept in the addresses.
+    with_user = config.load_amqp("amqp://sync:pw@r1,amqp://r2", username="")
+    assert (with_user.username, with_user.password.value) == ("sync", "pw")
+    assert with_user.urls == ("amqp://r1", "amqp://r2")
+    with pytest.raises(ConfigError, match="must be amqp"):
+        config.load_amqp("amqp://r1,http://r2")
+    with pytest.raises(ConfigError, match="no AMQP URL"):
+        config.load_amqp(" , ")
+    with pytest.raises(ConfigError, match="at most 32"):
+        config.load_amqp([f"amqp://r{n}" for n in range(33)])
+
+
 def test_malformed_count_headers_are_ignored_not_fatal():
     assert deliver({ATTEMPT: "abc", "x-delivery-count": -3}).attempt == 1
     assert deliver({ATTEMPT: True, "x-delivery-count": "7"}).attempt == 1

@@ -64,6 +64,16 @@ def test_a_connection_error_becomes_couch_unavailable(couch):
 
 
 @responses.activate
+def test_an_answer_cut_short_is_passing_like_a_connection_error(couch):
+    # Seen on a loaded CouchDB cluster: the node closed the connection mid-body. Dead-lettered as a lasting
+    # failure before, it is retried now.
+    responses.post(f"{DB_PATH}/_bulk_docs", body=requests.exceptions.ChunkedEncodingError("connection broken"))
+    with pytest.raises(CouchUnavailable) as caught:
+        couch.bulk_write(DB, [{"_id": "c1"}])
+    assert caught.value.retryable
+
+
+@responses.activate
 def test_401_becomes_access_denied_and_is_not_retried(couch):
     responses.post(f"{DB_PATH}/_bulk_docs", status=401,
                    json={"error": "unauthorized", "reason": "Name or password is incorrect."})

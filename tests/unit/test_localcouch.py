@@ -87,15 +87,21 @@ def test_a_node_keeps_its_data_port_and_admins_in_its_own_files(tmp_path):
     assert args.splitlines()[:2] == ["-name n1@127.0.0.1", "-setcookie cookie"]
 
 
-def test_the_whole_suite_runs_on_couchdb_then_on_pouchdb(shared_release):
+ONE_SERVER, CLUSTERS = ("-m", "not cluster"), ("-m", "cluster")
+
+
+def test_the_whole_suite_runs_on_couchdb_then_on_pouchdb_then_on_the_clusters(shared_release):
     parts = matrix.plan({}, whole_suite=True)
-    assert parts == [matrix.Part("couchdb", str(shared_release)), matrix.Part("pouchdb-server")]
+    assert parts == [matrix.Part("couchdb", str(shared_release), ONE_SERVER),
+                     matrix.Part("pouchdb-server", selection=ONE_SERVER),
+                     matrix.Part("couchdb", str(shared_release), CLUSTERS, clusters=True)]
+    assert parts[2].label().startswith("clusters: Apache CouchDB 3.4.3 x3 nodes, RabbitMQ x3 nodes")
     assert parts[0].environ({"PATH": "/bin"}) == {"PATH": "/bin", "COUCHSYNC_COUCHDB_RELEASE": str(shared_release)}
     assert parts[1].environ({"COUCHSYNC_COUCHDB_RELEASE": RELEASE}) == {}
 
 
 def test_without_a_release_the_suite_runs_on_pouchdb_alone(no_shared_release):
-    assert matrix.plan({}, whole_suite=True) == [matrix.Part("pouchdb-server")]
+    assert matrix.plan({}, whole_suite=True) == [matrix.Part("pouchdb-server", selection=ONE_SERVER)]
     with pytest.raises(matrix.UsageError, match="no release"):
         matrix.plan({"COUCHSYNC_TEST_SERVER": "couchdb"}, whole_suite=True)
 
@@ -104,14 +110,14 @@ def test_chosen_tests_run_on_one_server(shared_release):
     assert matrix.plan({}, whole_suite=False) == [matrix.Part("couchdb", str(shared_release))]
     assert matrix.plan({"COUCHSYNC_TEST_SERVER": "pouchdb"}, whole_suite=False) == [matrix.Part("pouchdb-server")]
     assert matrix.plan({"COUCHSYNC_TEST_SERVER": "couchdb"}, whole_suite=True) == [
-        matrix.Part("couchdb", str(shared_release))]
+        matrix.Part("couchdb", str(shared_release), ONE_SERVER)]
     with pytest.raises(matrix.UsageError, match="must be one of"):
         matrix.plan({"COUCHSYNC_TEST_SERVER": "mysql"}, whole_suite=False)
 
 
 def test_a_couchdb_of_ones_own_replaces_the_others(shared_release):
     parts = matrix.plan({"COUCHSYNC_TEST_COUCH_URL": "http://admin:secret@db.example:6984"}, whole_suite=True)
-    assert parts == [matrix.Part("external", "http://admin:secret@db.example:6984")]
+    assert parts == [matrix.Part("external", "http://admin:secret@db.example:6984", ONE_SERVER)]
     assert parts[0].label() == "the CouchDB at http://db.example:6984"  # no password in the label
 
 

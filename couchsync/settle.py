@@ -1,0 +1,169 @@
+"""Settling: what a worker wrote is read again, with its conflicts, once a CouchDB cluster has settled.
+
+A cluster accepts two updates of one revision made at the same moment through two nodes: each node
+answers 201, and learns of the other's update only when its internal replication runs (milliseconds;
+seconds under load). Neither writer sees a 409 or a conflict. A state document left so holds one
+writer's contribution as its winner, the other's as a losing leaf, and an instance's document holds
+one projection among two. Whoever reads them next merges them (every read asks for the conflicts), but
+after the last events of a burst nobody may read them again.
+
+So every document couchsync writes is read once more, `delay` seconds later, with its conflicts
+(`Settling.written`, then `Synchronizer.settle`): a conflicted state is joined and projected again
+into every instance of its organization, a conflicted managed document is projected again from the
+state in its instance (`Repair`). Those writes are read again in turn. Of two writers that collided,
+the later one's check comes after both writes are replicated, so a collision is seen as long as
+replication takes less than `delay`. A single CouchDB node never accepts both updates: there the check
+finds nothing, and `--settle-delay 0` turns it off.
+
+`repairs_of` is pure; `Settling` only keeps the list of what to read again, thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from couchsync.documents import CONTACTS, GROUPS, Doc, managed_tag
+from couchsync.instances import Instance
+from couchsync.state import GroupState, PersonState, state_from_doc
+
+STATE = "state"  # the doctype of a key naming the state database (its instance is None)
+
+# Where documents were written: an instance and its doctype, or (None, STATE).
+Where = tuple[Instance | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """What to project again after a conflict: groups (external ids) and people (lower-case emails) of one
+    organization, in one instance (`domain`) or in all of them (None: the state itself was conflicted)."""
+
+    organization_id: str
+    groups: frozenset[str] = frozenset()
+    emails: frozenset[str] = frozenset()
+    domain: str | None = None
+
+
+def repairs_of(where: Where, conflicted: Iterable[Sequence[Doc]]) -> list[Repair]:
+    """The repairs the conflicted documents of one place call for (each given as its live leaves).
+
+    A state document names its group or person; a managed group or contact names them in its tag.
+    Anything else (a document couchsync does not manage) is not couchsync's to merge.
+    """
+    instance, doctype = where
+    repairs: list[Repair] = []
+    for leaves in conflicted:
+        if instance is None:
+            repairs += [_state_repair(state) for state in map(state_from_doc, leaves) if state is not None][:1]
+            continue
+        tag = next((managed_tag(leaf) for leaf in leaves if managed_tag(leaf).get("organizationId")), None)
+        if tag is None:
+            continue
+        organization_id = str(tag["organizationId"])
+        if doctype == GROUPS and tag.get("externalId"):
+            repairs.append(Repair(organization_id, groups=frozenset([str(tag["externalId"])]),
+                                  domain=instance.domain))
+        elif doctype == CONTACTS and tag.get("email"):
+            repairs.append(Repair(organization_id, emails=frozenset([str(tag["email"]).strip().lower()]),
+                                  domain=instance.domain))
+    return joined_repairs(repairs)
+
+
+def unsettled(leaves: dict[str, list[Doc]], written: dict[str, bool]) -> list[list[Doc]]:
+    """The documents read again that a cluster left conflicted: several live leaves, or live where this
+    worker deleted it (a concurrent update's branch won over the deletion, which `_conflicts` never shows)."""
+    return [found for doc_id, found in leaves.items() if len(found) > 1 or (written.get(doc_id) and found)]
+
+
+def _state_repair(state: GroupState | PersonState) -> Repair:
+    if isinstance(state, GroupState):
+        return Repair(state.organization_id, groups=frozenset([state.external_id]))
+    return Repair(state.organization_id, emails=frozenset([state.email]))
+
+
+def joined_repairs(repairs: Iterable[Repair]) -> list[Repair]:
+    """One repair per organization and place, in a stable order."""
+    joined: dict[tuple[str, str | None], Repair] = {}
+    for repair in repairs:
+        key = (repair.organization_id, repair.domain)
+        known = joined.get(key)
+        joined[key] = repair if known is None else Repair(
+            repair.organization_id, known.groups | repair.groups, known.emails | repair.emails, repair.domain)
+    return [joined[key] for key in sorted(joined, key=lambda key: (key[0], key[1] or ""))]
+
+
+class Settling:
+    """The documents written and not yet read again; `delay` seconds (0: none are kept).
+
+    `on_merged(n)`: n losing revisions were deleted by a merge (the worker counts them).
+    """
+
+    def __init__(self, delay: float, on_merged: Callable[[int], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.delay = delay
+        self._on_merged = on_merged
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Document id → when it was last written, and whether that write deleted it.
+        self._pending: dict[Where, dict[str, tuple[float, bool]]] = {}
+        self._repairs: list[Repair] = []
+
+    def written(self, instance: Instance | None, doctype: str, doc_ids: Iterable[str],
+                deleted: Iterable[str] = ()) -> None:
+        """Documents were written in an instance's database of `doctype` (None, STATE: the state's);
+        `deleted`: ids it deleted (a losing leaf's deletion is not one: its winner is written)."""
+        if self.delay <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.setdefault((instance, doctype), {})
+            for doc_id in doc_ids:
+                pending[doc_id] = (now, False)
+            for doc_id in deleted:
+                pending[doc_id] = (now, True)
+
+    def merged(self, count: int) -> None:
+        """`count` losing revisions were deleted by a merge."""
+        if count and self._on_merged is not None:
+            self._on_merged(count)
+
+    def contact_merged(self, instance: Instance, contact: Doc) -> None:
+        """A conflicted managed contact was written over its chosen leaf, the others deleted: a projection
+        of some groups (an event's) leaves the relationships the deleted leaves held to other groups as the
+        chosen leaf had them, so the contact is projected again from every group's state."""
+        tag = managed_tag(contact)
+        if self.delay > 0 and tag.get("organizationId") and tag.get("email"):
+            with self._lock:
+                self._repairs.append(Repair(str(tag["organizationId"]),
+                                            emails=frozenset([str(tag["email"]).strip().lower()]),
+                                            domain=instance.domain))
+
+    def repairs(self) -> list[Repair]:
+        """The repairs `contact_merged` asked for, taken off the list."""
+        with self._lock:
+            taken, self._repairs = self._repairs, []
+        return taken
+
+    def due(self, *, everything: bool = False) -> dict[Where, dict[str, bool]]:
+        """The documents written `delay` seconds ago or more (`everything`: all), taken off the list: by
+        place, each id with whether it was deleted."""
+        cutoff = float("inf") if everything else self._clock() - self.delay
+        taken: dict[Where, dict[str, bool]] = {}
+        with self._lock:
+            for where, pending in list(self._pending.items()):
+                ready = {doc_id: deleted for doc_id, (when, deleted) in sorted(pending.items()) if when <= cutoff}
+                for doc_id in ready:
+                    del pending[doc_id]
+                if ready:
+                    taken[where] = ready
+                if not pending:
+                    del self._pending[where]
+        return taken
+
+    def waiting(self) -> float:
+        """Seconds until everything written so far is due (0 when nothing is waiting)."""
+        with self._lock:
+            newest = max((when for pending in self._pending.values() for when, _ in pending.values()), default=None)
+        return 0.0 if newest is None else max(0.0, newest + self.delay - self._clock())

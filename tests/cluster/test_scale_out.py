@@ -1,0 +1,196 @@
+"""Scale-out: three `couchsync worker`s on the same quorum queues, each on its own node of a three-node CouchDB
+cluster and of a three-node RabbitMQ cluster, one killed, the broker node of another stopped, and the
+directory they leave compared with the one an in-order, one-by-one run of the same events leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+
+import pika
+import pytest
+
+import localcouch
+from couchsync.documents import CONTACTS, GROUPS
+
+from tests.integration.conftest import Broker, World
+from tests.integration.test_worker import (
+    Message, Worker, apply_in_process, dead_letters, directory, drained, malformed_messages, seed, wait_until)
+
+pytestmark = pytest.mark.cluster
+
+DOMAINS = ["acme.twake.app", "alice.acme.twake.app", "bob.acme.twake.app", "carol.acme.twake.app",
+           "dan.acme.twake.app"]
+OWNERS = [{"email": f"{name}@acme.com", "firstName": name.title(), "workplaceFqdn": f"{name}.acme.twake.app"}
+          for name in ("alice", "bob", "carol", "dan")]
+PEOPLE = OWNERS + [{"email": f"p{i:02d}@acme.com", "firstName": f"Person {i}"} for i in range(21)]
+GROUPS_COUNT = 8
+VALID = 950
+START = datetime(2026, 6, 16, 9, 0, tzinfo=timezone.utc)
+
+
+def scale_out_events() -> list[Message]:
+    """950 events in order, each with its own timestamp: 8 groups created, then people added and removed."""
+    rng = random.Random(15)
+
+    def stamp(second: int) -> str:
+        return (START + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    messages = [("b2b.group.created", {"timestamp": stamp(g), "organizationId": "acme", "id": f"g{g}",
+                                       "name": f"Group {g}", "members": []}) for g in range(GROUPS_COUNT)]
+    for second in range(GROUPS_COUNT, VALID):
+        kind = rng.choice(["member.added", "member.added", "member.added", "member.removed", "member.removed"])
+        messages.append((f"b2b.group.{kind}", {"timestamp": stamp(second), "organizationId": "acme",
+                                               "id": f"g{rng.randrange(GROUPS_COUNT)}",
+                                               "members": rng.sample(PEOPLE, rng.randrange(1, 4))}))
+    return [(key, json.dumps(body).encode()) for key, body in messages]
+
+
+def with_malformed(valid: list[Message]) -> list[Message]:
+    """The stream with the fifty malformed messages spread through it."""
+    stream = list(valid)
+    for position, (message, _) in enumerate(malformed_messages()):
+        stream.insert(position * (len(valid) // 50) + 7, message)
+    return stream
+
+
+@pytest.fixture(scope="module")
+def in_order(couch_server):
+    """The directory an in-order, one-by-one, in-process run of the events leaves (on one node)."""
+    world = World(couch_server)
+    try:
+        seed(world, DOMAINS)
+        apply_in_process(world, scale_out_events())
+        return directory(world, DOMAINS)
+    finally:
+        world.cleanup()
+
+
+@pytest.fixture
+def cluster_world(couch_cluster):
+    world = World(couch_cluster.first)
+    yield world
+    world.cleanup()
+
+
+@pytest.fixture
+def cluster_broker(rabbit_cluster):
+    # The test publishes and looks through the third node, which stays up; couchsync gets all three.
+    node = rabbit_cluster.nodes[2]
+    parameters = pika.ConnectionParameters("127.0.0.1", node.amqp_port,
+                                           credentials=pika.PlainCredentials("guest", "guest"))
+    broker = Broker(parameters, urls=tuple(rabbit_cluster.urls))
+    yield broker
+    broker.cleanup()
+
+
+def conflicted(world: World, couch: localcouch.LocalCouch) -> list[str]:
+    """Documents of the instances and of the state that have conflicts (read through one node)."""
+    found = []
+    databases = [world.db(domain, doctype) for domain in DOMAINS for doctype in (GROUPS, CONTACTS)]
+    for db in [*databases, world.state_db]:
+        response = couch.request("GET", localcouch.db_path(db) + "/_all_docs",
+                                 params={"include_docs": "true", "conflicts": "true"})
+        if response.status_code == 404:
+            continue
+        response.raise_for_status()
+        found += [f"{db}/{row['id']}" for row in response.json()["rows"] if row["doc"].get("_conflicts")]
+    return found
+
+
+@pytest.fixture
+def running():
+    """The workers a test starts; any still running at its end is killed (a failed test leaves none)."""
+    workers: list[Worker] = []
+    yield workers
+    for worker in workers:
+        if worker.process and worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
+
+
+def run_three_workers(world: World, broker: Broker, couch_cluster, rabbit_cluster, tmp_path,
+                      stream: list[Message], running: list[Worker]) -> list[Worker]:
+    """Three workers through the stream: the first SIGKILLed at 1/3 and restarted, the broker node of the
+    second stopped at 2/3 and started again; the running workers once the queues are drained."""
+    seed(world, DOMAINS)
+    urls = rabbit_cluster.urls
+
+    def start(number: int, name: str) -> Worker:
+        # Each worker on its own CouchDB node, and its own RabbitMQ node first (the others after it).
+        worker = Worker(world, broker, tmp_path / f"{name}.log",
+                        COUCHSYNC_COUCH_URL=couch_cluster.nodes[number].url,
+                        COUCHSYNC_AMQP_URL=",".join(urls[number:] + urls[:number]))
+        running.append(worker)
+        return worker.start()
+
+    workers = [start(number, f"worker-{number}") for number in range(3)]
+    gone = 0.0  # what the killed worker had handled
+
+    def handled() -> float:
+        return gone + sum(worker.count("applied") + worker.count("dead_lettered") for worker in workers)
+    broker.publish(stream)
+    wait_until(lambda: handled() >= len(stream) / 3, 600, "a third of the messages are handled")
+    gone = workers[0].count("applied") + workers[0].count("dead_lettered")
+    workers[0].stop(signal.SIGKILL)
+    workers[0] = start(0, "worker-0-again")
+    wait_until(lambda: handled() >= 2 * len(stream) / 3, 600, "two thirds of the messages are handled")
+    rabbit_cluster.stop_node(1)
+    time.sleep(5)
+    rabbit_cluster.start_node(1)
+    wait_until(lambda: drained(broker, *workers), 900, "every message is applied or dead-lettered")
+    return workers
+
+
+def differences(found: dict, expected: dict) -> list[str]:
+    """Where two directories differ, document by document (what a failure shows)."""
+    lines = []
+    for domain in sorted(expected.keys() | found.keys()):
+        for doctype in sorted(expected.get(domain, {}).keys() | found.get(domain, {}).keys()):
+            mine, theirs = found.get(domain, {}).get(doctype, {}), expected.get(domain, {}).get(doctype, {})
+            for doc_id in sorted(mine.keys() | theirs.keys()):
+                if mine.get(doc_id) != theirs.get(doc_id):
+                    lines.append(f"{domain} {doc_id}: {mine.get(doc_id)} != in order {theirs.get(doc_id)}")
+    return lines
+
+
+def assert_converged(world: World, broker: Broker, couch_cluster, workers: list[Worker], in_order) -> None:
+    # What the cluster's concurrent writers left conflicted is read again and merged (--settle-delay 5 s).
+    wait_until(lambda: not conflicted(world, couch_cluster.first), 120, "no document has conflicts")
+    assert differences(directory(world, DOMAINS), in_order) == []
+    for node in couch_cluster.nodes:  # every node serves the same directory
+        assert not conflicted(world, node)
+    letters = dead_letters(world, broker)
+    expected = sorted(reason for _, reason in malformed_messages())
+    found = sorted(next(reason for reason in set(expected) if reason in letter["reason"]) for letter in letters)
+    assert found == expected
+    merged = sum(worker.metrics().get("couchsync_conflicts_merged_total", 0.0) for worker in workers)
+    print(f"conflicts merged by the running workers: {merged:g}")
+    for worker in workers:
+        assert worker.stop() == 0
+
+
+@pytest.mark.slow
+def test_three_workers_on_two_clusters_through_a_kill_and_a_broker_node_stop_leave_the_in_order_directory(
+        couch_cluster, rabbit_cluster, cluster_world, cluster_broker, tmp_path, in_order, running):
+    stream = with_malformed(scale_out_events())
+    assert len(stream) == 1000
+    workers = run_three_workers(cluster_world, cluster_broker, couch_cluster, rabbit_cluster, tmp_path, stream,
+                                running)
+    assert_converged(cluster_world, cluster_broker, couch_cluster, workers, in_order)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed_number", [1, 2, 3])
+def test_shuffled_delivery_with_duplicates_through_three_workers_leaves_the_in_order_directory(
+        couch_cluster, rabbit_cluster, cluster_world, cluster_broker, tmp_path, in_order, running, seed_number):
+    valid = scale_out_events()
+    rng = random.Random(seed_number)
+    delivered = valid + rng.sample(valid, 50)
+    rng.shuffle(delivered)
+    workers = run_three_workers(cluster_world, cluster_broker, couch_cluster, rabbit_cluster, tmp_path,
+                                with_malformed(delivered), running)
+    assert_converged(cluster_world, cluster_broker, couch_cluster, workers, in_order)
