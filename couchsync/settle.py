@@ -56,7 +56,9 @@ def repairs_of(where: Where, conflicted: Iterable[Sequence[Doc]]) -> list[Repair
     repairs: list[Repair] = []
     for leaves in conflicted:
         if instance is None:
-            repairs += [_state_repair(state) for state in map(state_from_doc, leaves) if state is not None][:1]
+            state = next((state for state in map(state_from_doc, leaves) if state is not None), None)
+            if state is not None:
+                repairs.append(_state_repair(state))
             continue
         tag = next((managed_tag(leaf) for leaf in leaves if managed_tag(leaf).get("organizationId")), None)
         if tag is None:

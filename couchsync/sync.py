@@ -307,6 +307,8 @@ class Synchronizer:
         """
         repairs = self.settling.repairs()
         found = 0
+        # One place after the other, on the caller's thread: after a burst the checks trail it by a few
+        # seconds rather than compete with the events for CouchDB.
         for (instance, doctype), written in self.settling.due(everything=everything).items():
             db = self.states.db if instance is None else instance.database(doctype)
             try:
