@@ -117,10 +117,8 @@ def _refuse_typed_secrets(ctx: click.Context, password: str, url: str, envvar: s
     Any credentials in a typed URL are refused, percent-encoded ones (`u%3Apw@`) included.
     """
     typed = ctx.get_parameter_source(password) is ParameterSource.COMMANDLINE
-    urls = ctx.params[url]
     if typed or (ctx.get_parameter_source(url) is ParameterSource.COMMANDLINE
-                 and any(config.has_userinfo(part) for value in ([urls] if isinstance(urls, str) else urls)
-                         for part in value.split(","))):
+                 and any(config.has_userinfo(part) for part in config.split_urls(ctx.params[url]))):
         raise ConfigError(f"a password on the command line would show in the process list: "
                           f"use {envvar} or {file_option}")
 

@@ -172,6 +172,12 @@ class WorkerSettings:
     watchdog_seconds: float | None = None  # from $WATCHDOG_USEC
 
 
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """The addresses in one URL, several, or comma-separated ones (a cluster's nodes), blanks left out."""
+    return [part.strip() for url in ([urls] if isinstance(urls, str) else urls)
+            for part in url.split(",") if part.strip()]
+
+
 def load_amqp(urls: str | Sequence[str], *, username: str = DEFAULT_AMQP_USER, password: str | None = None,
               password_file: str | None = None, **tuning: Any) -> AmqpSettings:
     """AmqpSettings from URLs without credentials (one, several, or comma-separated: a cluster's nodes)
@@ -180,8 +186,7 @@ def load_amqp(urls: str | Sequence[str], *, username: str = DEFAULT_AMQP_USER, p
     Raises:
         ConfigError: not amqp(s) URLs, too many, no password for a user other than guest, numbers out of range.
     """
-    addresses = [part.strip() for url in ([urls] if isinstance(urls, str) else urls)
-                 for part in url.split(",") if part.strip()]
+    addresses = split_urls(urls)
     if not addresses:
         raise ConfigError("no AMQP URL")
     if len(addresses) > MAX_AMQP_URLS:
