@@ -10,10 +10,11 @@ after the last events of a burst nobody may read them again.
 So every document couchsync writes is read once more, `delay` seconds later, with its conflicts
 (`Settling.written`, then `Synchronizer.settle`): a conflicted state is joined and projected again
 into every instance of its organization, a conflicted managed document is projected again from the
-state in its instance (`Repair`). Those writes are read again in turn. Of two writers that collided,
-the later one's check comes after both writes are replicated, so a collision is seen as long as
-replication takes less than `delay`. A single CouchDB node never accepts both updates: there the check
-finds nothing, and `--settle-delay 0` turns it off.
+state in its instance (`Repair`). A conflicted state that the next event's read joins first is
+repaired alike (`Settling.state_joined`): the check would find it resolved. Those writes are read
+again in turn. Of two writers that collided, the later one's check comes after both writes are
+replicated, so a collision is seen as long as replication takes less than `delay`. A single CouchDB
+node never accepts both updates: there the check finds nothing, and `--settle-delay 0` turns it off.
 
 `repairs_of` is pure; `Settling` only keeps the list of what to read again, thread-safe.
 """
@@ -142,8 +143,17 @@ class Settling:
                                             emails=frozenset([str(tag["email"]).strip().lower()]),
                                             domain=instance.domain))
 
+    def state_joined(self, state: GroupState | PersonState) -> None:
+        """A read found a state conflicted and wrote the join of its leaves: the projections of the losing
+        leaves may have landed last in some instances, and the event that read it projects only its own
+        part, while the settling check of the earlier writes finds the state resolved already. So the whole
+        state is projected again into every instance of its organization."""
+        if self.delay > 0:
+            with self._lock:
+                self._repairs.append(_state_repair(state))
+
     def repairs(self) -> list[Repair]:
-        """The repairs `contact_merged` asked for, taken off the list."""
+        """The repairs `contact_merged` and `state_joined` asked for, taken off the list."""
         with self._lock:
             taken, self._repairs = self._repairs, []
         return taken

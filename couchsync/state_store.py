@@ -4,7 +4,9 @@ One document per group and per person (ids from `couchsync.state`), all live. Wh
 reads every leaf: a cluster accepts concurrent updates through different nodes, so a 409 is no
 serialization guarantee. The leaves are joined (the join is commutative), and the join is written over
 the winner while the other leaves are deleted, in the same `_bulk_docs`. A merge is that same loop
-with the new contribution joined in: a 409 means read, join, write again.
+with the new contribution joined in: a 409 means read, join, write again. A join written over
+several leaves is projected again whole, later (`Settling.state_joined`): each leaf's writer projected
+only its own.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class StateStore:
             leaves = self._couch.leaves(self.db, list(pending))
             docs: list[Doc] = []
             joined: dict[str, State] = {}
+            conflicted: set[str] = set()
             for state_id, contribution in pending.items():
                 current = leaves.get(state_id, [])
                 known = join_states(state for state in map(state_from_doc, current) if state is not None)
@@ -80,6 +83,8 @@ class StateStore:
                     continue
                 joined[state_id] = new
                 doc: Doc = {"_id": state_id, **new.to_doc()}
+                if len(current) > 1:
+                    conflicted.add(state_id)
                 if current:
                     doc["_rev"] = current[0]["_rev"]
                     doc["_conflicts"] = [leaf["_rev"] for leaf in current[1:]]
@@ -97,6 +102,8 @@ class StateStore:
                                      doc_id=doc["_id"])
                 else:
                     done[doc["_id"]] = Stored(joined[doc["_id"]], result.rev)
+                    if doc["_id"] in conflicted:
+                        self._settling.state_joined(joined[doc["_id"]])
             self._settling.written(None, STATE, [doc["_id"] for doc, result in zip(docs, results)
                                                  if result.ok and not doc.get("_deleted")])
             if not retry:

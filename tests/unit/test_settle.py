@@ -41,6 +41,7 @@ def test_everything_is_due_at_once_when_asked_and_nothing_is_kept_without_a_dela
     off = Settling(0)
     off.written(CAROL, GROUPS, ["g"])
     off.contact_merged(CAROL, {"_id": "c", "twakeDirectory": {"organizationId": "acme", "email": "Bob@acme.com"}})
+    off.state_joined(GroupState("acme", "sales"))
     assert off.due(everything=True) == {} and off.repairs() == []
 
 
@@ -54,6 +55,15 @@ def test_a_merged_contact_asks_for_its_person_to_be_projected_again_in_its_insta
     settling.contact_merged(CAROL, {"_id": "d", "fullname": "not managed"})
     assert merged == [2]
     assert settling.repairs() == [Repair("acme", emails=frozenset({"bob@acme.com"}), domain=CAROL.domain)]
+    assert settling.repairs() == []
+
+
+def test_a_state_joined_by_a_read_asks_for_a_whole_projection_everywhere():
+    settling = Settling(5)
+    settling.state_joined(GroupState("acme", "sales"))
+    settling.state_joined(PersonState("acme", "bob@acme.com"))
+    assert settling.repairs() == [Repair("acme", groups=frozenset({"sales"})),
+                                  Repair("acme", emails=frozenset({"bob@acme.com"}))]
     assert settling.repairs() == []
 
 
