@@ -358,6 +358,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
     sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc))
+    metrics.settling_pending.set_function(sync.settling.pending)
     guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
                             concurrency=obj.sync.concurrency, sweep_interval=protection_sweep)
     consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),

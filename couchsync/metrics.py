@@ -49,6 +49,9 @@ class Metrics:
             "joined into the winner (a CouchDB cluster accepts concurrent updates through different nodes).",
             registry=self.registry)
         self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
+        self.settling_pending = Gauge(
+            "couchsync_settling_pending", "Written documents not yet read again for conflicts, repairs not yet "
+            "made and checks running (0: all this worker wrote is known settled).", registry=self.registry)
         self.instance_records_rejected = Counter(
             "couchsync_instance_records_rejected", "Records of the global instances database skipped as invalid "
             "or sharing databases with another (each counted once per process).", ["problem"],

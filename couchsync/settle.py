@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from couchsync.documents import CONTACTS, GROUPS, Doc, managed_tag
@@ -111,7 +112,8 @@ class Settling:
         self._lock = threading.Lock()
         # Document id → when it was last written, and whether that write deleted it.
         self._pending: dict[Where, dict[str, tuple[float, bool]]] = {}
-        self._repairs: list[Repair] = []
+        self._repairs: list[tuple[float, Repair]] = []  # when due, what
+        self._rounds = 0  # checks taken off the lists and still running (`checking`)
 
     def written(self, instance: Instance | None, doctype: str, doc_ids: Iterable[str],
                 deleted: Iterable[str] = ()) -> None:
@@ -137,25 +139,34 @@ class Settling:
         of some groups (an event's) leaves the relationships the deleted leaves held to other groups as the
         chosen leaf had them, so the contact is projected again from every group's state."""
         tag = managed_tag(contact)
-        if self.delay > 0 and tag.get("organizationId") and tag.get("email"):
-            with self._lock:
-                self._repairs.append(Repair(str(tag["organizationId"]),
-                                            emails=frozenset([str(tag["email"]).strip().lower()]),
-                                            domain=instance.domain))
+        if tag.get("organizationId") and tag.get("email"):
+            self._ask(Repair(str(tag["organizationId"]), emails=frozenset([str(tag["email"]).strip().lower()]),
+                             domain=instance.domain))
 
     def state_joined(self, state: GroupState | PersonState) -> None:
         """A read found a state conflicted and wrote the join of its leaves: the projections of the losing
         leaves may have landed last in some instances, and the event that read it projects only its own
         part, while the settling check of the earlier writes finds the state resolved already. So the whole
         state is projected again into every instance of its organization."""
+        self._ask(_state_repair(state))
+
+    def failed(self, repair: Repair) -> None:
+        """A repair failed (its writes kept conflicting with others'): made again once `delay` has passed,
+        not only when the next event or reconcile happens to touch the same documents."""
+        self._ask(repair, self._clock() + self.delay)
+
+    def _ask(self, repair: Repair, due: float = float("-inf")) -> None:
         if self.delay > 0:
             with self._lock:
-                self._repairs.append(_state_repair(state))
+                self._repairs.append((due, repair))
 
-    def repairs(self) -> list[Repair]:
-        """The repairs `contact_merged` and `state_joined` asked for, taken off the list."""
+    def repairs(self, *, everything: bool = False) -> list[Repair]:
+        """The repairs `contact_merged`, `state_joined` and `failed` asked for that are due (`everything`:
+        all), taken off the list."""
+        now = float("inf") if everything else self._clock()
         with self._lock:
-            taken, self._repairs = self._repairs, []
+            taken = [repair for due, repair in self._repairs if due <= now]
+            self._repairs = [(due, repair) for due, repair in self._repairs if due > now]
         return taken
 
     def due(self, *, everything: bool = False) -> dict[Where, dict[str, bool]]:
@@ -173,6 +184,23 @@ class Settling:
                 if not pending:
                     del self._pending[where]
         return taken
+
+    @contextmanager
+    def checking(self) -> Iterator[None]:
+        """Around a check of what `due` and `repairs` gave: it counts as `pending` until it ends."""
+        with self._lock:
+            self._rounds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._rounds -= 1
+
+    def pending(self) -> int:
+        """Documents to read again, repairs to make and checks running: 0 once all this worker wrote is
+        known settled (what `couchsync_settling_pending` shows)."""
+        with self._lock:
+            return sum(map(len, self._pending.values())) + len(self._repairs) + self._rounds
 
     def waiting(self) -> float:
         """Seconds until everything written so far is due (0 when nothing is waiting)."""

@@ -22,7 +22,8 @@ from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs, ensure
 from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc
-from couchsync.errors import CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization
+from couchsync.errors import (
+    CouchError, CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization)
 from couchsync.events import Event, GroupEvent, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
@@ -303,9 +304,14 @@ class Synchronizer:
         """Read again what was written `settling.delay` seconds ago (`everything`: all that waits), and
         repair what a cluster left conflicted (see `couchsync.settle`); the conflicted documents found.
 
-        A place that cannot be read, or a repair that fails, is read again at the next call.
+        A place that cannot be read is read again at the next call; a repair that fails for a passing
+        reason is made again `delay` seconds later.
         """
-        repairs = self.settling.repairs()
+        with self.settling.checking():
+            return self._settle(everything)
+
+    def _settle(self, everything: bool) -> int:
+        repairs = self.settling.repairs(everything=everything)
         found = 0
         # One place after the other, on the caller's thread: after a burst the checks trail it by a few
         # seconds rather than compete with the events for CouchDB.
@@ -324,9 +330,13 @@ class Synchronizer:
             try:
                 report = self.repair(repair)
                 report.raise_for_failures()
+            except (CouchError, InstancesUnavailable) as exc:  # passing: conflicts with other writers, a node down
+                logger.warning("repair of %s after a conflict failed (made again in %gs): %s",
+                               repair.organization_id, self.settling.delay, exc)
+                self.settling.failed(repair)
             except CouchsyncError as exc:
-                logger.warning("repair of %s after a conflict failed (tried again at the next event or "
-                               "reconcile): %s", repair.organization_id, exc)
+                logger.warning("repair of %s after a conflict failed (left to reconcile): %s",
+                               repair.organization_id, exc)
             else:
                 logger.info("conflict merged: %s, %d writes in %d instances", repair, report.writes,
                             len(report.instances))

@@ -11,10 +11,10 @@ import pytest
 
 from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_group_id
-from couchsync.errors import UnknownOrganization
+from couchsync.errors import InstancesUnavailable, UnknownOrganization
 from couchsync.events import parse_event
 from couchsync.instances import InstanceDirectory
-from couchsync.settle import Settling
+from couchsync.settle import Repair, Settling
 from couchsync.state import GroupState, contribution, group_state_id
 
 ENGINEERING = "b2b-group-eff7808d5b54bb721b52529759597c29"  # the spec's id for acme/engineering
@@ -560,6 +560,35 @@ def test_a_conflicted_state_the_next_event_joins_is_projected_whole_once_settled
         sync.settle(everything=True)
         for domain in ("acme.twake.app", "alice.acme.twake.app", "carol.acme.twake.app"):
             assert group_ids(acme.docs(domain, CONTACTS)[bob]) == {ENGINEERING, sales}, domain
+    finally:
+        sync.close()
+
+
+def test_a_repair_that_fails_for_a_passing_reason_is_made_again_a_delay_later(acme, monkeypatch):
+    # After the last event of a burst nothing else would touch those documents again before reconcile.
+    sync = acme.synchronizer(settling=Settling(3600))
+    try:
+        assert not sync.apply(event("b2b.group.created", 31, id="sales", name="Sales", members=[])).failures
+        sync.settle(everything=True)
+        made: list[Repair] = []
+        repair = sync.repair
+
+        def flaky(asked: Repair):
+            made.append(asked)
+            if len(made) == 1:
+                raise InstancesUnavailable("failed in 1 of 3 instances: still conflicting after 5 attempts")
+            return repair(asked)
+        monkeypatch.setattr(sync, "repair", flaky)
+        sync.settling.state_joined(GroupState("acme", "sales"))
+        sync.settle()
+        assert made == [Repair("acme", groups=frozenset({"sales"}))] and sync.settling.pending() == 1
+        sync.settle()  # not due yet
+        assert len(made) == 1
+        sync.settle(everything=True)
+        assert made == [Repair("acme", groups=frozenset({"sales"}))] * 2 and sync.settling.pending() == 0
+        sync.settling.state_joined(GroupState("ghost", "sales"))  # no instance: nothing to make again
+        sync.settle()
+        assert sync.settling.pending() == 0
     finally:
         sync.close()
 

@@ -217,6 +217,7 @@ def test_a_thousand_events_with_five_percent_malformed_lose_nothing_and_apply_on
     assert worker.count("applied") == 950 and worker.count("dead_lettered") == 50
     assert worker.metrics()["couchsync_in_flight"] == 0
     assert worker.metrics()['couchsync_fanout_seconds_count{routing_key="b2b.group.member.added"}'] == 925
+    wait_until(lambda: worker.metrics()["couchsync_settling_pending"] == 0, 60, "what it wrote is read again")
     assert worker.stop() == 0
 
 

@@ -42,6 +42,7 @@ def test_everything_is_due_at_once_when_asked_and_nothing_is_kept_without_a_dela
     off.written(CAROL, GROUPS, ["g"])
     off.contact_merged(CAROL, {"_id": "c", "twakeDirectory": {"organizationId": "acme", "email": "Bob@acme.com"}})
     off.state_joined(GroupState("acme", "sales"))
+    off.failed(Repair("acme", groups=frozenset({"sales"})))
     assert off.due(everything=True) == {} and off.repairs() == []
 
 
@@ -65,6 +66,30 @@ def test_a_state_joined_by_a_read_asks_for_a_whole_projection_everywhere():
     assert settling.repairs() == [Repair("acme", groups=frozenset({"sales"})),
                                   Repair("acme", emails=frozenset({"bob@acme.com"}))]
     assert settling.repairs() == []
+
+
+def test_a_failed_repair_is_made_again_once_the_delay_has_passed():
+    clock = Clock()
+    settling = Settling(5, clock=clock)
+    sales = Repair("acme", groups=frozenset({"sales"}))
+    settling.failed(sales)
+    assert settling.repairs() == [] and settling.pending() == 1
+    clock.now += 5
+    assert settling.repairs() == [sales] and settling.pending() == 0
+    settling.failed(sales)
+    assert settling.repairs(everything=True) == [sales]
+
+
+def test_pending_counts_what_waits_and_the_checks_running_until_they_end():
+    settling = Settling(5)
+    settling.written(CAROL, CONTACTS, ["a", "b"])
+    settling.state_joined(GroupState("acme", "sales"))
+    assert settling.pending() == 3
+    with settling.checking():
+        settling.due(everything=True)
+        settling.repairs()
+        assert settling.pending() == 1
+    assert settling.pending() == 0
 
 
 def test_unsettled_documents_have_several_leaves_or_live_where_they_were_deleted():
