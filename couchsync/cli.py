@@ -412,6 +412,9 @@ def _settle_last(sync: Synchronizer, timeout: float) -> None:
         sync.settle(everything=True)
     except CouchsyncError as exc:
         logger.warning("reading the last writes again failed: %s", exc)
+    if sync.settling.pending():
+        logger.warning("%d checks or repairs failed at shutdown: left to the next event or reconcile",
+                       sync.settling.pending())
 
 
 @cli.group()
