@@ -2,9 +2,9 @@
 
 One document per group and per person (ids from `couchsync.state`), all live. Whoever reads one
 reads every leaf: a cluster accepts concurrent updates through different nodes, so a 409 is no
-serialization guarantee. The leaves are joined (the join is commutative), and the join is written over
-the winner while the other leaves are deleted, in the same `_bulk_docs`. A merge is that same loop
-with the new contribution joined in: a 409 means read, join, write again. A join written over
+serialization guarantee. The leaves are joined (the join is commutative), the join is written over
+the winner, and once it is written the other leaves are deleted. A merge is that same loop with the
+new contribution joined in: a 409 means read, join, write again. A join written over
 several leaves is projected again whole, later (`Settling.state_joined`): each leaf's writer projected
 only its own.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from couchsync.couch import CouchGateway
-from couchsync.documents import Doc, losing_deletions
+from couchsync.documents import CONFLICTS, Doc, losing_deletions
 from couchsync.errors import CouchError, DocumentConflict
 from couchsync.settle import STATE, Settling
 from couchsync.state import (
@@ -69,9 +69,7 @@ class StateStore:
         done: dict[str, Stored[State]] = {}
         for _ in range(self._max_attempts):
             leaves = self._couch.leaves(self.db, list(pending))
-            docs: list[Doc] = []
-            joined: dict[str, State] = {}
-            conflicted: set[str] = set()
+            joins: dict[str, tuple[State, list[Doc]]] = {}  # state id → the join, the leaves it replaces
             for state_id, contribution in pending.items():
                 current = leaves.get(state_id, [])
                 known = join_states(state for state in map(state_from_doc, current) if state is not None)
@@ -80,36 +78,46 @@ class StateStore:
                     continue
                 if len(current) == 1 and new == known:
                     done[state_id] = Stored(new, current[0]["_rev"])
-                    continue
-                joined[state_id] = new
-                doc: Doc = {"_id": state_id, **new.to_doc()}
-                if len(current) > 1:
-                    conflicted.add(state_id)
-                if current:
-                    doc["_rev"] = current[0]["_rev"]
-                    doc["_conflicts"] = [leaf["_rev"] for leaf in current[1:]]
-                docs += [{k: v for k, v in doc.items() if k != "_conflicts"}, *losing_deletions(doc)]
-            results = self._couch.bulk_write(self.db, docs)
-            self._settling.merged(sum(1 for doc, result in zip(docs, results) if doc.get("_deleted") and result.ok))
-            retry: dict[str, State | None] = {}
-            for doc, result in zip(docs, results):
-                if doc.get("_deleted"):
-                    continue  # a losing leaf someone else already deleted is as good
-                if result.conflict:
-                    retry[doc["_id"]] = pending[doc["_id"]]
-                elif not result.ok or result.rev is None:
-                    raise CouchError(f"state not written: {result.error}: {result.reason}", db=self.db,
-                                     doc_id=doc["_id"])
                 else:
-                    done[doc["_id"]] = Stored(joined[doc["_id"]], result.rev)
-                    if doc["_id"] in conflicted:
-                        self._settling.state_joined(joined[doc["_id"]])
-            self._settling.written(None, STATE, [doc["_id"] for doc, result in zip(docs, results)
-                                                 if result.ok and not doc.get("_deleted")])
-            if not retry:
+                    joins[state_id] = (new, current)
+            conflicting = self._write(joins, done)
+            if not conflicting:
                 return done
-            pending = retry
+            pending = {state_id: pending[state_id] for state_id in conflicting}
         raise DocumentConflict(f"directory state still conflicting after {self._max_attempts} attempts", db=self.db)
+
+    def _write(self, joins: dict[str, tuple[State, list[Doc]]], done: dict[str, Stored[State]]) -> list[str]:
+        """Write each join over its winning leaf (into `done`), then delete the other leaves of those
+        written; the ids whose write conflicted.
+
+        Raises:
+            CouchError: the database refused a write for another reason than a conflict.
+        """
+        if not joins:
+            return []
+        docs = [{"_id": state_id, **new.to_doc(), **({"_rev": current[0]["_rev"]} if current else {})}
+                for state_id, (new, current) in joins.items()]
+        conflicting, written = [], []
+        for doc, result in zip(docs, self._couch.bulk_write(self.db, docs)):
+            if result.conflict:
+                conflicting.append(doc["_id"])
+            elif not result.ok or result.rev is None:
+                raise CouchError(f"state not written: {result.error}: {result.reason}", db=self.db, doc_id=doc["_id"])
+            else:
+                done[doc["_id"]] = Stored(joins[doc["_id"]][0], result.rev)
+                written.append(doc["_id"])
+        self._settling.written(None, STATE, written)
+        # Only once the join that holds them is written: deleted beside a join that then conflicted, what a
+        # losing leaf alone held (another worker's acknowledged event) would be lost.
+        losers = [deletion for state_id in written for deletion in losing_deletions(
+            {"_id": state_id, CONFLICTS: [leaf["_rev"] for leaf in joins[state_id][1][1:]]})]
+        if losers:
+            # A losing leaf someone deleted or extended meanwhile stays for the next reader to join.
+            self._settling.merged(sum(1 for result in self._couch.bulk_write(self.db, losers) if result.ok))
+        for state_id in written:
+            if len(joins[state_id][1]) > 1:
+                self._settling.state_joined(joins[state_id][0])
+        return conflicting
 
     def groups(self, organization_id: str) -> Iterator[Stored[GroupState]]:
         """Every group state of the organization, page by page."""

@@ -67,8 +67,8 @@ class PlanWriter:
         requests = 0
         for attempt in range(1, self._max_attempts + 1):
             plan = first if attempt == 1 and first is not None else planner(attempt)
-            results = self.write(instance, plan)
-            requests += sum(1 for _ in itertools.groupby(plan.writes[:len(results)], key=_doctype))  # as `write`
+            results, made = self.write(instance, plan)
+            requests += made
             written = [write for write, result in zip(plan.writes, results) if result.ok]
             self._settling.merged(sum(1 for write in written if write.merge))
             done += written
@@ -86,25 +86,40 @@ class PlanWriter:
             time.sleep(random.uniform(0, REPLAN_PAUSE * 2 ** attempt))
         raise DocumentConflict(f"still conflicting after {self._max_attempts} attempts", db=instance.prefix)
 
-    def write(self, instance: Instance, plan: Plan) -> list[WriteResult]:
-        """One bulk write per database, in the plan's order; a conflict stops the rest (re-planned)."""
+    def write(self, instance: Instance, plan: Plan) -> tuple[list[WriteResult], int]:
+        """One bulk write per database in the plan's order, the losing leaves of a document deleted in a
+        second one once its chosen leaf is written; a conflict stops the rest (re-planned). The results in
+        the plan's order, and the requests made."""
         results: list[WriteResult] = []
+        requests = 0
         for doctype, group in itertools.groupby(plan.writes, key=_doctype):
             writes = list(group)
-            written = self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
-            # Read again once a cluster has settled (see `couchsync.settle`).
-            ok = [write for write, result in zip(writes, written) if result.ok and not write.merge]
-            self._settling.written(instance, doctype, [w.doc["_id"] for w in ok if not w.doc.get("_deleted")],
-                                   [w.doc["_id"] for w in ok if w.doc.get("_deleted")])
+            outcome = dict(zip((id(write) for write in writes if not write.merge),
+                               self._bulk(instance, doctype, [write for write in writes if not write.merge])))
+            chosen = {write.doc["_id"]: write for write in writes if not write.merge}
+            # Deleted beside a write that then conflicted, what a losing leaf alone held would be lost.
+            losers = [write for write in writes if write.merge and (
+                write.doc["_id"] not in chosen or outcome[id(chosen[write.doc["_id"]])].ok)]
+            outcome.update(zip(map(id, losers), self._bulk(instance, doctype, losers)))
+            requests += bool(chosen) + bool(losers)
             if doctype == CONTACTS:
-                merged = {write.doc["_id"] for write, result in zip(writes, written) if result.ok and write.merge}
-                for write in ok:
-                    if write.doc["_id"] in merged:
-                        self._settling.contact_merged(instance, write.doc)
-            results += written
+                for doc_id in {write.doc["_id"] for write in losers if outcome[id(write)].ok} & chosen.keys():
+                    self._settling.contact_merged(instance, chosen[doc_id].doc)
+            for write in writes:  # a loser not deleted shares its chosen leaf's error
+                results.append(outcome.get(id(write)) or outcome[id(chosen[write.doc["_id"]])])
             if any(result.conflict for result in results):
                 break
-        return results
+        return results, requests
+
+    def _bulk(self, instance: Instance, doctype: str, writes: list[Write]) -> list[WriteResult]:
+        if not writes:
+            return []
+        written = self._couch.bulk_write(instance.database(doctype), [write.doc for write in writes])
+        # Read again once a cluster has settled (see `couchsync.settle`).
+        ok = [write for write, result in zip(writes, written) if result.ok and not write.merge]
+        self._settling.written(instance, doctype, [w.doc["_id"] for w in ok if not w.doc.get("_deleted")],
+                               [w.doc["_id"] for w in ok if w.doc.get("_deleted")])
+        return written
 
 
 def _doctype(write: Write) -> str:
