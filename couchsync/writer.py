@@ -1,9 +1,10 @@
 """PlanWriter: brings one instance to a plan, planning again from a fresh read after a conflict.
 
 Every use case (an event, a bootstrap page, a reconcile repair) is read → project → write. The writer
-owns the write half and the loop: one `_bulk_docs` per database in the plan's order, and on a 409 (or
-when the state a plan was projected from moved under its writes, see `Plan.basis`) a new plan from a
-new read of the state and of the instance.
+owns the write half and the loop: one `_bulk_docs` per database in the plan's order (a second one deletes
+the losing leaves of the conflicted documents the first wrote), and on a 409 (or when the state a plan
+was projected from moved under its writes, see `Plan.basis`) a new plan from a new read of the state
+and of the instance.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class PlanWriter:
                 # Nothing written changes nothing: a stale projection is only harmful once written.
                 if not any(result.ok for result in results) or not self._states.moved(plan.basis):
                     refusals = [refusal.reason for refusal in plan.refusals]
-                    refusals += [f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
-                                 if not r.ok and r.error == "forbidden"]
+                    # Once per document: a losing leaf left undeleted repeats its document's refusal.
+                    refusals += dict.fromkeys(f"CouchDB refused {r.doc_id}: {r.reason}" for r in results
+                                              if not r.ok and r.error == "forbidden")
                     return Written(tuple(done), tuple(refusals), attempt, requests)
             logger.debug("conflict in %s (or the state moved), planning again", instance.domain)
             # Writers of the same documents re-plan at once and collide again: spread them out, wider each
