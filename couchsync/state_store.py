@@ -4,9 +4,8 @@ One document per group and per person (ids from `couchsync.state`), all live. Wh
 reads every leaf: a cluster accepts concurrent updates through different nodes, so a 409 is no
 serialization guarantee. The leaves are joined (the join is commutative), the join is written over
 the winner, and once it is written the other leaves are deleted. A merge is that same loop with the
-new contribution joined in: a 409 means read, join, write again. A join written over
-several leaves is projected again whole, later (`Settling.state_joined`): each leaf's writer projected
-only its own.
+new contribution joined in: a 409 means read, join, write again. A join written over several leaves
+is projected again whole, later (`Settling.state_joined`): each leaf's writer projected only its own.
 """
 
 from __future__ import annotations
