@@ -21,6 +21,9 @@ def shared_release(monkeypatch, tmp_path):
     tarball = tmp_path / "apache-couchdb-3.4.3.tar.gz"
     tarball.write_bytes(b"")
     monkeypatch.setattr(localcouch, "SHARED_RELEASE", tarball)
+    # As if unpacked already, whatever the checkout's own cache holds.
+    monkeypatch.setattr(localcouch, "UNPACKED", tmp_path / "unpacked")
+    fake_release(tmp_path / "unpacked" / "apache-couchdb-3.4.3")
     return tarball
 
 
