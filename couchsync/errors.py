@@ -4,7 +4,7 @@
     ├── ConfigError             bad or missing setting                      exit 78 (EX_CONFIG)
     ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
     ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
-    ├── AmbiguousOrganization   several instances could be the organization's own     dead-lettered
+    ├── AmbiguousOrganization   several organization instances, or organizations of a domain  dead-lettered
     ├── UnknownInstance         no usable instance has the domain named     retryable (it may appear)
     ├── InstancesFailed         an event failed in some instances for lasting reasons     dead-lettered
     │   └── InstancesUnavailable    ... for passing reasons only                         retryable
@@ -52,17 +52,19 @@ class UnknownOrganization(CouchsyncError):
 
 
 class AmbiguousOrganization(CouchsyncError):
-    """Several instances of an organization could be its own (first domain label = organization id).
+    """The global database names several records where one is meant: several instances could be an
+    organization's own (first domain label = organization id), or several organizations claim the custom
+    domain a user.created names.
 
-    Not retryable: picking one would take a stranger's instance as the organization's reference; the
-    global database must be mended first. The message names the candidates.
+    Not retryable: picking one would take a stranger's instance as the organization's reference, or give
+    a new member a stranger's directory; the global database must be mended first. The message names the
+    candidates.
     """
 
     exit_code = 65
 
-    def __init__(self, org_id: str, candidates: list[str]) -> None:
-        super().__init__(f"organization {org_id!r} has several organization instances: {', '.join(candidates)}")
-        self.org_id = org_id
+    def __init__(self, what: str, candidates: list[str]) -> None:
+        super().__init__(f"{what}: {', '.join(candidates)}")
         self.candidates = candidates
 
 

@@ -69,7 +69,8 @@ def organization_instance(instances: Iterable[Instance]) -> Instance | None:
     """
     candidates = [instance for instance in instances if instance.is_organization_instance]
     if len(candidates) > 1:
-        raise AmbiguousOrganization(candidates[0].org_id, sorted(instance.domain for instance in candidates))
+        raise AmbiguousOrganization(f"organization {candidates[0].org_id!r} has several organization instances",
+                                    sorted(instance.domain for instance in candidates))
     return candidates[0] if candidates else None
 
 
@@ -229,11 +230,16 @@ class InstanceDirectory:
         return instances
 
     def organization_of_domain(self, org_domain: str) -> str | None:
-        """The organization id that has this custom domain, if any instance says so."""
-        for instance in self._find({"org_domain": org_domain.strip().lower()}):
-            if instance.org_id:
-                return instance.org_id
-        return None
+        """The organization id that has this custom domain, if any instance says so.
+
+        Raises:
+            AmbiguousOrganization: instances of several organizations say so.
+        """
+        found = sorted({instance.org_id for instance in self._find({"org_domain": org_domain.strip().lower()})
+                        if instance.org_id})
+        if len(found) > 1:
+            raise AmbiguousOrganization(f"the domain {org_domain!r} is claimed by several organizations", found)
+        return found[0] if found else None
 
     def settings(self, instance: Instance) -> dict[str, Any] | None:
         """The instance's settings document (its owner's `email`, `public_name`, `phone`), if any."""

@@ -11,7 +11,7 @@ import pytest
 import directory
 from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of
-from couchsync.errors import CouchUnavailable, UnknownOrganization
+from couchsync.errors import AmbiguousOrganization, CouchUnavailable, UnknownOrganization
 from couchsync.events import parse_event
 
 from tests.integration.conftest import World
@@ -126,6 +126,14 @@ def test_user_created_gives_the_new_instance_the_directory_and_everyone_the_new_
 def test_user_created_for_an_unknown_organization_is_a_clear_error(acme, fields):
     with acme.synchronizer() as sync, pytest.raises(UnknownOrganization, match="ghost"):
         sync.apply(parse_event("user.created", user_created(**fields)))
+
+
+def test_user_created_by_a_domain_two_organizations_claim_copies_nothing(acme):
+    acme.add_instance("stranger.twake.app", "evil", email="eve@evil.com", org_domain="acme.com")
+    fields = {"organizationId": None, "organizationDomain": "acme.com"}
+    with acme.synchronizer() as sync, pytest.raises(AmbiguousOrganization, match="acme, evil"):
+        sync.apply(parse_event("user.created", user_created(**fields)))
+    assert acme.docs(NEW, CONTACTS) == {} and acme.docs(NEW, GROUPS) == {}
 
 
 class CrashingGateway(CouchGateway):
