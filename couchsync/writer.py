@@ -89,29 +89,35 @@ class PlanWriter:
         raise DocumentConflict(f"still conflicting after {self._max_attempts} attempts", db=instance.prefix)
 
     def write(self, instance: Instance, plan: Plan) -> tuple[list[WriteResult], int]:
-        """One bulk write per database in the plan's order, the losing leaves of a document deleted in a
-        second one once its chosen leaf is written; a conflict stops the rest (re-planned). The results in
-        the plan's order, and the requests made."""
+        """The plan's writes database by database in its order; a conflict stops the rest (re-planned).
+        The results in the plan's order, and the `_bulk_docs` requests made."""
         results: list[WriteResult] = []
         requests = 0
         for doctype, group in itertools.groupby(plan.writes, key=_doctype):
-            writes = list(group)
-            outcome = dict(zip((id(write) for write in writes if not write.merge),
-                               self._bulk(instance, doctype, [write for write in writes if not write.merge])))
-            chosen = {write.doc["_id"]: write for write in writes if not write.merge}
-            # Deleted beside a write that then conflicted, what a losing leaf alone held would be lost.
-            losers = [write for write in writes if write.merge and (
-                write.doc["_id"] not in chosen or outcome[id(chosen[write.doc["_id"]])].ok)]
-            outcome.update(zip(map(id, losers), self._bulk(instance, doctype, losers)))
-            requests += bool(chosen) + bool(losers)
-            if doctype == CONTACTS:
-                for doc_id in {write.doc["_id"] for write in losers if outcome[id(write)].ok} & chosen.keys():
-                    self._settling.contact_merged(instance, chosen[doc_id].doc)
-            for write in writes:  # a loser not deleted shares its chosen leaf's error
-                results.append(outcome.get(id(write)) or outcome[id(chosen[write.doc["_id"]])])
-            if any(result.conflict for result in results):
+            written, made = self._write_database(instance, doctype, list(group))
+            results += written
+            requests += made
+            if any(result.conflict for result in written):
                 break
         return results, requests
+
+    def _write_database(self, instance: Instance, doctype: str,
+                        writes: list[Write]) -> tuple[list[WriteResult], int]:
+        """The chosen leaves in one `_bulk_docs`, then in a second the losing leaves of the documents
+        whose chosen leaf was written (or that have none: a deletion); the results in order, the requests."""
+        firsts = [i for i, write in enumerate(writes) if not write.merge]
+        outcome = dict(zip(firsts, self._bulk(instance, doctype, [writes[i] for i in firsts])))
+        chosen = {writes[i].doc["_id"]: i for i in firsts}
+        # Deleted beside a write that then conflicted, what a losing leaf alone held would be lost.
+        losers = [i for i, write in enumerate(writes) if write.merge and (
+            write.doc["_id"] not in chosen or outcome[chosen[write.doc["_id"]]].ok)]
+        outcome.update(zip(losers, self._bulk(instance, doctype, [writes[i] for i in losers])))
+        if doctype == CONTACTS:
+            for doc_id in {writes[i].doc["_id"] for i in losers if outcome[i].ok} & chosen.keys():
+                self._settling.contact_merged(instance, writes[chosen[doc_id]].doc)
+        # A losing leaf left undeleted shares its chosen leaf's result.
+        results = [outcome.get(i) or outcome[chosen[write.doc["_id"]]] for i, write in enumerate(writes)]
+        return results, bool(firsts) + bool(losers)
 
     def _bulk(self, instance: Instance, doctype: str, writes: list[Write]) -> list[WriteResult]:
         if not writes:
