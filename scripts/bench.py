@@ -58,6 +58,7 @@ import requests
 import directory
 import localbroker
 import localcouch
+import localports
 from couchsync import config, design_docs
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW
@@ -564,7 +565,7 @@ def running_worker(bench: Bench, org: str, broker_port: int = 5672, **env: str) 
     """A `couchsync worker` on queues and exchanges of the organization's own: its metrics port, its exchange.
     `broker_port`: where its queues are (the machine's RabbitMQ; a cluster's queues go with the cluster)."""
     exchange, prefix = f"{org}.b2b", f"{org}.couchsync."
-    port = localcouch.free_port()
+    port = localports.free_port()
     worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)],
                               env={**bench.cli_env(), "COUCHSYNC_EXCHANGE": exchange,
                                    "COUCHSYNC_AUTH_EXCHANGE": f"{org}.auth", "COUCHSYNC_QUEUE_PREFIX": prefix, **env},

@@ -22,6 +22,7 @@ from typing import Any
 
 import localbroker
 import localcouch
+import localports
 import pika
 import pika.exceptions
 import requests
@@ -132,7 +133,7 @@ def scripted_events() -> list[tuple[str, bytes]]:
 
 def run_worker(env: dict[str, str], events: list[tuple[str, bytes]]) -> int:
     """Start the worker, publish the events, wait until it handled them all, stop it with SIGTERM."""
-    port = localcouch.free_port()
+    port = localports.free_port()
     worker = couchsync(env, "--log-level", "INFO", "worker", "--metrics-port", str(port))
     try:
         deadline = time.monotonic() + 60

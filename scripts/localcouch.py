@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
+
+from localports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / ".couchserver" / "node_modules" / "pouchdb-server" / "bin" / "pouchdb-server"
@@ -82,12 +83,6 @@ class LocalCouch:
                 self.process.wait()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes] | None, log: Path | None,

@@ -33,6 +33,8 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
+import localports
+
 # The Debian package's scripts: /usr/sbin/rabbitmq-server would cd to /var/lib/rabbitmq and switch users.
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT = 90.0  # a node's boot, measured at ~10-15 s on two busy cores
@@ -181,7 +183,7 @@ def start_cluster(size: int = 3) -> RabbitCluster:
     workdir = Path(tempfile.mkdtemp(prefix="couchsync-rabbit-"))
     cluster = RabbitCluster([], workdir)
     try:
-        ports = free_ports(1 + 2 * size)
+        ports = localports.free_ports(1 + 2 * size, exclude=CTL_DIST_PORTS)
         cluster.epmd_port = ports.pop()
         prepare_workdir(workdir)
         cluster.epmd = start_epmd(workdir, cluster.epmd_port)
@@ -203,24 +205,6 @@ def start_cluster(size: int = 3) -> RabbitCluster:
         cluster.stop()
         raise
     return cluster
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports of 127.0.0.1 (held together while chosen, so they differ)."""
-    sockets: list[socket.socket] = []
-    try:
-        ports: list[int] = []
-        while len(ports) < count:
-            sock = socket.socket()
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-            if port not in CTL_DIST_PORTS:
-                ports.append(port)
-        return ports
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def prepare_workdir(workdir: Path) -> None:

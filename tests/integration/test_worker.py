@@ -21,6 +21,7 @@ import pytest
 import requests
 
 import localcouch
+import localports
 from couchsync import config
 from couchsync.amqp import ROUTING_KEY
 from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_group_id
@@ -89,7 +90,7 @@ class Worker:
     """One `couchsync worker` process, its log, its metrics endpoint."""
 
     def __init__(self, world: World, broker: Broker, log: Path, **env: str) -> None:
-        self.port = localcouch.free_port()
+        self.port = localports.free_port()
         self.log = log
         self.env = world.cli_env(**broker.env(**env))
         self.process: subprocess.Popen[bytes] | None = None
@@ -459,7 +460,7 @@ def test_a_routing_key_header_from_a_publisher_is_not_trusted_and_unknown_keys_s
 def test_a_broker_address_that_does_not_answer_is_passed_over_for_the_next(world, broker, start_worker):
     # Issue 15: a cluster's nodes in one setting; the first one down (nothing listens on its port).
     seed(world)
-    closed = f"amqp://127.0.0.1:{localcouch.free_port()}/%2F"
+    closed = f"amqp://127.0.0.1:{localports.free_port()}/%2F"
     worker = start_worker(world, COUCHSYNC_AMQP_URL=f"{closed},{config.DEFAULT_AMQP_URL}")
     broker.publish(group_messages(0)[:1])
     wait_until(lambda: worker.count("applied") == 1 and drained(broker, worker), 60, "the event is applied")
