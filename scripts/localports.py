@@ -2,9 +2,9 @@
 
 The ports come from outside the kernel's ephemeral range. Binding port 0 would hand out one from inside
 it, and a server takes seconds to bind the port it is given: meanwhile any outgoing connection of the
-suite can get that port as its local end, and the server then dies with `eaddrinuse` (seen in CI, when
-a CouchDB node started while a worker was reconnecting). The kernel never picks a port outside the range
-for an outgoing connection, so only another server started by hand could take it.
+suite can get that port as its local end, and the server then dies with `eaddrinuse` (seen in CI: a
+CouchDB node lost its port while it booted). The kernel never picks a port outside the range for an
+outgoing connection; the random order keeps two servers started at once from drawing the same one.
 """
 from __future__ import annotations
 
