@@ -47,7 +47,7 @@ class Context:
 
     couch: config.CouchSettings
     sync: config.SyncSettings
-    design_source: Path
+    design_source: Path | None  # None: the sources shipped in the package
     on_rejected: Callable[[str], None] | None = None  # a skipped instance record (the worker counts them)
     identity: config.SyncIdentity | None = None  # given, a bootstrap installs the protection before it copies
 
@@ -89,15 +89,15 @@ class Context:
 @click.option("--concurrency", envvar="COUCHSYNC_CONCURRENCY", type=int, default=config.DEFAULT_CONCURRENCY,
               show_default=True, help="Instances written at once.")
 @click.option("--design-docs", "design_source", envvar="COUCHSYNC_DESIGN_DOCS",
-              type=click.Path(file_okay=False, path_type=Path), default=design_docs.DEFAULT_SOURCE,
-              show_default=True, help="Folder of the design document sources.")
+              type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of design document sources to use instead of the packaged ones.")
 @click.option("--log-level", envvar="COUCHSYNC_LOG_LEVEL", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", envvar="COUCHSYNC_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="json: one JSON object per line (journald, log pipelines).")
 @click.pass_context
 def cli(ctx: click.Context, couch_url: str, couch_user: str, couch_password_file: str | None,
-        couch_password: str | None, global_db: str, state_db: str, concurrency: int, design_source: Path,
+        couch_password: str | None, global_db: str, state_db: str, concurrency: int, design_source: Path | None,
         log_level: str, log_format: str) -> None:
     """Keep an organization's directory in every instance of the organization."""
     logs.setup(log_level, log_format)
@@ -349,6 +349,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     Exits 78 on a configuration error (wrong credentials, queues declared with other arguments).
     """
     obj: Context = ctx.obj
+    logger.info("couchsync %s, design documents from the %s", __version__, design_docs.describe(obj.design_source))
     obj.sync = config.with_future_skew(obj.sync, max_future_skew)
     obj.identity = _identity(obj, sync_names, sync_roles)
     settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000)

@@ -1,8 +1,10 @@
 """Design documents couchsync installs, built from the files in `design_docs/`, and their deployment.
 
-The folder is found once, by `load(source)`: the CLI passes `--design-docs` (environment
-`COUCHSYNC_DESIGN_DOCS`), which defaults to the `design_docs/` folder of the checkout couchsync runs
-from. It holds:
+The sources are package data: the repository's top-level `design_docs/` ships in the wheel as the
+package `couchsync.design_sources` (setup.cfg), read through `importlib.resources`, so an installed
+couchsync needs no checkout. `load(source)` reads them once; `--design-docs` (environment
+`COUCHSYNC_DESIGN_DOCS`) names another folder instead, an override for trying a changed protection.
+They are:
 
     contacts-lookup.map.js        the `couchsync/lookup` view of every io.cozy.contacts database
     protection.validate.js        the validate_doc_update of every contacts and groups database
@@ -14,10 +16,13 @@ Deployment compares before it writes, so an unchanged design document gets no ne
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,10 @@ from couchsync.errors import ConfigError, CouchsyncError, DocumentConflict
 LOOKUP_DDOC = "couchsync"
 LOOKUP_VIEW = "lookup"
 PROTECTION_DDOC = "couchsync-protection"
-DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "design_docs"
+PACKAGE = "couchsync.design_sources"  # design_docs/ as the wheel ships it
+# The files `load` reads, by name or by pattern: what a built wheel must hold (tests/unit/test_wheel.py).
+LOOKUP_SOURCE, PROTECTION_SOURCE, STATE_SOURCE = "contacts-lookup.map.js", "protection.validate.js", "state.validate.js"
+INDEX_PATTERN = "global-*.index.json"
 # Where the sync identity goes in protection.validate.js: valid JavaScript as it stands (null lets
 # nobody write managed documents), so the file runs unrendered too.
 IDENTITY_MARKER = "/* couchsync:identity */ null"
@@ -78,14 +86,14 @@ def _rendered(source: str, identity: SyncIdentity) -> Doc:
     return {"language": "javascript", "validate_doc_update": source.replace(IDENTITY_MARKER, rendered)}
 
 
-def _read(path: Path) -> str:
+def _read(path: Traversable) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"design document source {path} cannot be read: {exc.strerror}") from exc
 
 
-def _index(path: Path) -> MangoIndex:
+def _index(path: Traversable) -> MangoIndex:
     try:
         body = json.loads(_read(path))
         name, fields = body["name"], body["index"]["fields"]
@@ -96,21 +104,40 @@ def _index(path: Path) -> MangoIndex:
     return MangoIndex(name, tuple(fields))
 
 
-def load(source: Path = DEFAULT_SOURCE) -> DesignDocs:
-    """The design documents built from the files in `source`.
+def packaged() -> Traversable:
+    """The design document sources shipped with couchsync."""
+    return resources.files(PACKAGE)
+
+
+def describe(source: Path | None) -> str:
+    """Where the design documents come from, for the worker's first log line."""
+    return f"override {source}" if source is not None else f"package {PACKAGE}"
+
+
+def load(source: Path | None = None) -> DesignDocs:
+    """The design documents built from the files in `source`, the packaged ones by default.
 
     Raises:
         ConfigError: a file is missing, unreadable or malformed.
     """
+    folder: Traversable = packaged() if source is None else source
     lookup = {"language": "javascript",
-              "views": {LOOKUP_VIEW: {"map": _read(source / "contacts-lookup.map.js").strip()}}}
-    validation, state = (_validation(source / name) for name in ("protection.validate.js", "state.validate.js"))
-    indexes = tuple(_index(path) for path in sorted(source.glob("global-*.index.json")))
+              "views": {LOOKUP_VIEW: {"map": _read(folder / LOOKUP_SOURCE).strip()}}}
+    validation, state = (_validation(folder / name) for name in (PROTECTION_SOURCE, STATE_SOURCE))
+    indexes = tuple(_index(path) for path in sorted(_matching(folder, INDEX_PATTERN), key=lambda path: path.name))
     return DesignDocs(lookup=lookup, validation_source=validation, global_indexes=indexes,
                       state_validation_source=state)
 
 
-def _validation(path: Path) -> str:
+def _matching(folder: Traversable, pattern: str) -> list[Traversable]:
+    """The files of `folder` whose names match `pattern` (a Traversable has no glob)."""
+    try:
+        return [path for path in folder.iterdir() if path.is_file() and fnmatch.fnmatch(path.name, pattern)]
+    except OSError as exc:
+        raise ConfigError(f"design document folder {folder} cannot be read: {exc.strerror}") from exc
+
+
+def _validation(path: Traversable) -> str:
     source = _read(path).strip()
     if not source.startswith("function") or source.count(IDENTITY_MARKER) != 1:
         # PouchDB Server evaluates `return <source>`: a leading comment would return nothing.

@@ -110,17 +110,17 @@ def couchsync(env: dict[str, str], *args: str, **popen: Any) -> subprocess.Popen
     return subprocess.Popen([sys.executable, "-m", "couchsync", *args], env=env, **popen)
 
 
-def publish(messages: list[tuple[str, bytes]]) -> None:
-    """What the directory does: publish its events to its topic exchange."""
+def publish(messages: list[tuple[str, bytes]], exchange: str = EXCHANGE, auth_exchange: str = AUTH_EXCHANGE) -> None:
+    """What the directory does: publish its events to its topic exchanges (group events, user events)."""
     connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
     try:
         channel = connection.channel()
-        for exchange in (EXCHANGE, AUTH_EXCHANGE):
-            channel.exchange_declare(exchange, "topic", durable=True)
+        for name in (exchange, auth_exchange):
+            channel.exchange_declare(name, "topic", durable=True)
         channel.confirm_delivery()
         for routing_key, body in messages:
-            exchange = AUTH_EXCHANGE if routing_key.startswith("user.") else EXCHANGE
-            channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2))
+            channel.basic_publish(auth_exchange if routing_key.startswith("user.") else exchange, routing_key, body,
+                                  pika.BasicProperties(delivery_mode=2))
     finally:
         connection.close()
 

@@ -65,7 +65,7 @@ def test_systemd_verifies_the_reconcile_timer_and_service(tmp_path):
     # verify needs the ExecStart binary to exist: the same unit, started with /usr/bin/true.
     service = tmp_path / "couchsync-reconcile.service"
     unit = (SCRIPTS / "couchsync-reconcile.service").read_text()
-    service.write_text(unit.replace("/usr/local/bin/couchsync", "/usr/bin/true"))
+    service.write_text(unit.replace("/opt/couchsync/bin/couchsync", "/usr/bin/true"))
     timer = tmp_path / "couchsync-reconcile.timer"
     timer.write_text((SCRIPTS / "couchsync-reconcile.timer").read_text())
     verify = subprocess.run(["systemd-analyze", "verify", str(service), str(timer)], capture_output=True, text=True,

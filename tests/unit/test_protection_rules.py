@@ -235,8 +235,8 @@ def test_the_identity_is_rendered_as_json_in_place_of_the_marker():
 def test_a_validation_source_that_does_not_start_with_function_is_refused(tmp_path):
     # PouchDB Server evaluates `return <source>`: a leading comment would make it return nothing.
     for name in ("contacts-lookup.map.js", "global-by-orgid.index.json", "state.validate.js"):
-        (tmp_path / name).write_text((design_docs.DEFAULT_SOURCE / name).read_text())
-    source = (design_docs.DEFAULT_SOURCE / "protection.validate.js").read_text()
+        (tmp_path / name).write_text((design_docs.packaged() / name).read_text())
+    source = (design_docs.packaged() / "protection.validate.js").read_text()
     (tmp_path / "protection.validate.js").write_text("// a comment first\n" + source)
     with pytest.raises(ConfigError, match="must start with `function`"):
         design_docs.load(tmp_path)
