@@ -24,7 +24,9 @@ from typing import Any
 from couchsync.config import SyncIdentity
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import PROTECTION_DDOC, DesignDocs, Target, deploy, same_body
-from couchsync.errors import CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, NotFound
+from couchsync.breaker import REFUSED_RETRY
+from couchsync.errors import (
+    AccessDenied, CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, NotFound)
 from couchsync.instances import InstanceDirectory
 from couchsync.metrics import Metrics
 
@@ -97,7 +99,9 @@ class ProtectionGuard:
                 log("protection guard: cannot follow _db_updates yet (%s); trying again every %.0fs", exc,
                     self._feed_retry)
                 log = logger.info  # once at WARNING: the gauge says the rest
-                self._stopping.wait(self._feed_retry)
+                # A refused password tried every few seconds would get the account locked out by CouchDB.
+                self._stopping.wait(max(self._feed_retry, REFUSED_RETRY) if isinstance(exc, AccessDenied)
+                                    else self._feed_retry)
         return None
 
     def _start(self) -> str | None:

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from couchsync.breaker import COUCHDB, CREDENTIALS, CouchBreaker, reason_of
+from couchsync.breaker import COUCHDB, CREDENTIALS, REFUSED_RETRY, CouchBreaker, reason_of
 from couchsync.config import Secret
 from couchsync.errors import AccessDenied, ConfigError, CouchError, CouchUnavailable, NotFound
 
@@ -121,3 +121,21 @@ def test_an_unreadable_password_file_is_a_credentials_pause_not_a_crash(tmp_path
     breaker = CouchBreaker(couch, "couchsync/directory", "couchsync", password_file=str(tmp_path / "missing"))
     assert breaker.check() == CREDENTIALS
     assert couch.probes == 0
+
+
+def test_a_refused_password_is_sent_again_only_once_changed_or_after_a_while_not_to_get_locked_out(tmp_path):
+    password_file = tmp_path / "couch-password"
+    password_file.write_text("wrong-secret\n")
+    couch, clock = FakeCouch(), Clock()
+    couch.errors["up"] = AccessDenied("Name or password is incorrect.", status=401)
+    breaker = CouchBreaker(couch, "couchsync/directory", "couchsync", password_file=str(password_file), clock=clock)
+    for _ in range(10):  # a probe every 5 s: the refused password is not sent again
+        assert breaker.check() == CREDENTIALS
+        clock.now += 5
+    assert couch.probes == 1
+    clock.now += REFUSED_RETRY  # the user may have been fixed in CouchDB meanwhile: asked again, once
+    assert breaker.check() == CREDENTIALS and couch.probes == 2
+    password_file.write_text("right-secret\n")  # a changed file is tried at the next probe
+    del couch.errors["up"]
+    clock.now += 5
+    assert breaker.check() is None and couch.probes == 3
