@@ -514,8 +514,19 @@ class Consumer:
                 return
             self._trip(reason)
         if self._health is not None and self._health_probe is None and time.monotonic() >= self._next_health_probe:
-            self._health_probe = self._pool.submit(self._health)
+            self._health_probe = self._pool.submit(self._ask_health)
             self._next_health_probe = time.monotonic() + self._settings.pause_probe
+
+    def _ask_health(self) -> str | None:
+        """`health()` (None without one); a bug in it is logged and taken as healthy, never lets a message
+        go unsettled."""
+        if self._health is None:
+            return None
+        try:
+            return self._health()
+        except Exception:  # noqa: BLE001 (as in _work: the message must still be settled)
+            logger.exception("probing CouchDB failed")
+            return None
 
     def _resume(self, session: _Session) -> None:
         logger.warning("resumed: CouchDB answers again (paused for %s)", self.paused)
@@ -601,7 +612,7 @@ class Consumer:
             logger.error("unexpected error on message %s", delivery.message_id, exc_info=error)
         fields = outcome if not isinstance(outcome, Exception) else {}
         # A plain read of `paused` from this thread: a pause starting meanwhile is caught by the probe.
-        paused = self.paused or (self._health() if self._health is not None and suspects_server(error) else None)
+        paused = self.paused or (self._ask_health() if suspects_server(error) else None)
         decision = decide(error, delivery.attempt, self._settings, paused)
         settle = functools.partial(self._settle, delivery, decision, fields, seconds)
         try:

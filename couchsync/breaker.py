@@ -94,7 +94,7 @@ class CouchBreaker:
             self._probe.database_exists(self._state_db)
         except CouchsyncError as exc:
             reason = reason_of(exc)
-            logger.info("CouchDB probe: %s (%s)", reason or "answers", exc)
+            logger.debug("CouchDB probe: %s (%s)", reason or "answers", exc)
             if reason == CREDENTIALS:
                 self._refused_at, self._refusal = now, str(exc)
             return reason

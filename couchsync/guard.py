@@ -90,10 +90,12 @@ class ProtectionGuard:
         """`_start`, tried again every `feed_retry` seconds while CouchDB fails (it may come up after the worker:
         sweeping instead would leave new databases unprotected for minutes). None: no feed, or stopping."""
         log = logger.warning
+        waited = False
         while not self._stopping.is_set():
             try:
-                return self._start()
+                return self._start(waited=waited)
             except CouchsyncError as exc:
+                waited = True
                 if self._metrics is not None:
                     self._metrics.protection_feed.set(0)
                 log("protection guard: cannot follow _db_updates yet (%s); trying again every %.0fs", exc,
@@ -104,8 +106,13 @@ class ProtectionGuard:
                                     else self._feed_retry)
         return None
 
-    def _start(self) -> str | None:
-        """Where to follow the feed from; None when the server has no feed. A first start sweeps."""
+    def _start(self, *, waited: bool = False) -> str | None:
+        """Where to follow the feed from; None when the server has no feed. A first start sweeps.
+
+        `waited`: CouchDB did not answer at first. A first start then follows the feed from its beginning
+        (one entry per database): a database created between CouchDB's return and this start, of an
+        instance the global database does not list yet, is found by no sweep, only by the feed.
+        """
         saved = self._couch.get_local(self._state.db, SINCE_DOC)
         if saved is not None:
             self._since_rev = saved.get("_rev")
@@ -123,6 +130,8 @@ class ProtectionGuard:
         except CouchError as exc:
             logger.warning(W_NO_FEED, f"CouchDB answered {exc.status}", FALLBACK_SWEEP, "")
             return None
+        if waited:
+            since = "0"
         self.sweep(first=True)
         self._save(since, force=True)
         return since

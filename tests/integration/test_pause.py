@@ -23,7 +23,7 @@ import localrabbit
 from couchsync.documents import CONTACTS
 
 from tests.integration.conftest import Broker, World
-from tests.integration.test_ops import PROTECTION, following, protection_rev
+from tests.integration.test_ops import following, protection_rev
 from tests.integration.test_worker import (
     GROUP_COUNT, Message, Worker, assert_same_as_uninterrupted, dead_letters, drained, group_messages, seed,
     wait_until)
@@ -48,13 +48,58 @@ def needs_couchdb(server: localcouch.LocalCouch) -> None:
         pytest.skip("stops and starts an Apache CouchDB node of its own (the outages measured are CouchDB's)")
 
 
+def log_tail(worker: Worker) -> str:
+    """The worker's log without the line of each message: what a failed test shows."""
+    lines = [line for line in worker.log.read_text().splitlines() if "couchsync.amqp: event" not in line]
+    return "\n".join(lines)[-4000:]
+
+
 def health(worker: Worker) -> tuple[int, str]:
     answer = requests.get(f"http://127.0.0.1:{worker.port}/healthz", timeout=5)
     return answer.status_code, answer.text.strip()
 
 
-def start(world: World, broker: Broker, log: Path, **env: str) -> Worker:
-    return Worker(world, broker, log, COUCHSYNC_PAUSE_PROBE=PROBE, **env).start()
+class OwnCouch:
+    """An Apache CouchDB node of the test's own, its data on disk, to stop and start again; a world on it."""
+
+    def __init__(self, session: localcouch.LocalCouch, data: Path) -> None:
+        data.mkdir()
+        self.data = data
+        self.server = localcouch.restartable(session, data)
+        self.world = World(self.server)
+
+    def restart(self) -> None:
+        """Start it again as it was (its port, credentials and data), once stopped."""
+        self.server = localcouch.restartable(self.server, self.data, like=self.server)
+        self.world.server = self.server
+
+
+@pytest.fixture
+def own_couch(couch_server, tmp_path):
+    needs_couchdb(couch_server)
+    node = OwnCouch(couch_server, tmp_path / "couch-data")
+    yield node
+    node.server.stop()
+    shutil.rmtree(node.data, ignore_errors=True)
+
+
+@pytest.fixture
+def start(tmp_path):
+    """Start a worker that probes CouchDB every second while paused; killed at the end if still running."""
+    workers: list[Worker] = []
+
+    def start(world: World, broker: Broker, *, unset: tuple[str, ...] = (), **env: str) -> Worker:
+        worker = Worker(world, broker, tmp_path / f"worker-{len(workers)}.log", COUCHSYNC_PAUSE_PROBE=PROBE, **env)
+        for name in unset:
+            del worker.env[name]
+        workers.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in workers:
+        if worker.process and worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
 
 
 @pytest.fixture
@@ -82,57 +127,43 @@ def spread(valid: list[Message], bad: list[Message], chunks: int) -> list[list[M
 
 @pytest.mark.slow
 def test_couchdb_down_three_minutes_pauses_dead_letters_only_the_malformed_and_outlasts_a_60s_consumer_timeout(
-        couch_server, short_timeout_broker, tmp_path, record_property):
-    needs_couchdb(couch_server)
-    broker = short_timeout_broker
-    data = tmp_path / "couch-data"
-    data.mkdir()
-    server = localcouch.restartable(couch_server, data)
-    world = World(server)
-    worker = None
-    try:
-        seed(world)
-        valid = group_messages(95 - GROUP_COUNT)
-        chunks = spread(valid, [message for message, _ in MALFORMED], 4)
-        worker = start(world, broker, tmp_path / "worker.log")
-        # When: CouchDB stops for 3 minutes, and the 100 events arrive during the outage, in four parts.
-        server.stop()
-        down = time.monotonic()
-        samples: list[tuple[float, int, str, float]] = []
-        published = 0
-        while time.monotonic() - down < 180:
-            if published < len(chunks) and time.monotonic() - down >= published * 45:
-                broker.publish(chunks[published])
-                published += 1
-            status, text = health(worker)
-            samples.append((time.monotonic() - down, status, text, worker.metrics()[PAUSED_COUCHDB]))
-            time.sleep(3)
-        server = localcouch.restartable(couch_server, data, like=server)
-        world.server = server
-        back = time.monotonic()
-        wait_until(lambda: worker.count("applied") == len(valid) and drained(broker, worker), 60,
-                   "every valid event is applied within 60 s of CouchDB's return")
-        applied_after = time.monotonic() - back
-        record_property("seconds_to_apply_all_after_return", round(applied_after, 1))
-        print(f"all {len(valid)} valid events applied {applied_after:.1f}s after CouchDB returned")
-        # Then: paused (503, gauge 1) from the first failure on, through the outage.
-        paused = [sample for sample in samples if sample[0] >= 15]
-        assert paused and all(sample[1:] == (503, "paused: couchdb", 1.0) for sample in paused), samples
-        # Exactly the 5 malformed dead-lettered, each with its reason; the broker never closed the channel.
-        letters = dead_letters(world, broker)
-        assert sorted(reason for _, reason in MALFORMED) == sorted(
-            next(reason for _, reason in MALFORMED if reason in letter["reason"]) for letter in letters)
-        assert worker.count("dead_lettered") == 5 and worker.count("retried") == 0
-        assert worker.count("paused") > 0
-        assert worker.metrics().get("couchsync_broker_reconnects_total", 0) == 0
-        assert worker.metrics()[PAUSED_COUCHDB] == 0 and health(worker) == (200, "ok")
-        assert_same_as_uninterrupted(couch_server, world, valid)
-    finally:
-        if worker is not None and worker.process and worker.process.poll() is None:
-            worker.process.kill()
-            worker.process.wait()
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        couch_server, own_couch, short_timeout_broker, start, record_property):
+    broker, world = short_timeout_broker, own_couch.world
+    seed(world)
+    valid = group_messages(95 - GROUP_COUNT)
+    chunks = spread(valid, [message for message, _ in MALFORMED], 4)
+    worker = start(world, broker)
+    # When: CouchDB stops for 3 minutes, and the 100 events arrive during the outage, in four parts.
+    own_couch.server.stop()
+    down = time.monotonic()
+    samples: list[tuple[float, int, str, float]] = []
+    published = 0
+    while time.monotonic() - down < 180:
+        if published < len(chunks) and time.monotonic() - down >= published * 45:
+            broker.publish(chunks[published])
+            published += 1
+        status, text = health(worker)
+        samples.append((time.monotonic() - down, status, text, worker.metrics()[PAUSED_COUCHDB]))
+        time.sleep(3)
+    own_couch.restart()
+    back = time.monotonic()
+    wait_until(lambda: worker.count("applied") == len(valid) and drained(broker, worker), 60,
+               "every valid event is applied within 60 s of CouchDB's return")
+    applied_after = time.monotonic() - back
+    record_property("seconds_to_apply_all_after_return", round(applied_after, 1))
+    print(f"all {len(valid)} valid events applied {applied_after:.1f}s after CouchDB returned")
+    # Then: paused (503, gauge 1) from the first failure on, through the outage.
+    paused = [sample for sample in samples if sample[0] >= 15]
+    assert paused and all(sample[1:] == (503, "paused: couchdb", 1.0) for sample in paused), samples
+    # Exactly the 5 malformed dead-lettered, each with its reason; the broker never closed the channel.
+    letters = dead_letters(world, broker)
+    assert sorted(reason for _, reason in MALFORMED) == sorted(
+        next(reason for _, reason in MALFORMED if reason in letter["reason"]) for letter in letters)
+    assert worker.count("dead_lettered") == 5 and worker.count("retried") == 0
+    assert worker.count("paused") > 0
+    assert worker.metrics().get("couchsync_broker_reconnects_total", 0) == 0
+    assert worker.metrics()[PAUSED_COUCHDB] == 0 and health(worker) == (200, "ok")
+    assert_same_as_uninterrupted(couch_server, world, valid)
 
 
 @pytest.fixture
@@ -148,67 +179,53 @@ def own_admin(world):
 
 
 def test_a_wrong_password_pauses_the_worker_and_fixing_the_password_file_resumes_it(
-        world, broker, own_admin, tmp_path, record_property):
+        world, broker, own_admin, start, tmp_path, record_property):
     seed(world)
     user, password = own_admin
     password_file = tmp_path / "couch-password"
     password_file.write_text("an-old-password\n")
-    worker = Worker(world, broker, tmp_path / "worker.log", COUCHSYNC_PAUSE_PROBE=PROBE, COUCHSYNC_COUCH_USER=user,
-                    COUCHSYNC_COUCH_PASSWORD_FILE=str(password_file))
-    del worker.env["COUCHSYNC_COUCH_PASSWORD"]
-    worker.start()
-    try:
-        messages = group_messages(0)[:10]
-        broker.publish(messages)
-        wait_until(lambda: health(worker) == (503, "paused: credentials"), 30, "the worker pauses")
-        assert worker.metrics()[PAUSED_CREDENTIALS] == 1
-        time.sleep(5)  # a pause, not a retry: still nothing dead-lettered a few probes later
-        assert worker.count("dead_lettered") == worker.count("retried") == 0
-        assert broker.depths()[broker.settings.dead_letter_queue] == 0
-        log = worker.log.read_text()
-        assert f"refuses the sync identity {user}" in log and str(password_file) in log
-        assert "an-old-password" not in log and password not in log
-        # When: the operator fixes the file; the worker resumes without a restart.
-        password_file.write_text(password + "\n")
-        fixed = time.monotonic()
-        wait_until(lambda: health(worker) == (200, "ok"), 10, "the worker resumes within 10 s")
-        resumed = time.monotonic() - fixed
-        wait_until(lambda: worker.count("applied") == len(messages) and drained(broker, worker), 60,
-                   "every event is applied")
-        record_property("seconds_to_resume", round(resumed, 1))
-        print(f"resumed {resumed:.1f}s after the password file was fixed")
-        assert worker.count("dead_lettered") == 0 and worker.metrics()[PAUSED_CREDENTIALS] == 0
-        assert password not in worker.log.read_text()
-    finally:
-        worker.stop()
+    worker = start(world, broker, unset=("COUCHSYNC_COUCH_PASSWORD",), COUCHSYNC_COUCH_USER=user,
+                   COUCHSYNC_COUCH_PASSWORD_FILE=str(password_file))
+    messages = group_messages(0)[:10]
+    broker.publish(messages)
+    wait_until(lambda: health(worker) == (503, "paused: credentials"), 30, "the worker pauses")
+    assert worker.metrics()[PAUSED_CREDENTIALS] == 1
+    time.sleep(5)  # a pause, not a retry: still nothing dead-lettered a few probes later
+    assert worker.count("dead_lettered") == worker.count("retried") == 0
+    assert broker.depths()[broker.settings.dead_letter_queue] == 0
+    log = worker.log.read_text()
+    assert f"refuses the sync identity {user}" in log and str(password_file) in log
+    assert "an-old-password" not in log and password not in log
+    # When: the operator fixes the file; the worker resumes without a restart.
+    password_file.write_text(password + "\n")
+    fixed = time.monotonic()
+    wait_until(lambda: health(worker) == (200, "ok"), 10, "the worker resumes within 10 s")
+    resumed = time.monotonic() - fixed
+    wait_until(lambda: worker.count("applied") == len(messages) and drained(broker, worker), 60,
+               "every event is applied")
+    record_property("seconds_to_resume", round(resumed, 1))
+    print(f"resumed {resumed:.1f}s after the password file was fixed")
+    assert worker.count("dead_lettered") == 0 and worker.metrics()[PAUSED_CREDENTIALS] == 0
+    assert password not in worker.log.read_text()
+    assert worker.stop() == 0
 
 
 def test_a_worker_started_before_couchdb_follows_the_feed_once_it_is_up_and_protects_within_5s(
-        couch_server, broker, tmp_path, record_property):
-    needs_couchdb(couch_server)
-    data = tmp_path / "couch-data"
-    data.mkdir()
-    server = localcouch.restartable(couch_server, data)
-    world = World(server)
-    worker = None
-    try:
-        world.add_instance("acme.twake.app", "acme")
-        server.stop()
-        worker = start(world, broker, tmp_path / "worker.log", COUCHSYNC_PROTECTION_FEED_RETRY="1")
-        time.sleep(10)
-        assert worker.metrics()["couchsync_protection_feed_following"] == 0
-        server = localcouch.restartable(couch_server, data, like=server)
-        world.server = server
-        # When: the stack creates a new member's contacts database once CouchDB is up.
-        db = world.db("new.acme.twake.app", CONTACTS)
-        created = time.monotonic()
-        localcouch.ensure_db(server, db)
-        wait_until(lambda: protection_rev(world, db) is not None, 5, f"{db} has {PROTECTION} within 5 s")
-        record_property("seconds_to_protection", round(time.monotonic() - created, 1))
-        print(f"protected {time.monotonic() - created:.1f}s after its creation")
-        assert following(worker)
-    finally:
-        if worker is not None and worker.process and worker.process.poll() is None:
-            worker.stop()
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        own_couch, broker, start, record_property):
+    world = own_couch.world
+    world.add_instance("acme.twake.app", "acme")
+    own_couch.server.stop()
+    worker = start(world, broker, COUCHSYNC_PROTECTION_FEED_RETRY="1")
+    time.sleep(10)
+    assert worker.metrics()["couchsync_protection_feed_following"] == 0
+    own_couch.restart()
+    # When: the stack creates a new member's contacts database once CouchDB is up.
+    db = world.db("new.acme.twake.app", CONTACTS)
+    created = time.monotonic()
+    localcouch.ensure_db(own_couch.server, db)
+    while protection_rev(world, db) is None and time.monotonic() - created < 5:
+        time.sleep(0.2)
+    assert protection_rev(world, db) is not None, f"not protected within 5 s; the worker's log:\n{log_tail(worker)}"
+    record_property("seconds_to_protection", round(time.monotonic() - created, 1))
+    print(f"protected {time.monotonic() - created:.1f}s after its creation")
+    assert following(worker)
