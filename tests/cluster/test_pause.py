@@ -9,10 +9,24 @@ import pytest
 import requests
 
 from tests.cluster.test_scale_out import (  # noqa: F401 (fixtures)
-    DOMAINS, cluster_broker, cluster_world, conflicted, differences, in_order, running, scale_out_events)
-from tests.integration.test_worker import Worker, directory, drained, seed, wait_until
+    DOMAINS, cluster_broker, cluster_world, conflicted, differences, running, scale_out_events)
+from tests.integration.conftest import World
+from tests.integration.test_worker import Worker, apply_in_process, directory, drained, seed, wait_until
+
+EVENTS = 300  # the first of the scale-out events: enough for the others to go on, quick to drain
 
 pytestmark = pytest.mark.cluster
+
+
+def in_order_directory(couch_server, messages) -> dict:
+    """The directory an in-order, one-by-one, in-process run of the events leaves (on one node)."""
+    world = World(couch_server)
+    try:
+        seed(world, DOMAINS)
+        apply_in_process(world, messages)
+        return directory(world, DOMAINS)
+    finally:
+        world.cleanup()
 
 
 def health(worker: Worker) -> tuple[int, str]:
@@ -22,7 +36,7 @@ def health(worker: Worker) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_the_couchdb_node_of_one_worker_stopped_two_minutes_pauses_that_worker_only_and_dead_letters_nothing(
-        couch_cluster, rabbit_cluster, cluster_world, cluster_broker, tmp_path, in_order,  # noqa: F811
+        couch_server, couch_cluster, rabbit_cluster, cluster_world, cluster_broker, tmp_path,  # noqa: F811
         running, record_property):  # noqa: F811
     world, broker, urls = cluster_world, cluster_broker, rabbit_cluster.urls
     seed(world, DOMAINS)
@@ -31,11 +45,12 @@ def test_the_couchdb_node_of_one_worker_stopped_two_minutes_pauses_that_worker_o
                               COUCHSYNC_COUCH_URL=couch_cluster.nodes[number].url,
                               COUCHSYNC_AMQP_URL=",".join(urls[number:] + urls[:number])).start())
     stopped, *others = running[2], running[0], running[1]
-    valid = scale_out_events()
+    valid = scale_out_events()[:EVENTS]
     # When: the CouchDB node of the third worker stops for 2 minutes while the events arrive.
     couch_cluster.stop_node(2)
     down = time.monotonic()
     broker.publish(valid)
+    in_order = in_order_directory(couch_server, valid)  # meanwhile: the reference, on the single node
     samples = []
     while time.monotonic() - down < 120:
         samples.append((round(time.monotonic() - down), health(stopped), [health(worker) for worker in others]))
