@@ -14,6 +14,13 @@ unhandled. Retries are counted by couchsync's own header, not by the broker, who
 across versions (3.10 counts every requeue, 4.3 only rejects); `x-delivery-limit` stays as the
 backstop for a message that kills the worker each time it is handled.
 
+A failure that is CouchDB's own (the server down, or refusing the sync identity: `health()` says so, the
+breaker of `couchsync.breaker`) is a pause, not an attempt: the consumer is cancelled, each message held
+is republished unchanged (same headers, same attempt count) to the main queue and acked, and `health()`
+is asked every `pause_probe` seconds; once it answers None, the consumer is started again. Holding no
+delivery while paused is what keeps a paused message clear of the broker's `consumer_timeout` (which
+closes the channel of a delivery held too long) and of `x-delivery-limit` (which counts requeues).
+
 `couchsync.dead_letters` reads and replays the dead letters.
 
 Events are handled on a thread pool (`prefetch` threads): the connection's thread only moves frames,
@@ -31,7 +38,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -43,7 +50,8 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from couchsync.config import AmqpSettings, redact
-from couchsync.errors import BrokerUnavailable, ConfigError, CouchsyncError
+from couchsync.errors import (
+    AccessDenied, BrokerUnavailable, ConfigError, CouchsyncError, CouchUnavailable, InstancesFailed)
 from couchsync.metrics import Metrics
 from couchsync.systemd import Notifier
 
@@ -72,6 +80,9 @@ PROBE_SECONDS = 5.0  # between two reads of the queue depths (one passive queue.
 Handler = Callable[[str, bytes], Mapping[str, object]]
 # Outcome of one message of a batch: its log fields, or the error that ends it.
 Outcome = Mapping[str, object] | Exception
+# CouchDB's health, asked when a message fails with an error it may be to blame for: None when it serves
+# the sync identity, else the reason to pause ("couchdb", "credentials"). Blocking; called on pool threads.
+Health = Callable[[], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +120,14 @@ class DeadLetter:
     reason: str
 
 
-Decision = Ack | Retry | DeadLetter
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """CouchDB's fault, not the message's: handed back unchanged while the worker pauses; no attempt counted."""
+
+    reason: str
+
+
+Decision = Ack | Retry | DeadLetter | Pause
 
 
 def retry_delay(attempt: int, first: float, cap: float) -> float:
@@ -130,6 +148,18 @@ def disposition(error: BaseException | None, attempt: int, settings: AmqpSetting
     if attempt >= settings.delivery_limit:
         return DeadLetter(bounded(f"gave up after {attempt} attempts: {reason}"))
     return Retry(retry_delay(attempt, settings.retry_delay, settings.retry_delay_max), bounded(reason))
+
+
+def suspects_server(error: BaseException | None) -> bool:
+    """Whether a failure may be CouchDB's own rather than the message's: worth asking `Health`."""
+    return isinstance(error, (CouchUnavailable, AccessDenied, InstancesFailed))
+
+
+def decide(error: BaseException | None, attempt: int, settings: AmqpSettings, paused: str | None) -> Decision:
+    """`disposition`, unless CouchDB is failing (`paused`: the reason) and the error may be its doing."""
+    if paused is not None and suspects_server(error):
+        return Pause(paused)
+    return disposition(error, attempt, settings)
 
 
 def bounded(text: str, limit: int = MAX_REASON) -> str:
@@ -309,15 +339,24 @@ class _Session:
     in_flight: dict[int, Delivery] = field(default_factory=dict)
     # Batches being gathered, by key: their deliveries (in flight too) and when the first came.
     gathering: dict[str, tuple[list[Delivery], float]] = field(default_factory=dict)
+    consumer_tag: str | None = None  # None: not consuming (paused, or stopping)
+    # Messages to hand back once the consumer is cancelled (in flight too): handed back earlier, each
+    # ack would make room for a new delivery.
+    parked: list[Delivery] = field(default_factory=list)
 
 
 class Consumer:
     """Consumes couchsync's queue until `stop()`, reconnecting with capped, jittered backoff."""
 
     def __init__(self, settings: AmqpSettings, handle: Handler, metrics: Metrics,
-                 notifier: Notifier | None = None, *, batching: Batching | None = None) -> None:
+                 notifier: Notifier | None = None, *, batching: Batching | None = None,
+                 health: Health | None = None) -> None:
         self._settings = settings
         self._handle = handle
+        self._health = health
+        self.paused: str | None = None  # the reason, while paused (set and cleared on the connection's thread)
+        self._health_probe: Future[str | None] | None = None
+        self._next_health_probe = 0.0
         self._batching = batching if settings.batch > 1 else None
         self._metrics = metrics
         self._notifier = notifier or Notifier(None)
@@ -335,6 +374,12 @@ class Consumer:
     def stop(self) -> None:
         """Ask the consumer to stop (safe from a signal handler)."""
         self._stop_requested = True
+
+    def problem(self) -> str | None:
+        """What keeps the worker from consuming (for /healthz), or None while it consumes."""
+        if self.paused is not None:
+            return f"paused: {self.paused}"
+        return None if self.consuming else "not consuming"
 
     def run(self) -> None:
         """Consume until stop(); return once in-flight messages are settled or handed back.
@@ -379,7 +424,8 @@ class Consumer:
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self._settings.prefetch_count)
             session = self._session = _Session(self._generation, connection, channel)
-            consumer_tag = channel.basic_consume(self._settings.queue, self._on_message)
+            if self.paused is None:  # a connection made while paused consumes once the pause ends
+                session.consumer_tag = channel.basic_consume(self._settings.queue, self._on_message)
             if self._generation > 1:
                 self._metrics.reconnects.inc()
             self.consuming = True
@@ -390,12 +436,15 @@ class Consumer:
             next_probe = 0.0
             while not self._stop_requested:
                 connection.process_data_events(time_limit=tick)
-                self._start_waited(session)
+                if self.paused is None:
+                    self._start_waited(session)
+                else:
+                    self._while_paused(session)
                 self._notifier.watchdog()
                 if time.monotonic() >= next_probe:
                     self._probe(channel)
                     next_probe = time.monotonic() + PROBE_SECONDS
-            self._drain(session, consumer_tag)
+            self._drain(session)
         except _LOST as exc:
             logger.warning("broker connection lost: %s", type(exc).__name__)
         finally:
@@ -429,10 +478,70 @@ class Consumer:
         age = 0.0 if depths["main"] == 0 else now - max(self._empty_at, self._last_published)
         self._metrics.oldest_message_age.set(max(0.0, age))
 
-    def _drain(self, session: _Session, consumer_tag: str) -> None:
+    def _trip(self, reason: str) -> None:
+        """Pause (on the connection's thread): the loop cancels the consumer and hands back what it holds."""
+        if self.paused == reason:
+            return
+        if self.paused is not None:
+            logger.warning("paused: the reason is now %s (was %s)", reason, self.paused)
+        else:
+            logger.warning("paused (%s): CouchDB is failing; messages are handed back unchanged and consumption "
+                           "resumes once a probe every %.0fs finds it answering", reason, self._settings.pause_probe)
+        self.paused = reason
+        self._metrics.set_paused(reason)
+        self._next_health_probe = time.monotonic() + self._settings.pause_probe
+
+    def _while_paused(self, session: _Session) -> None:
+        """Cancel the consumer, hand back the messages held, probe CouchDB; consume again once it answers."""
+        if session.consumer_tag is not None:
+            # Cancelled first: the acks of the hand-backs below must not make room for new deliveries.
+            session.channel.basic_cancel(session.consumer_tag)
+            session.consumer_tag = None
+        for key in list(session.gathering):
+            deliveries, _ = session.gathering.pop(key)
+            session.parked.extend(deliveries)
+        while session.parked:
+            self._finish(session, session.parked.pop(0), Pause(self.paused or "couchdb"), {}, 0.0)
+        self._probe_health(session)
+
+    def _probe_health(self, session: _Session) -> None:
+        probe = self._health_probe
+        if probe is not None and probe.done():
+            self._health_probe = None
+            reason = probe.result()
+            if reason is None:
+                self._resume(session)
+                return
+            self._trip(reason)
+        if self._health is not None and self._health_probe is None and time.monotonic() >= self._next_health_probe:
+            self._health_probe = self._pool.submit(self._ask_health)
+            self._next_health_probe = time.monotonic() + self._settings.pause_probe
+
+    def _ask_health(self) -> str | None:
+        """`health()` (None without one); a bug in it is logged and taken as healthy, never lets a message
+        go unsettled."""
+        if self._health is None:
+            return None
+        try:
+            return self._health()
+        except Exception:  # noqa: BLE001 (as in _work: the message must still be settled)
+            logger.exception("probing CouchDB failed")
+            return None
+
+    def _resume(self, session: _Session) -> None:
+        logger.warning("resumed: CouchDB answers again (paused for %s)", self.paused)
+        self.paused = None
+        self._metrics.set_paused(None)
+        session.consumer_tag = session.channel.basic_consume(self._settings.queue, self._on_message)
+
+    def _drain(self, session: _Session) -> None:
         """Stop taking messages; let in-flight ones finish for a while, then hand the rest back."""
         self._notifier.stopping()
-        session.channel.basic_cancel(consumer_tag)
+        if session.consumer_tag is not None:
+            session.channel.basic_cancel(session.consumer_tag)
+            session.consumer_tag = None
+        while session.parked:  # paused: back to the queue as they came, not requeued (a requeue counts)
+            self._finish(session, session.parked.pop(0), Pause(self.paused or "couchdb"), {}, 0.0)
         for key in list(session.gathering):  # received already: started now, like every message in flight
             self._start(session, key)
         deadline = time.monotonic() + self._settings.shutdown_timeout
@@ -453,6 +562,9 @@ class Consumer:
         session = self._session
         session.in_flight[delivery.tag] = delivery
         self._metrics.in_flight.inc()
+        if self.paused is not None:  # sent before the broker took the cancel: handed back with the others
+            session.parked.append(delivery)
+            return
         key = self._batching.key(delivery.routing_key, delivery.body) if self._batching else None
         if key is None:
             self._pool.submit(self._work, session.connection, delivery)
@@ -499,7 +611,9 @@ class Consumer:
         if error is not None and not isinstance(error, CouchsyncError):
             logger.error("unexpected error on message %s", delivery.message_id, exc_info=error)
         fields = outcome if not isinstance(outcome, Exception) else {}
-        decision = disposition(error, delivery.attempt, self._settings)
+        # A plain read of `paused` from this thread: a pause starting meanwhile is caught by the probe.
+        paused = self.paused or (self._ask_health() if suspects_server(error) else None)
+        decision = decide(error, delivery.attempt, self._settings, paused)
         settle = functools.partial(self._settle, delivery, decision, fields, seconds)
         try:
             connection.add_callback_threadsafe(settle)
@@ -507,12 +621,25 @@ class Consumer:
             pass  # the connection is gone: the broker hands the message out again
 
     def _settle(self, delivery: Delivery, decision: Decision, fields: Mapping[str, object], seconds: float) -> None:
-        """On the connection's thread: ack, retry or dead-letter one message."""
+        """On the connection's thread: ack, retry, dead-letter or (paused) hand back one message."""
         session = self._session
         if session is None or session.generation != delivery.generation or delivery.tag not in session.in_flight:
             return  # from a lost connection: redelivered, and applied again idempotently
+        if isinstance(decision, Pause):
+            self._trip(decision.reason)
+            if session.consumer_tag is not None:
+                session.parked.append(delivery)
+                return
+        self._finish(session, delivery, decision, fields, seconds)
+
+    def _finish(self, session: _Session, delivery: Delivery, decision: Decision, fields: Mapping[str, object],
+                seconds: float) -> None:
         try:
-            if isinstance(decision, Retry):
+            if isinstance(decision, Pause):
+                # Unchanged, to the main queue: the same attempt count (a pause is no attempt), a new
+                # delivery count for the broker (a requeue would count towards x-delivery-limit).
+                self._republish(session.channel, delivery, self._settings.queue, {ATTEMPT: delivery.attempt})
+            elif isinstance(decision, Retry):
                 self._republish(session.channel, delivery, self._settings.retry_queue, {
                     ATTEMPT: delivery.attempt + 1, REASON: decision.reason}, expiration=decision.delay)
             elif isinstance(decision, DeadLetter):
@@ -538,7 +665,7 @@ class Consumer:
             expiration=str(int(expiration * 1000)) if expiration is not None else None), mandatory=True)
 
     def _record(self, delivery: Delivery, decision: Decision, fields: Mapping[str, object], seconds: float) -> None:
-        outcome = {Ack: "applied", Retry: "retried", DeadLetter: "dead_lettered"}[type(decision)]
+        outcome = {Ack: "applied", Retry: "retried", DeadLetter: "dead_lettered", Pause: "paused"}[type(decision)]
         self._metrics.count_event(delivery.routing_key, outcome)
         refusals = fields.get("refusals")
         if isinstance(decision, Ack):
@@ -553,6 +680,9 @@ class Consumer:
         if isinstance(decision, Ack):
             level = logging.WARNING if refusals else logging.INFO
             logger.log(level, "event %s", _logfmt(line), extra={"event": line})
+        elif isinstance(decision, Pause):
+            logger.info("event %s handed back, paused: %s", _logfmt(line), decision.reason,
+                        extra={"event": {**line, "reason": decision.reason}})
         elif isinstance(decision, Retry):
             logger.warning("event %s retry_in=%.1fs reason=%r", _logfmt(line), decision.delay, decision.reason,
                            extra={"event": {**line, "retry_in": decision.delay, "reason": decision.reason}})

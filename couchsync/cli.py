@@ -22,6 +22,7 @@ from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
 from couchsync.amqp import Batching, Consumer
+from couchsync.breaker import CouchBreaker
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome, findings
@@ -39,6 +40,7 @@ from couchsync.systemd import Notifier
 logger = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
+PROBE_TIMEOUT = 5.0  # seconds for one request of a CouchDB probe while paused
 
 
 @dataclass
@@ -336,23 +338,30 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> 
               show_default=True, help="Seconds after which every document written is read again with its "
               "conflicts, which a CouchDB cluster may have let concurrent writers make (0: never; a single "
               "node makes none).")
+@click.option("--protection-feed-retry", envvar="COUCHSYNC_PROTECTION_FEED_RETRY", type=click.FloatRange(min=0.1),
+              default=config.DEFAULT_FEED_RETRY, show_default=True, help="Seconds between two tries to follow "
+              "the _db_updates feed while CouchDB does not serve it (unreachable when the worker started).")
+@click.option("--pause-probe", envvar="COUCHSYNC_PAUSE_PROBE", type=click.FloatRange(min=0.1),
+              default=config.DEFAULT_PAUSE_PROBE, show_default=True, help="Seconds between two probes of "
+              "CouchDB while the worker is paused (CouchDB down, or refusing the sync identity).")
 @identity_options
 @future_skew_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
            watchdog_usec: str | None, batch: int, batch_wait: float, protection_guard: bool, protection_sweep: float,
-           settle_delay: float, sync_names: tuple[str, ...], sync_roles: tuple[str, ...], max_future_skew: str,
-           **amqp: Any) -> None:
+           settle_delay: float, protection_feed_retry: float, pause_probe: float, sync_names: tuple[str, ...],
+           sync_roles: tuple[str, ...], max_future_skew: str, **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
-    Exits 78 on a configuration error (wrong credentials, queues declared with other arguments).
+    Exits 78 on a configuration error (wrong broker credentials, queues declared with other arguments).
+    Pauses while CouchDB is down or refuses the sync identity (see the README, "Failures").
     """
     obj: Context = ctx.obj
     logger.info("couchsync %s, design documents from the %s", __version__, design_docs.describe(obj.design_source))
     obj.sync = config.with_future_skew(obj.sync, max_future_skew)
     obj.identity = _identity(obj, sync_names, sync_roles)
-    settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000)
+    settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000, pause_probe=pause_probe)
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
                                  notify_socket=notify_socket, watchdog_usec=watchdog_usec)
     metrics = Metrics()
@@ -361,11 +370,15 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc))
     metrics.settling_pending.set_function(sync.settling.pending)
     guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
-                            concurrency=obj.sync.concurrency, sweep_interval=protection_sweep)
+                            concurrency=obj.sync.concurrency, sweep_interval=protection_sweep,
+                            feed_retry=protection_feed_retry)
+    probe = _probe_gateway(obj.couch)
+    breaker = CouchBreaker(probe, obj.sync.state_db, obj.couch.username, password_file=obj.couch.password_file,
+                           also_update=[couch])
     consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
-                        batching=Batching(sync.batch_key, sync.handle_batch))
+                        batching=Batching(sync.batch_key, sync.handle_batch), health=breaker.check)
     server = serve(metrics, process.metrics_host, process.metrics_port,
-                   lambda: consumer.consuming) if process.metrics_port else None
+                   consumer.problem) if process.metrics_port else None
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: consumer.stop())  # the guard is stopped below, not in a handler
     if protection_guard:
@@ -390,6 +403,13 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     _settle_last(sync, settings.shutdown_timeout)
     sync.close()
     couch.close()
+    probe.close()
+
+
+def _probe_gateway(settings: config.CouchSettings) -> CouchGateway:
+    """A gateway for the breaker's probes: quick to give up (no quick retries, a short timeout), so that a
+    probe of a server that hangs ends well within the broker's heartbeat."""
+    return CouchGateway(replace(settings, timeout=PROBE_TIMEOUT, http_retries=0, pool_size=2))
 
 
 def _settle(sync: Synchronizer, stop: threading.Event) -> None:

@@ -40,6 +40,8 @@ DEFAULT_RETRY_DELAY = 2.0     # seconds before the first retry, doubling after
 DEFAULT_RETRY_DELAY_MAX = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 20.0  # seconds an in-flight event may take to finish on SIGTERM
 DEFAULT_METRICS_PORT = 9464   # 0 turns the metrics and health endpoint off
+DEFAULT_PAUSE_PROBE = 5.0     # seconds between two probes of CouchDB while the worker is paused
+DEFAULT_FEED_RETRY = 30.0     # seconds between two tries to follow _db_updates, for the protection guard
 # How far ahead of our clock an event's timestamp may be: a far-future event would win over every
 # later one for ever. A day covers any clock drift and time zone mistake of the directory.
 DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)
@@ -66,6 +68,7 @@ class CouchSettings:
     pool_size: int = DEFAULT_CONCURRENCY
     http_retries: int = DEFAULT_HTTP_RETRIES
     http_backoff: float = 0.2  # seconds before the first quick retry, doubling after
+    password_file: str | None = None  # where the password came from: read again while paused for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,7 @@ class AmqpSettings:
     heartbeat: int = 30
     batch: int = 1  # the worker's option defaults to DEFAULT_BATCH; 1 applies each message alone
     batch_wait: float = DEFAULT_BATCH_WAIT
+    pause_probe: float = DEFAULT_PAUSE_PROBE
 
     @property
     def url(self) -> str:
@@ -205,9 +209,9 @@ def load_amqp(urls: str | Sequence[str], *, username: str = DEFAULT_AMQP_USER, p
     settings = AmqpSettings(urls=bare, username=user, password=secret, **tuning)
     if settings.prefetch < 1 or settings.delivery_limit < 1 or settings.retry_delay <= 0 \
             or settings.shutdown_timeout <= 0 or not settings.queue_prefix or settings.batch < 1 \
-            or settings.batch_wait < 0:
-        raise ConfigError("prefetch, delivery limit, retry delay, shutdown timeout and batch must be positive, "
-                          "the batch wait not negative, and the queue prefix not empty")
+            or settings.batch_wait < 0 or settings.pause_probe <= 0:
+        raise ConfigError("prefetch, delivery limit, retry delay, shutdown timeout, batch and pause probe must be "
+                          "positive, the batch wait not negative, and the queue prefix not empty")
     return settings
 
 
@@ -296,7 +300,8 @@ def load_couch(url: str, *, username: str | None = None, password: str | None = 
         raise ConfigError("the CouchDB timeout and pool size must be positive")
     bare = urlunsplit(parts._replace(netloc=_host(parts))).rstrip("/")
     return CouchSettings(url=bare, username=username or _url_user(parts),
-                         password=_password(password, password_file, parts), timeout=timeout, pool_size=pool_size)
+                         password=_password(password, password_file, parts), timeout=timeout, pool_size=pool_size,
+                         password_file=password_file if password is None else None)
 
 
 def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, state_db: str = DEFAULT_STATE_DB,

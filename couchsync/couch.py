@@ -20,7 +20,7 @@ from ibmcloudant.cloudant_v1 import CloudantV1
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from couchsync.config import CouchSettings
+from couchsync.config import CouchSettings, Secret
 from couchsync.errors import (
     AccessDenied, CouchError, CouchUnavailable, DocumentConflict, NotFound)
 
@@ -139,6 +139,34 @@ class CouchGateway:
         """`GET /`: the server's welcome document."""
         with translate_errors():
             return self._service.get_server_information().get_result()  # type: ignore[no-any-return]
+
+    def up(self) -> None:
+        """`GET /_up`: the server is up and ready to serve.
+
+        Raises:
+            CouchUnavailable: unreachable, timed out, or answering 5xx.
+            AccessDenied: the credentials are refused.
+        """
+        try:
+            with translate_errors():
+                self._service.get_up_information()
+        except NotFound:
+            self.server_info()  # PouchDB Server has no /_up: its welcome document says it answers
+
+    def session_name(self) -> str | None:
+        """`GET /_session`: the user name CouchDB sees in our credentials (None: anonymous).
+
+        Raises:
+            AccessDenied: the credentials are refused (a wrong password: 401).
+        """
+        with translate_errors():
+            context = self._service.get_session_information().get_result().get("userCtx") or {}
+        name = context.get("name")
+        return name if isinstance(name, str) else None
+
+    def set_password(self, username: str, password: Secret) -> None:
+        """Authenticate every later request with this password (the operator fixed the password file)."""
+        self._service.authenticator = BasicAuthenticator(username, password.value)
 
     def database_exists(self, db: str) -> bool:
         """Whether the database exists."""

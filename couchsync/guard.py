@@ -7,7 +7,9 @@ deleted or changed. The feed's sequence is kept in `_local/couchsync-db-updates`
 state database, so a restarted worker resumes where it stopped and sees what happened meanwhile.
 The first start (no sequence yet) sweeps every instance the global database lists; a sweep also runs
 every `sweep_interval` as a backstop. A server without the feed (PouchDB Server; CouchDB without its
-`_global_changes` database) is served by sweeps only, said once in the log.
+`_global_changes` database) is served by sweeps only, said once in the log. A server that does not
+answer when the guard starts (CouchDB down, or refusing the sync identity) is asked again every
+`feed_retry` seconds until the guard follows its feed; `couchsync_protection_feed_following` says which.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 from couchsync.config import SyncIdentity
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import PROTECTION_DDOC, DesignDocs, Target, deploy, same_body
-from couchsync.errors import CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, NotFound
+from couchsync.breaker import REFUSED_RETRY
+from couchsync.errors import (
+    AccessDenied, CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, NotFound)
 from couchsync.instances import InstanceDirectory
 from couchsync.metrics import Metrics
 
@@ -43,7 +47,8 @@ class ProtectionGuard:
 
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
                  identity: SyncIdentity, state_db: str, metrics: Metrics | None = None, *,
-                 concurrency: int = 8, sweep_interval: float = 3600.0, poll_seconds: float = POLL_SECONDS) -> None:
+                 concurrency: int = 8, sweep_interval: float = 3600.0, poll_seconds: float = POLL_SECONDS,
+                 feed_retry: float = 30.0) -> None:
         self._couch = couch
         self._directory = directory
         self._design = design
@@ -53,6 +58,7 @@ class ProtectionGuard:
         self._concurrency = concurrency
         self._sweep_interval = sweep_interval
         self._poll_seconds = poll_seconds
+        self._feed_retry = feed_retry
         self._good: dict[str, str] = {}  # database → revision of its protection last seen as deployed
         self._lock = threading.Lock()
         self._since_rev: str | None = None
@@ -72,18 +78,41 @@ class ProtectionGuard:
                 self._stopping.wait(RESTART_SECONDS)
 
     def _run(self) -> None:
-        try:
-            since = self._start()
-        except CouchsyncError as exc:
-            logger.warning("protection guard: cannot start (%s); sweeping every %.0fs", exc, FALLBACK_SWEEP)
-            since = None
+        since = self._start_when_reachable()
+        if self._stopping.is_set():
+            return
         if since is None:
             self._sweep_forever(min(self._sweep_interval, FALLBACK_SWEEP))
         else:
             self._follow(since)
 
-    def _start(self) -> str | None:
-        """Where to follow the feed from; None when the server has no feed. A first start sweeps."""
+    def _start_when_reachable(self) -> str | None:
+        """`_start`, tried again every `feed_retry` seconds while CouchDB fails (it may come up after the worker:
+        sweeping instead would leave new databases unprotected for minutes). None: no feed, or stopping."""
+        log = logger.warning
+        waited = False
+        while not self._stopping.is_set():
+            try:
+                return self._start(waited=waited)
+            except CouchsyncError as exc:
+                waited = True
+                if self._metrics is not None:
+                    self._metrics.protection_feed.set(0)
+                log("protection guard: cannot follow _db_updates yet (%s); trying again every %.0fs", exc,
+                    self._feed_retry)
+                log = logger.info  # once at WARNING: the gauge says the rest
+                # A refused password tried every few seconds would get the account locked out by CouchDB.
+                self._stopping.wait(max(self._feed_retry, REFUSED_RETRY) if isinstance(exc, AccessDenied)
+                                    else self._feed_retry)
+        return None
+
+    def _start(self, *, waited: bool = False) -> str | None:
+        """Where to follow the feed from; None when the server has no feed. A first start sweeps.
+
+        `waited`: CouchDB did not answer at first. A first start then follows the feed from its beginning
+        (one entry per database): a database created between CouchDB's return and this start, of an
+        instance the global database does not list yet, is found by no sweep, only by the feed.
+        """
         saved = self._couch.get_local(self._state.db, SINCE_DOC)
         if saved is not None:
             self._since_rev = saved.get("_rev")
@@ -101,6 +130,8 @@ class ProtectionGuard:
         except CouchError as exc:
             logger.warning(W_NO_FEED, f"CouchDB answered {exc.status}", FALLBACK_SWEEP, "")
             return None
+        if waited:
+            since = "0"
         self.sweep(first=True)
         self._save(since, force=True)
         return since

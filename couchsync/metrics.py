@@ -1,7 +1,8 @@
 """The worker's Prometheus metrics (names and labels defined here only) and their HTTP endpoint.
 
 `GET /metrics` is the Prometheus exposition; `GET /healthz` answers 200 while the worker is connected
-to the broker and consuming, 503 otherwise (for a load balancer or a liveness probe).
+to the broker and consuming, 503 with the reason otherwise (`not consuming`, `paused: couchdb`,
+`paused: credentials`), for a load balancer or a readiness probe.
 
 `reconcile --all` is a process that ends: its figures (`ReconcileMetrics`) go to a file for node_exporter's
 textfile collector, written atomically, instead of an endpoint nobody would scrape in time.
@@ -19,7 +20,8 @@ from prometheus_client import (
 
 from couchsync.events import ROUTING_KEYS, USER_CREATED
 
-OUTCOMES = ("applied", "retried", "dead_lettered")
+OUTCOMES = ("applied", "retried", "dead_lettered", "paused")
+PAUSE_REASONS = ("couchdb", "credentials")  # see couchsync.breaker
 # A routing key is input (any publisher picks it): each value of a label is a series kept for the
 # process's life, so only the known keys are label values, and every other key is one "other".
 KNOWN_ROUTING_KEYS = frozenset(ROUTING_KEYS) | {USER_CREATED}
@@ -34,7 +36,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.events = Counter("couchsync_events", "Messages handled, by routing key and outcome "
-                              "(applied, retried, dead_lettered).", ["routing_key", "outcome"],
+                              "(applied, retried, dead_lettered, paused: handed back unchanged).",
+                              ["routing_key", "outcome"],
                               registry=self.registry)
         self.fanout_seconds = Histogram("couchsync_fanout_seconds", "Time to apply one event to every "
                                         "instance of its organization.", ["routing_key"],
@@ -56,6 +59,11 @@ class Metrics:
             "couchsync_instance_records_rejected", "Records of the global instances database skipped as invalid "
             "or sharing databases with another (each counted once per process).", ["problem"],
             registry=self.registry)
+        self.paused = Gauge("couchsync_paused", "1 while the worker is paused, by reason: couchdb (unreachable, "
+                            "timing out or answering 5xx), credentials (the sync identity refused).", ["reason"],
+                            registry=self.registry)
+        for reason in PAUSE_REASONS:
+            self.paused.labels(reason).set(0)  # the series exist from the start: an alert sees 0, not nothing
         self.reconnects = Counter("couchsync_broker_reconnects", "Connections to the broker made again after "
                                   "one was lost.", registry=self.registry)
 
@@ -79,6 +87,11 @@ class Metrics:
     def count_event(self, routing_key: str, outcome: str) -> None:
         """One message handled, with its outcome."""
         self.events.labels(routing_key_label(routing_key), outcome).inc()
+
+    def set_paused(self, reason: str | None) -> None:
+        """The worker is paused for `reason`, or (None) consumes."""
+        for known in {*PAUSE_REASONS, *([reason] if reason else [])}:
+            self.paused.labels(known).set(1 if known == reason else 0)
 
     def count_refusals(self, routing_key: str, refusals: int) -> None:
         """Changes refused in the instances by one applied message."""
@@ -127,16 +140,19 @@ def routing_key_label(routing_key: str) -> str:
     return routing_key if routing_key in KNOWN_ROUTING_KEYS else OTHER
 
 
-def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on a daemon thread; `shutdown()` then `server_close()` stop it."""
+def serve(metrics: Metrics, host: str, port: int, problem: Callable[[], str | None]) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on a daemon thread; `shutdown()` then `server_close()` stop it.
+
+    `problem()`: None while the worker is healthy, else what is wrong (the 503's body).
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
             if self.path == "/metrics":
                 self._answer(200, metrics.exposition(), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                ok = healthy()
-                self._answer(200 if ok else 503, b"ok\n" if ok else b"not consuming\n", "text/plain")
+                wrong = problem()
+                self._answer(503 if wrong else 200, f"{wrong or 'ok'}\n".encode(), "text/plain")
             else:
                 self._answer(404, b"not found\n", "text/plain")
 

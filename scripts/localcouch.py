@@ -72,6 +72,12 @@ class LocalCouch:
     def stop(self) -> None:
         """Stop the server this object started (none for an external CouchDB)."""
         self.session.close()
+        self.halt()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stop its process, keeping its folder (its settings and data) to start it again."""
         if self.process is not None and self.process.poll() is None:
             # The process group: the server started with a session of its own, and its helpers
             # (CouchDB's couchjs, Node's workers) go with it.
@@ -81,8 +87,6 @@ class LocalCouch:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes] | None, log: Path | None,
@@ -174,19 +178,23 @@ def _start_node(home: Path, node: str, cookie: str, port: int, admin: tuple[str,
     log = workdir / "couch.log"
     (workdir / "node.ini").write_text(node_ini(data, port, [admin, sync], log) + "\n".join(cluster or ()) + "\n")
     (workdir / "vm.args").write_text(vm_args(node, cookie))
-    inis = [home / "etc" / "default.ini", home / "etc" / "local.ini", workdir / "node.ini"]
-    env = {**os.environ, "COUCHDB_ARGS_FILE": str(workdir / "vm.args"),
-           "COUCHDB_INI_FILES": " ".join(str(path) for path in inis)}
-    with (workdir / "stdout.log").open("wb") as out:
-        process = subprocess.Popen([str(home / "bin" / "couchdb")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    couch = LocalCouch(f"http://127.0.0.1:{port}", admin, sync, COUCHDB, process, workdir, node=node)
+    couch = LocalCouch(f"http://127.0.0.1:{port}", admin, sync, COUCHDB, _launch(home, workdir), workdir, node=node)
     try:
-        wait_until_up(couch.url, process, log, path="/_up")
+        wait_until_up(couch.url, couch.process, log, path="/_up")
     except BaseException:
         couch.stop()
         raise
     return couch
+
+
+def _launch(home: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    """Start the node whose settings `workdir` holds (node.ini, vm.args), in a session of its own."""
+    inis = [home / "etc" / "default.ini", home / "etc" / "local.ini", workdir / "node.ini"]
+    env = {**os.environ, "COUCHDB_ARGS_FILE": str(workdir / "vm.args"),
+           "COUCHDB_INI_FILES": " ".join(str(path) for path in inis)}
+    with (workdir / "stdout.log").open("ab") as out:
+        return subprocess.Popen([str(home / "bin" / "couchdb")], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 @dataclass
@@ -194,10 +202,22 @@ class CouchCluster:
     """Nodes of one CouchDB cluster, each its own URL; the same admins on each."""
 
     nodes: list[LocalCouch]
+    home: Path | None = None  # the unpacked release the nodes run
 
     @property
     def first(self) -> LocalCouch:
         return self.nodes[0]
+
+    def stop_node(self, index: int) -> None:
+        """Stop one node, keeping its data: `start_node` starts it again, and it catches up with the others."""
+        self.nodes[index].halt()
+
+    def start_node(self, index: int) -> None:
+        """Start a stopped node again on its port, settings and data; returns once it answers `/_up`."""
+        node = self.nodes[index]
+        assert self.home is not None and node.workdir is not None
+        node.process = _launch(self.home, node.workdir)
+        wait_until_up(node.url, node.process, node.workdir / "couch.log", path="/_up")
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -217,7 +237,7 @@ def start_couchdb_cluster(release: Path, size: int = 3) -> CouchCluster:
     tag, cookie = secrets.token_hex(4), secrets.token_hex(16)
     shared = ["[couchdb]", "single_node = false", f"uuid = {secrets.token_hex(16)}",
               "[chttpd_auth]", f"secret = {secrets.token_hex(16)}"]
-    cluster = CouchCluster([])
+    cluster = CouchCluster([], home)
     try:
         for number in range(1, size + 1):
             cluster.nodes.append(_start_node(home, f"couchsync-{tag}-c{number}@127.0.0.1", cookie, free_port(),

@@ -8,8 +8,8 @@ import pytest
 
 from couchsync import config
 from couchsync.amqp import (
-    ATTEMPT, MAX_HEADERS_BYTES, MAX_REASON, MAX_ROUTING_KEY, REASON, ROUTING_KEY, Ack, DeadLetter, Delivery, Retry,
-    disposition, message_digest, republish_headers, retry_delay)
+    ATTEMPT, MAX_HEADERS_BYTES, MAX_REASON, MAX_ROUTING_KEY, REASON, ROUTING_KEY, Ack, DeadLetter, Delivery, Pause,
+    Retry, decide, disposition, message_digest, republish_headers, retry_delay)
 from couchsync.dead_letters import DeadMessage
 from couchsync.errors import (
     AccessDenied, BrokerUnavailable, ConfigError, CouchUnavailable, DocumentConflict, InstancesFailed,
@@ -38,6 +38,27 @@ SETTINGS = config.load_amqp("amqp://127.0.0.1", delivery_limit=5, retry_delay=2.
 ], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
 def test_disposition(error, attempt, expected):
     assert disposition(error, attempt, SETTINGS) == expected
+
+
+@pytest.mark.parametrize("error, attempt, paused, expected", [
+    # CouchDB failing (the breaker's reason given): whatever it may be to blame for is paused, even at
+    # the last attempt, which a retry would have dead-lettered.
+    (CouchUnavailable("CouchDB unreachable"), 5, "couchdb", Pause("couchdb")),
+    (InstancesUnavailable("failed in 3 of 3"), 1, "couchdb", Pause("couchdb")),
+    (AccessDenied("access denied", status=401), 1, "credentials", Pause("credentials")),
+    (InstancesFailed("failed in 3 of 3: unauthorized"), 1, "credentials", Pause("credentials")),
+    # The message's own fault is judged as ever, paused or not.
+    (InvalidEvent("body is not JSON"), 1, "couchdb", DeadLetter("InvalidEvent: body is not JSON")),
+    (UnknownOrganization("no instance"), 1, "couchdb", DeadLetter("UnknownOrganization: no instance")),
+    (DocumentConflict("conflict"), 1, "couchdb", Retry(2.0, "DocumentConflict: conflict")),
+    (None, 1, "couchdb", Ack()),
+    # CouchDB answering (one instance database failed): a retry, then a dead letter, as before.
+    (CouchUnavailable("503 in one database"), 1, None, Retry(2.0, "CouchUnavailable: 503 in one database")),
+    (CouchUnavailable("503 in one database"), 5, None,
+     DeadLetter("gave up after 5 attempts: CouchUnavailable: 503 in one database")),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_decide_pauses_only_what_a_failing_couchdb_may_be_to_blame_for(error, attempt, paused, expected):
+    assert decide(error, attempt, SETTINGS, paused) == expected
 
 
 def test_retry_delays_double_from_the_first_and_are_capped():
