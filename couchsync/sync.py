@@ -17,19 +17,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
-from couchsync.config import SyncSettings
+from couchsync.config import FUTURE_STAMP_WARNING, SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs, ensure
 from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc
 from couchsync.errors import (
-    CouchError, CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization)
+    CouchError, CouchsyncError, FutureEvent, InstancesFailed, InstancesUnavailable, UnknownInstance,
+    UnknownOrganization)
 from couchsync.events import Event, GroupEvent, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
 from couchsync.plan import GroupChange, InstanceView, Plan, group_changes, plan_group_changes, plan_profile
 from couchsync.reader import InstanceReader
-from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id, seed
+from couchsync.state import GroupState, PersonState, group_state_id, person_state_id, seed
 from couchsync.settle import Repair, Settling, joined_repairs, repairs_of, unsettled
 from couchsync.state_store import StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
@@ -62,6 +64,9 @@ class EventReport:
     subject: str
     instances: tuple[InstanceReport, ...]
     seconds: float
+    # Events of a batch that failed on their own (their position, the error), e.g. a group whose state
+    # CouchDB refused, or a stale event: the others were applied.
+    condemned: tuple[tuple[int, CouchsyncError], ...] = ()
 
     @property
     def writes(self) -> int:
@@ -107,8 +112,10 @@ class Synchronizer:
     """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
 
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
-                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None) -> None:
+                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None,
+                 future_stamped: Callable[[], None] | None = None) -> None:
         self._couch = couch
+        self._future_stamped = future_stamped or (lambda: None)  # counts events stamped ahead of the clock
         self.settling = settling or Settling(0)
         self._protection = protection  # installed in an instance before a bootstrap copies into it
         self.directory = self._directory = directory
@@ -141,7 +148,10 @@ class Synchronizer:
             CouchError: the global database or the directory state could not be read or written.
         """
         if isinstance(event, GroupEvent):
-            return self.apply_batch([event])
+            report = self.apply_batch([event])
+            for _, error in report.condemned:
+                raise error
+            return report
         started = time.monotonic()
         organization_id = self._organization_of(event)
         reports = self._onboard(event, organization_id)
@@ -163,14 +173,21 @@ class Synchronizer:
         started = time.monotonic()
         organization_id = events[0].organization_id
         instances = self.instances_of(organization_id)
-        self.states.merge(state for event in events for state in contribution(event))
-        projection = _GroupProjection(self, organization_id, [event.group_id for event in events],
-                                      lambda states: group_changes(events, states))
-        reports = tuple(self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
-                                       instances))
+        failed = self.states.merge_events(events, self._settings.state_horizon).failed
+        applied = [event for position, event in enumerate(events) if position not in failed]
+        reports: tuple[InstanceReport, ...] = ()
+        if applied:
+            projection = _GroupProjection(self, organization_id, [event.group_id for event in applied],
+                                          lambda states: group_changes(applied, states))
+            reports = tuple(self._pool.map(
+                lambda instance: self._converge(instance, projection.planner(instance)), instances))
+        for position, error in failed.items():
+            logger.warning("%s %s/%s not applied: %s", events[position].routing_key, organization_id,
+                           events[position].group_id[:MAX_LOGGED_TEXT], error)
         routing_key = events[0].routing_key if len(events) == 1 else f"batch of {len(events)}"
         subject = ",".join(dict.fromkeys(event.group_id for event in events))
-        return self._report(routing_key, organization_id, subject, reports, started)
+        report = self._report(routing_key, organization_id, subject, reports, started)
+        return replace(report, condemned=tuple(sorted(failed.items(), key=lambda item: item[0])))
 
     @staticmethod
     def _report(routing_key: str, organization_id: str, subject: str, reports: tuple[InstanceReport, ...],
@@ -376,7 +393,31 @@ class Synchronizer:
             InstancesFailed: failed in some instances (InstancesUnavailable: trying again may help).
             CouchError: the global database could not be read.
         """
-        return _fields_of(self.apply(parse_event(routing_key, body, not_after=self._settings.not_after())))
+        return _fields_of(self.apply(self.parse(routing_key, body)))
+
+    def parse(self, routing_key: str, body: bytes | str | dict[str, object]) -> Event:
+        """The event a message carries, refused beyond the future skew; one stamped more than a few
+        seconds ahead of the clock is logged at WARNING and counted (a publisher's clock going astray).
+
+        Raises:
+            InvalidEvent: not a valid event (FutureEvent: too far in the future, for now).
+        """
+        now = datetime.now(timezone.utc)
+        try:
+            event = parse_event(routing_key, body, not_after=self._settings.not_after(now))
+        except FutureEvent as exc:
+            self._ahead(routing_key, exc.timestamp, now)
+            raise
+        if event.timestamp > now + FUTURE_STAMP_WARNING:
+            self._ahead(routing_key, event.timestamp, now)
+        return event
+
+    def _ahead(self, routing_key: str, timestamp: datetime, now: datetime) -> None:
+        logger.warning("%s stamped %s, %.1fs ahead of this machine's clock (events further ahead than %s are "
+                       "refused): is the publisher's clock right?", routing_key[:MAX_LOGGED_TEXT],
+                       f"{timestamp:%Y-%m-%dT%H:%M:%S.%fZ}", (timestamp - now).total_seconds(),
+                       self._settings.max_future_skew)
+        self._future_stamped()
 
     def batch_key(self, routing_key: str, body: bytes) -> str | None:
         """The key of the messages this one may be applied with (its organization: see `handle_batch`);
@@ -392,14 +433,16 @@ class Synchronizer:
         order: its log fields, or the error that ends it.
 
         Every valid event shares the batch's outcome: a failure in some instance fails each of them (each
-        is then retried on its own count). The batch's totals (writes, refusals, requests) are carried by
-        the first one's fields, so that sums over messages stay true.
+        is then retried on its own count), except an event that failed on its own (its group's state
+        refused by CouchDB, a stale event), which gets its own error while the others apply. The batch's
+        totals (writes, refusals, requests) are carried by the first applied one's fields, so that sums
+        over messages stay true.
         """
         outcomes: list[Mapping[str, object] | Exception | None] = [None] * len(messages)
         events: list[tuple[int, GroupEvent]] = []
         for position, (routing_key, body) in enumerate(messages):
             try:
-                event = parse_event(routing_key, body, not_after=self._settings.not_after())
+                event = self.parse(routing_key, body)
                 if not isinstance(event, GroupEvent):
                     outcomes[position] = _fields_of(self.apply(event))
                     continue
@@ -408,16 +451,28 @@ class Synchronizer:
                 continue
             events.append((position, event))
         if events:
-            try:
-                fields: Mapping[str, object] | Exception = _fields_of(self.apply_batch([e for _, e in events]))
-            except CouchsyncError as exc:
-                fields = exc
-            for number, (position, _) in enumerate(events):
-                outcomes[position] = fields if number == 0 or isinstance(fields, Exception) else {
-                    **fields, "writes": 0, "bulk_writes": 0, "refusals": 0}
+            for position, outcome in zip((position for position, _ in events),
+                                         self._batch_outcomes([event for _, event in events])):
+                outcomes[position] = outcome
         handled = [outcome for outcome in outcomes if outcome is not None]
         assert len(handled) == len(messages), "every message has its outcome"
         return handled
+
+    def _batch_outcomes(self, events: Sequence[GroupEvent]) -> list[Mapping[str, object] | Exception]:
+        """One outcome per event of a batch: its own error (a condemned event), or the batch's."""
+        try:
+            report = self.apply_batch(events)
+            fields: Mapping[str, object] | Exception = _fields_of(report)
+        except CouchsyncError as exc:
+            return [exc] * len(events)
+        condemned = dict(report.condemned)
+        outcomes: list[Mapping[str, object] | Exception] = []
+        for position in range(len(events)):
+            carried = any(isinstance(outcome, Mapping) for outcome in outcomes)
+            outcome = condemned.get(position) or fields
+            outcomes.append(outcome if isinstance(outcome, Exception) or not carried else {
+                **outcome, "writes": 0, "bulk_writes": 0, "refusals": 0})
+        return outcomes
 
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""
