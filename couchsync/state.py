@@ -187,7 +187,8 @@ class Admission:
 
 def admit(known: GroupState | None, events: Sequence[GroupEvent], keep: timedelta) -> Admission:
     """The events of one group merged into its stored state (`known`), the removals older than `keep`
-    before the newest stamp dropped, and the events stamped before that horizon refused.
+    before the newest stamp dropped, and the events stamped before that horizon refused, unless the
+    state holds them already (a redelivery changes nothing).
 
     The refusal is what makes dropping safe: an addition older than a forgotten removal must not bring
     the member back. The horizon is computed with the whole batch, so what is dropped was stored
@@ -196,16 +197,18 @@ def admit(known: GroupState | None, events: Sequence[GroupEvent], keep: timedelt
     result is the one of applying, in stamp order, the events that were not refused.
     """
     base = known or GroupState(events[0].organization_id, events[0].group_id)
-    merged_all = base
+    everything = base
     for event in events:
-        merged_all = merged_all.merged(event)
-    horizon = max(base.horizon, horizon_of(merged_all.newest, keep))
-    stale = tuple(event for event in events if event.stamp < horizon)
+        everything = everything.merged(event)
+    horizon = max(base.horizon, horizon_of(everything.newest, keep))
     state = base
     for event in events:
         if event.stamp >= horizon:
             state = state.merged(event)
-    return Admission(state.compacted(horizon), stale)
+    state = state.compacted(horizon)
+    stale = tuple(event for event in events
+                  if event.stamp < horizon and state.merged(event).compacted(horizon) != state)
+    return Admission(state, stale)
 
 
 def horizon_of(stamp: str, keep: timedelta) -> str:
