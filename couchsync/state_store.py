@@ -130,11 +130,11 @@ class StateStore:
         size = len(json.dumps(state.to_doc(), separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
         limit = self._couch.max_document_size()
         shown = f"{limit} bytes" if limit is not None else "unknown (the server's configuration is not readable)"
+        refusal = result.error if result.error == "document_too_large" else f"{result.error}: {result.reason}"
         return GroupStateRefused(
             f"group {state.external_id!r} of organization {state.organization_id!r}: its directory state "
-            f"({size} bytes) was refused by CouchDB ({result.error}: {result.reason}); the server's "
-            f"max_document_size is {shown}; this group's events fail until its state is smaller or the "
-            f"limit larger", size=size, limit=limit)
+            f"({size} bytes) was refused ({refusal}); the server's max_document_size is {shown}; this group's "
+            f"events fail until its state is smaller or the limit larger", size=size, limit=limit)
 
     def _converge(self, pending: dict[str, Update]) -> _Converged:
         """Bring each state to its update of what is stored, by compare-and-set; a conflict reads again.

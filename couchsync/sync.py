@@ -181,9 +181,6 @@ class Synchronizer:
                                           lambda states: group_changes(applied, states))
             reports = tuple(self._pool.map(
                 lambda instance: self._converge(instance, projection.planner(instance)), instances))
-        for position, error in failed.items():
-            logger.warning("%s %s/%s not applied: %s", events[position].routing_key, organization_id,
-                           events[position].group_id[:MAX_LOGGED_TEXT], error)
         routing_key = events[0].routing_key if len(events) == 1 else f"batch of {len(events)}"
         subject = ",".join(dict.fromkeys(event.group_id for event in events))
         report = self._report(routing_key, organization_id, subject, reports, started)
