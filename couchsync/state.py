@@ -317,12 +317,15 @@ def join_states(states: Iterable[State]) -> State | None:
 
 
 def contribution(event: GroupEvent) -> list[State]:
-    """What one event adds to the state, to be joined into it: the group's registers, and the profiles of
-    the people it adds (a removal names a person without describing them)."""
-    found: list[State] = [GroupState(event.organization_id, event.group_id).merged(event)]
-    if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
-        found += [PersonState.of(event.organization_id, member, event.stamp) for member in event.members]
-    return found
+    """What one event adds to the state, to be joined into it: the group's registers, and `profiles`."""
+    return [GroupState(event.organization_id, event.group_id).merged(event), *profiles(event)]
+
+
+def profiles(event: GroupEvent) -> list[PersonState]:
+    """The profiles of the people an event adds (a removal names a person without describing them)."""
+    if event.kind not in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
+        return []
+    return [PersonState.of(event.organization_id, member, event.stamp) for member in event.members]
 
 
 def seed(organization_id: str, groups: Iterable[Doc],

@@ -25,8 +25,8 @@ from couchsync.errors import (
 from couchsync.events import GroupEvent
 from couchsync.settle import STATE, Settling
 from couchsync.state import (
-    GROUP, PERSON, Admission, GroupState, PersonState, State, admit, contribution, group_state_id, id_range,
-    join_states, organization_state_id, state_from_doc)
+    GROUP, PERSON, Admission, GroupState, PersonState, State, admit, group_state_id, id_range, join_states,
+    organization_state_id, profiles, state_from_doc)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class StateStore:
                 failed.update((position, _stale(events[position], admission.state))
                               for position in by_group[state_id] if events[position] in admission.stale)
         people = self.merge(state for position, event in enumerate(events) if position not in failed
-                            for state in contribution(event)[1:])
+                            for state in profiles(event))
         return Merged({**groups.done, **people}, failed)
 
     def _refusal(self, state: GroupState, result: WriteResult) -> GroupStateRefused:

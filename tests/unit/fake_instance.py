@@ -11,7 +11,7 @@ from datetime import timedelta
 from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf
 from couchsync.events import GroupEvent
 from couchsync.plan import InstanceView, Plan, group_changes, plan_group_changes
-from couchsync.state import GroupState, PersonState, admit, contribution, group_state_id, person_state_id
+from couchsync.state import GroupState, PersonState, admit, group_state_id, person_state_id, profiles
 
 _revs = itertools.count(1)
 
@@ -49,7 +49,7 @@ class FakeInstance:
             self.stale += admission.stale
         admitted = [event for event in events if event not in self.stale]
         self.admitted += admitted
-        for state in (state for event in admitted for state in contribution(event)[1:]):
+        for state in (state for event in admitted for state in profiles(event)):
             known = self.states.get(state.state_id)
             self.states[state.state_id] = known.joined(state) if known is not None else state  # type: ignore
         return admitted
