@@ -249,11 +249,16 @@ def shown(text: str, limit: int = REPORT_FIELD_LENGTH) -> str:
     return escaped + (f"…({len(text)} characters)" if len(text) > limit else "")
 
 
+def _not_applied(report: EventReport) -> str:
+    """How many events of a batch failed on their own (each gets a line of its own after the batch's)."""
+    return f", {len(report.condemned)} events not applied" if report.condemned else ""
+
+
 def _print_report(lines: str, report: EventReport) -> None:
     status = "FAILED" if report.failures else "ok"
     click.echo(f"{lines}: {shown(report.routing_key)} {shown(report.organization_id)}/{shown(report.subject)}: "
                f"{status}, {len(report.instances)} instances, {report.writes} writes, "
-               f"{len(report.refusals)} refusals ({report.seconds:.2f}s)")
+               f"{len(report.refusals)} refusals{_not_applied(report)} ({report.seconds:.2f}s)")
     for domain, reason in report.refusals:
         click.echo(f"    refused in {shown(domain)}: {shown(reason, REPORT_REASON_LENGTH)}")
     for failure in report.failures:

@@ -161,6 +161,8 @@ class Synchronizer:
         """Apply group events of one organization together: merged into the state at once, then projected
         once per instance (one `_bulk_docs` per database for the whole batch). The result is the one of
         applying them one by one, in any order (the merge is commutative and the projection idempotent).
+        An event that fails on its own (its group's state refused by CouchDB, a stale event) is in the
+        report's `condemned`, not merged nor projected; the others are applied.
 
         Raises:
             ValueError: the events are of several organizations, or none.
