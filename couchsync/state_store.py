@@ -112,17 +112,25 @@ class StateStore:
             admissions[state_id] = admission
             return admission.state
         groups = self._converge({state_id: functools.partial(admitted, state_id) for state_id in by_group})
-        failed: dict[int, CouchsyncError] = {}
-        for state_id, result in groups.refused.items():
-            error = self._refusal(admissions[state_id].state, result)
-            failed.update((position, error) for position in by_group[state_id])
-        for state_id, admission in admissions.items():
-            if state_id not in groups.refused:
-                failed.update((position, _stale(events[position], admission.state))
-                              for position in by_group[state_id] if events[position] in admission.stale)
+        failed = self._failures(events, by_group, admissions, groups.refused)
         people = self.merge(state for position, event in enumerate(events) if position not in failed
                             for state in profiles(event))
         return Merged({**groups.done, **people}, failed)
+
+    def _failures(self, events: Sequence[GroupEvent], by_group: dict[str, list[int]],
+                  admissions: dict[str, Admission], refused: dict[str, WriteResult]) -> dict[int, CouchsyncError]:
+        """The events that failed on their own, by position: every event of a group whose state was
+        refused, and the stale events of the others."""
+        failed: dict[int, CouchsyncError] = {}
+        for state_id, positions in by_group.items():
+            admission = admissions[state_id]
+            if state_id in refused:
+                error = self._refusal(admission.state, refused[state_id])
+                failed.update((position, error) for position in positions)
+            else:
+                failed.update((position, _stale(events[position], admission.state))
+                              for position in positions if events[position] in admission.stale)
+        return failed
 
     def _refusal(self, state: GroupState, result: WriteResult) -> GroupStateRefused:
         """The error of the events of a group whose state document CouchDB refused: the group, the
