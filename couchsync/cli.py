@@ -29,6 +29,7 @@ from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownI
 from couchsync.events import GroupEvent
 from couchsync.guard import ProtectionGuard
 from couchsync.instances import Instance, InstanceDirectory
+from couchsync.messages import Messages
 from couchsync.metrics import Metrics, ReconcileMetrics, serve
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
 from couchsync.reconcile_all import OrganizationResult, ReconcileRun, RunProgress
@@ -61,12 +62,11 @@ class Context:
         return InstanceDirectory(couch, self.sync.global_db, indexes=indexes, page_size=self.sync.page_size,
                                  on_rejected=self.on_rejected)
 
-    def synchronizer(self, couch: CouchGateway, settling: Settling | None = None,
-                     future_stamped: Callable[[], None] | None = None) -> Synchronizer:
+    def synchronizer(self, couch: CouchGateway, settling: Settling | None = None) -> Synchronizer:
         design = self.design()
         protection = design.protection(self.identity) if self.identity else None
         return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync, protection,
-                            settling, future_stamped)
+                            settling)
 
     def reconciler(self, couch: CouchGateway, sync: Synchronizer) -> Reconciler:
         return Reconciler(couch, sync.directory, sync.states, sync.instances_of, sync.reader, sync.writer,
@@ -313,11 +313,12 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, state_horizon: 
                 failed(str(numbers[position]), events[position].routing_key, error)
 
     with obj.gateway() as couch, obj.synchronizer(couch) as sync:
+        messages = Messages(sync, obj.sync)
         for number, routing_key, body in read_messages(source):
             try:
                 if isinstance(body, Exception):
                     raise body
-                event = sync.parse(routing_key, body)
+                event = messages.parse(routing_key, body)
             except CouchsyncError as exc:
                 failed(str(number), routing_key, exc)
                 continue
@@ -378,12 +379,13 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     metrics = Metrics()
     obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
-    sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc), metrics.future_stamped.inc)
+    sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc))
+    messages = Messages(sync, obj.sync, metrics.future_stamped.inc)
     metrics.settling_pending.set_function(sync.settling.pending)
     guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
                             concurrency=obj.sync.concurrency, sweep_interval=protection_sweep)
-    consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
-                        batching=Batching(sync.batch_key, sync.handle_batch))
+    consumer = Consumer(settings, messages.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
+                        batching=Batching(messages.batch_key, messages.handle_batch))
     server = serve(metrics, process.metrics_host, process.metrics_port,
                    lambda: consumer.consuming) if process.metrics_port else None
     for signum in (signal.SIGTERM, signal.SIGINT):

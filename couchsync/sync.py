@@ -17,16 +17,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 
-from couchsync.config import FUTURE_STAMP_WARNING, SyncSettings
+from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import DesignDocs, ensure
 from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc
 from couchsync.errors import (
-    CouchError, CouchsyncError, FutureEvent, InstancesFailed, InstancesUnavailable, UnknownInstance,
-    UnknownOrganization)
-from couchsync.events import Event, GroupEvent, UserCreated, parse_event
+    CouchError, CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization)
+from couchsync.events import Event, GroupEvent, UserCreated
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
 from couchsync.plan import GroupChange, InstanceView, Plan, group_changes, plan_group_changes, plan_profile
@@ -112,10 +110,8 @@ class Synchronizer:
     """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
 
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
-                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None,
-                 future_stamped: Callable[[], None] | None = None) -> None:
+                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None) -> None:
         self._couch = couch
-        self._future_stamped = future_stamped or (lambda: None)  # counts events stamped ahead of the clock
         self.settling = settling or Settling(0)
         self._protection = protection  # installed in an instance before a bootstrap copies into it
         self.directory = self._directory = directory
@@ -384,95 +380,6 @@ class Synchronizer:
         return self._report("repair", org, ",".join(sorted(repair.groups | repair.emails)),
                             tuple(self._pool.map(one, instances)), started)
 
-    def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
-        """Apply one message's event everywhere; its log fields (what the worker gives the consumer).
-
-        Raises:
-            InvalidEvent, UnknownOrganization: never applicable as it is.
-            InstancesFailed: failed in some instances (InstancesUnavailable: trying again may help).
-            CouchError: the global database could not be read.
-        """
-        return _fields_of(self.apply(self.parse(routing_key, body)))
-
-    def parse(self, routing_key: str, body: bytes | str | dict[str, object]) -> Event:
-        """The event a message carries, refused beyond the future skew; one stamped more than a few
-        seconds ahead of the clock is logged at WARNING and counted (a publisher's clock going astray).
-
-        Raises:
-            InvalidEvent: not a valid event (FutureEvent: too far in the future, for now).
-        """
-        now = datetime.now(timezone.utc)
-        try:
-            event = parse_event(routing_key, body, not_after=self._settings.not_after(now))
-        except FutureEvent as exc:
-            self._ahead(routing_key, exc.timestamp, now)
-            raise
-        if event.timestamp > now + FUTURE_STAMP_WARNING:
-            self._ahead(routing_key, event.timestamp, now)
-        return event
-
-    def _ahead(self, routing_key: str, timestamp: datetime, now: datetime) -> None:
-        logger.warning("%s stamped %s, %.1fs ahead of this machine's clock (events further ahead than %s are "
-                       "refused): is the publisher's clock right?", routing_key[:MAX_LOGGED_TEXT],
-                       f"{timestamp:%Y-%m-%dT%H:%M:%S.%fZ}", (timestamp - now).total_seconds(),
-                       self._settings.max_future_skew)
-        self._future_stamped()
-
-    def batch_key(self, routing_key: str, body: bytes) -> str | None:
-        """The key of the messages this one may be applied with (its organization: see `handle_batch`);
-        None for a message to handle alone, at once: a user.created, or one that is not a valid event."""
-        try:
-            event = parse_event(routing_key, body, not_after=self._settings.not_after())
-        except CouchsyncError:
-            return None
-        return event.organization_id if isinstance(event, GroupEvent) else None
-
-    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[Mapping[str, object] | Exception]:
-        """Apply messages of one organization together (see `apply_batch`); one outcome per message, in
-        order: its log fields, or the error that ends it.
-
-        Every valid event shares the batch's outcome: a failure in some instance fails each of them (each
-        is then retried on its own count), except an event that failed on its own (its group's state
-        refused by CouchDB, a stale event), which gets its own error while the others apply. The batch's
-        totals (writes, refusals, requests) are carried by the first applied one's fields, so that sums
-        over messages stay true.
-        """
-        outcomes: list[Mapping[str, object] | Exception | None] = [None] * len(messages)
-        events: list[tuple[int, GroupEvent]] = []
-        for position, (routing_key, body) in enumerate(messages):
-            try:
-                event = self.parse(routing_key, body)
-                if not isinstance(event, GroupEvent):
-                    outcomes[position] = _fields_of(self.apply(event))
-                    continue
-            except CouchsyncError as exc:
-                outcomes[position] = exc
-                continue
-            events.append((position, event))
-        if events:
-            for position, outcome in zip((position for position, _ in events),
-                                         self._batch_outcomes([event for _, event in events])):
-                outcomes[position] = outcome
-        handled = [outcome for outcome in outcomes if outcome is not None]
-        assert len(handled) == len(messages), "every message has its outcome"
-        return handled
-
-    def _batch_outcomes(self, events: Sequence[GroupEvent]) -> list[Mapping[str, object] | Exception]:
-        """One outcome per event of a batch: its own error (a condemned event), or the batch's."""
-        try:
-            report = self.apply_batch(events)
-            fields: Mapping[str, object] | Exception = _fields_of(report)
-        except CouchsyncError as exc:
-            return [exc] * len(events)
-        condemned = dict(report.condemned)
-        outcomes: list[Mapping[str, object] | Exception] = []
-        for position in range(len(events)):
-            carried = any(isinstance(outcome, Mapping) for outcome in outcomes)
-            outcome = condemned.get(position) or fields
-            outcomes.append(outcome if isinstance(outcome, Exception) or not carried else {
-                **outcome, "writes": 0, "bulk_writes": 0, "refusals": 0})
-        return outcomes
-
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""
         try:
@@ -555,17 +462,3 @@ def _joined_reports(domain: str, reports: Sequence[InstanceReport]) -> InstanceR
     return InstanceReport(domain, sum(r.writes for r in reports), tuple(x for r in reports for x in r.refusals),
                           failed.error if failed else None, failed.retryable if failed else False,
                           max((r.attempts for r in reports), default=1), sum(r.requests for r in reports))
-
-
-def _fields_of(report: EventReport) -> dict[str, object]:
-    """The log fields of an applied event, once its refusals are said.
-
-    Raises:
-        InstancesFailed: it failed in some instances (InstancesUnavailable: trying again may help).
-    """
-    report.raise_for_failures()
-    # Refusals are outcomes, not failures: trying again is refused the same way until someone removes
-    # the document in the way, and the other instances are written already. Said, counted, acknowledged.
-    for domain, reason in report.refusals[:MAX_LOGGED_REFUSALS]:
-        logger.warning("refused in %s: %s", domain[:MAX_LOGGED_TEXT], reason[:MAX_LOGGED_TEXT])
-    return report.fields()

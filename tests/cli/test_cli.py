@@ -74,18 +74,9 @@ class FakeSynchronizer:
 
     def __init__(self):
         self.applied = []
-        self.settings = None
 
     def __enter__(self):
         return self
-
-    def using(self, settings):
-        self.settings = settings
-        return self
-
-    def parse(self, routing_key, body):
-        from couchsync.events import parse_event
-        return parse_event(routing_key, body, not_after=self.settings.not_after())
 
     def __exit__(self, *exc_info):
         pass
@@ -108,7 +99,7 @@ class FakeSynchronizer:
 def fake_sync(monkeypatch):
     from couchsync.cli import Context
     fake = FakeSynchronizer()
-    monkeypatch.setattr(Context, "synchronizer", lambda self, couch, *_: fake.using(self.sync))
+    monkeypatch.setattr(Context, "synchronizer", lambda self, couch: fake)
     return fake
 
 

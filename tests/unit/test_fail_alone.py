@@ -11,6 +11,7 @@ from couchsync.amqp import DeadLetter, disposition
 from couchsync.couch import CouchGateway
 from couchsync.errors import FutureEvent, GroupStateRefused, InvalidEvent, StaleEvent
 from couchsync.instances import InstanceDirectory
+from couchsync.messages import Messages
 from couchsync.sync import Synchronizer
 
 AMQP = config.load_amqp("amqp://127.0.0.1", delivery_limit=5, retry_delay=2.0)
@@ -33,9 +34,9 @@ def sync():
     counted = []
     gateway = CouchGateway(config.load_couch("http://couch.test:5984"))  # never asked: parsing does no I/O
     settings = config.load_sync(max_future_skew=timedelta(seconds=60))
-    with Synchronizer(gateway, InstanceDirectory(gateway, "global/instances"), design_docs.load(), settings,
-                      future_stamped=lambda: counted.append(1)) as synchronizer:
-        yield synchronizer, counted
+    with Synchronizer(gateway, InstanceDirectory(gateway, "global/instances"), design_docs.load(),
+                      settings) as synchronizer:
+        yield Messages(synchronizer, settings, future_stamped=lambda: counted.append(1)), counted
 
 
 def created(ahead: float) -> bytes:
@@ -45,17 +46,17 @@ def created(ahead: float) -> bytes:
 
 
 def test_an_event_stamped_more_than_five_seconds_ahead_is_logged_and_counted_yet_accepted(sync, caplog):
-    synchronizer, counted = sync
+    messages, counted = sync
     caplog.set_level(logging.WARNING, logger="couchsync.sync")
-    assert synchronizer.parse("b2b.group.created", created(1)).group_id == "eng"
+    assert messages.parse("b2b.group.created", created(1)).group_id == "eng"
     assert counted == [] and caplog.records == []  # a second ahead: ordinary drift
-    assert synchronizer.parse("b2b.group.created", created(30)).group_id == "eng"
+    assert messages.parse("b2b.group.created", created(30)).group_id == "eng"
     assert counted == [1] and "ahead of this machine's clock" in caplog.records[0].getMessage()
     assert caplog.records[0].levelno == logging.WARNING
 
 
 def test_an_event_beyond_the_future_skew_is_refused_counted_and_said_replayable(sync):
-    synchronizer, counted = sync
+    messages, counted = sync
     with pytest.raises(FutureEvent, match="replay it once its time has come") as caught:
-        synchronizer.parse("b2b.group.created", created(120))
+        messages.parse("b2b.group.created", created(120))
     assert isinstance(caught.value, InvalidEvent) and counted == [1]
