@@ -277,8 +277,9 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, state_horizon: 
     """Apply events read as JSON lines from SOURCE (a file, or - for standard input).
 
     Each line is {"routingKey": "b2b.group.created", "body": {...}}. Prints one summary per event (per
-    batch with --batch); exits 65 when a line is invalid (every other line is still applied), 1 when an
-    event failed in some instance, 0 otherwise.
+    batch with --batch); exits 65 when a line is invalid or an event was refused on its own (stale, its
+    group's state too large; every other line is still applied), 1 when an event failed in some
+    instance, 0 otherwise.
     """
     obj.sync = config.with_state_horizon(config.with_future_skew(obj.sync, max_future_skew), state_horizon)
     worst = 0

@@ -47,7 +47,7 @@ def created(ahead: float) -> bytes:
 
 def test_an_event_stamped_more_than_five_seconds_ahead_is_logged_and_counted_yet_accepted(sync, caplog):
     messages, counted = sync
-    caplog.set_level(logging.WARNING, logger="couchsync.sync")
+    caplog.set_level(logging.WARNING, logger="couchsync.messages")
     assert messages.parse("b2b.group.created", created(1)).group_id == "eng"
     assert counted == [] and caplog.records == []  # a second ahead: ordinary drift
     assert messages.parse("b2b.group.created", created(30)).group_id == "eng"
