@@ -27,9 +27,10 @@ from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome, findings
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
-from couchsync.events import GroupEvent, parse_event
+from couchsync.events import GroupEvent
 from couchsync.guard import ProtectionGuard
 from couchsync.instances import Instance, InstanceDirectory
+from couchsync.messages import Messages
 from couchsync.metrics import Metrics, ReconcileMetrics, serve
 from couchsync.reconcile import ERROR, REFUSED, DeletionLimit, InstanceResult, Reconciler
 from couchsync.reconcile_all import OrganizationResult, ReconcileRun, RunProgress
@@ -130,8 +131,17 @@ def future_skew_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--max-future-skew", envvar="COUCHSYNC_MAX_FUTURE_SKEW", metavar="SECONDS|DURATION",
         default=str(int(config.DEFAULT_MAX_FUTURE_SKEW.total_seconds())), show_default=True,
-        help="Refuse events stamped further ahead of this machine's clock (seconds, or e.g. 12h, 1d): "
+        help="Refuse events stamped further ahead of this machine's clock (seconds, or e.g. 5m, 1h): "
              "a far-future event would win over every later one.")(command)
+
+
+def state_horizon_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """How long a group's state remembers removals, shared by `apply` and `worker`."""
+    return click.option(
+        "--state-horizon", envvar="COUCHSYNC_STATE_HORIZON", metavar="SECONDS|DURATION",
+        default=f"{config.DEFAULT_STATE_HORIZON.days}d", show_default=True,
+        help="A removed member's record is forgotten once this much older than the group's newest event, "
+             "and the group's events stamped before that are refused as stale.")(command)
 
 
 def amqp_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -241,11 +251,16 @@ def shown(text: str, limit: int = REPORT_FIELD_LENGTH) -> str:
     return escaped + (f"…({len(text)} characters)" if len(text) > limit else "")
 
 
+def _not_applied(report: EventReport) -> str:
+    """How many events of a batch failed on their own (each gets a line of its own after the batch's)."""
+    return f", {len(report.condemned)} events not applied" if report.condemned else ""
+
+
 def _print_report(lines: str, report: EventReport) -> None:
     status = "FAILED" if report.failures else "ok"
     click.echo(f"{lines}: {shown(report.routing_key)} {shown(report.organization_id)}/{shown(report.subject)}: "
                f"{status}, {len(report.instances)} instances, {report.writes} writes, "
-               f"{len(report.refusals)} refusals ({report.seconds:.2f}s)")
+               f"{len(report.refusals)} refusals{_not_applied(report)} ({report.seconds:.2f}s)")
     for domain, reason in report.refusals:
         click.echo(f"    refused in {shown(domain)}: {shown(reason, REPORT_REASON_LENGTH)}")
     for failure in report.failures:
@@ -255,18 +270,20 @@ def _print_report(lines: str, report: EventReport) -> None:
 @cli.command()
 @click.argument("source", type=click.File("rb"), default="-")
 @future_skew_option
+@state_horizon_option
 @click.option("--batch", type=click.IntRange(1, 10_000), default=1, show_default=True,
               help="Apply up to N consecutive group events of one organization together, as the worker "
                    "batches them (merged into the state, then one projection per instance).")
 @click.pass_obj
-def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> None:
+def apply(obj: Context, source: IO[bytes], max_future_skew: str, state_horizon: str, batch: int) -> None:
     """Apply events read as JSON lines from SOURCE (a file, or - for standard input).
 
     Each line is {"routingKey": "b2b.group.created", "body": {...}}. Prints one summary per event (per
-    batch with --batch); exits 65 when a line is invalid (every other line is still applied), 1 when an
-    event failed in some instance, 0 otherwise.
+    batch with --batch); exits 65 when a line is invalid or an event was refused on its own (stale, its
+    group's state too large; every other line is still applied), 1 when an event failed in some
+    instance, 0 otherwise.
     """
-    obj.sync = config.with_future_skew(obj.sync, max_future_skew)
+    obj.sync = config.with_state_horizon(config.with_future_skew(obj.sync, max_future_skew), state_horizon)
     worst = 0
     pending: list[tuple[int, GroupEvent]] = []
 
@@ -276,30 +293,35 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> 
                    f"{shown(str(error), REPORT_REASON_LENGTH)}")
         worst = max(worst, error.exit_code)
 
-    def run(lines: str, routing_key: str, action: Callable[[], EventReport]) -> None:
+    def run(lines: str, routing_key: str, action: Callable[[], EventReport]) -> EventReport | None:
         nonlocal worst
         try:
             report = action()
         except CouchsyncError as exc:
             failed(lines, routing_key, exc)
-            return
+            return None
         _print_report(lines, report)
         if report.failures:
             worst = max(worst, EXIT_FAILED)
+        return report
 
     def flush() -> None:
         if pending:
             events = [event for _, event in pending]
-            lines = str(pending[0][0]) if len(pending) == 1 else f"{pending[0][0]}-{pending[-1][0]}"
+            numbers = [number for number, _ in pending]
+            lines = str(numbers[0]) if len(pending) == 1 else f"{numbers[0]}-{numbers[-1]}"
             pending.clear()
-            run(lines, events[0].routing_key, lambda: sync.apply_batch(events))
+            report = run(lines, events[0].routing_key, lambda: sync.apply_batch(events))
+            for position, error in report.condemned if report else ():  # each event that failed on its own
+                failed(str(numbers[position]), events[position].routing_key, error)
 
     with obj.gateway() as couch, obj.synchronizer(couch) as sync:
+        messages = Messages(sync, obj.sync)
         for number, routing_key, body in read_messages(source):
             try:
                 if isinstance(body, Exception):
                     raise body
-                event = parse_event(routing_key, body, not_after=obj.sync.not_after())
+                event = messages.parse(routing_key, body)
             except CouchsyncError as exc:
                 failed(str(number), routing_key, exc)
                 continue
@@ -346,11 +368,12 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, batch: int) -> 
               "CouchDB while the worker is paused (CouchDB down, or refusing the sync identity).")
 @identity_options
 @future_skew_option
+@state_horizon_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
            watchdog_usec: str | None, batch: int, batch_wait: float, protection_guard: bool, protection_sweep: float,
            settle_delay: float, protection_feed_retry: float, pause_probe: float, sync_names: tuple[str, ...],
-           sync_roles: tuple[str, ...], max_future_skew: str, **amqp: Any) -> None:
+           sync_roles: tuple[str, ...], max_future_skew: str, state_horizon: str, **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
@@ -359,7 +382,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     """
     obj: Context = ctx.obj
     logger.info("couchsync %s, design documents from the %s", __version__, design_docs.describe(obj.design_source))
-    obj.sync = config.with_future_skew(obj.sync, max_future_skew)
+    obj.sync = config.with_state_horizon(config.with_future_skew(obj.sync, max_future_skew), state_horizon)
     obj.identity = _identity(obj, sync_names, sync_roles)
     settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000, pause_probe=pause_probe)
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
@@ -368,6 +391,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     obj.on_rejected = metrics.instance_record_rejected
     couch = obj.gateway()
     sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc))
+    messages = Messages(sync, obj.sync, metrics.future_stamped.inc)
     metrics.settling_pending.set_function(sync.settling.pending)
     guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
                             concurrency=obj.sync.concurrency, sweep_interval=protection_sweep,
@@ -375,8 +399,8 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     probe = _probe_gateway(obj.couch)
     breaker = CouchBreaker(probe, obj.sync.state_db, obj.couch.username, password_file=obj.couch.password_file,
                            also_update=[couch])
-    consumer = Consumer(settings, sync.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
-                        batching=Batching(sync.batch_key, sync.handle_batch), health=breaker.check)
+    consumer = Consumer(settings, messages.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
+                        batching=Batching(messages.batch_key, messages.handle_batch), health=breaker.check)
     server = serve(metrics, process.metrics_host, process.metrics_port,
                    consumer.problem) if process.metrics_port else None
     for signum in (signal.SIGTERM, signal.SIGINT):

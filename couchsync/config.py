@@ -43,8 +43,13 @@ DEFAULT_METRICS_PORT = 9464   # 0 turns the metrics and health endpoint off
 DEFAULT_PAUSE_PROBE = 5.0     # seconds between two probes of CouchDB while the worker is paused
 DEFAULT_FEED_RETRY = 30.0     # seconds between two tries to follow _db_updates, for the protection guard
 # How far ahead of our clock an event's timestamp may be: a far-future event would win over every
-# later one for ever. A day covers any clock drift and time zone mistake of the directory.
-DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)
+# later one until its time comes (a clock 20 h ahead froze a group). The publishers run NTP.
+DEFAULT_MAX_FUTURE_SKEW = timedelta(minutes=5)
+# Further ahead than this, an accepted event is still logged and counted: a clock going astray.
+FUTURE_STAMP_WARNING = timedelta(seconds=5)
+# How long a group's state remembers a member's removal, back from the group's newest event; its
+# events stamped before that are refused as stale (see couchsync.state.admit).
+DEFAULT_STATE_HORIZON = timedelta(days=90)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +86,11 @@ class SyncSettings:
     page_size: int = DEFAULT_PAGE_SIZE
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW
+    state_horizon: timedelta = DEFAULT_STATE_HORIZON
 
-    def not_after(self) -> datetime:
-        """The latest event timestamp accepted now: the clock plus the allowed future skew."""
-        now = datetime.now(timezone.utc)
+    def not_after(self, now: datetime | None = None) -> datetime:
+        """The latest event timestamp accepted at `now` (the clock's): it plus the allowed future skew."""
+        now = now or datetime.now(timezone.utc)
         latest = datetime.max.replace(tzinfo=timezone.utc)
         return latest if self.max_future_skew >= latest - now else now + self.max_future_skew
 
@@ -306,7 +312,8 @@ def load_couch(url: str, *, username: str | None = None, password: str | None = 
 
 def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, state_db: str = DEFAULT_STATE_DB,
               concurrency: int = DEFAULT_CONCURRENCY, page_size: int = DEFAULT_PAGE_SIZE,
-              max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW) -> SyncSettings:
+              max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW,
+              state_horizon: timedelta = DEFAULT_STATE_HORIZON) -> SyncSettings:
     """SyncSettings, checked.
 
     Raises:
@@ -318,8 +325,9 @@ def load_sync(*, global_db: str = DEFAULT_GLOBAL_DB, state_db: str = DEFAULT_STA
         raise ConfigError("concurrency and page size must be at least 1")
     if max_future_skew < timedelta(0):
         raise ConfigError("the future skew must not be negative")
+    _check_horizon(state_horizon)
     return SyncSettings(global_db=global_db, state_db=state_db, concurrency=concurrency, page_size=page_size,
-                        max_future_skew=max_future_skew)
+                        max_future_skew=max_future_skew, state_horizon=state_horizon)
 
 
 def with_future_skew(settings: SyncSettings, text: str) -> SyncSettings:
@@ -329,6 +337,22 @@ def with_future_skew(settings: SyncSettings, text: str) -> SyncSettings:
         ConfigError: not a duration.
     """
     return replace(settings, max_future_skew=parse_duration(text))
+
+
+def with_state_horizon(settings: SyncSettings, text: str) -> SyncSettings:
+    """The settings with the state horizon a command's option gives (seconds or a duration).
+
+    Raises:
+        ConfigError: not a duration, or shorter than a minute.
+    """
+    return replace(settings, state_horizon=_check_horizon(parse_duration(text)))
+
+
+def _check_horizon(horizon: timedelta) -> timedelta:
+    # Shorter, events of an ordinary delivery delay (retries, a paused worker) would be refused as stale.
+    if horizon < timedelta(minutes=1):
+        raise ConfigError("the state horizon must be at least a minute (e.g. 90d)")
+    return horizon
 
 
 _DURATION = re.compile(r"(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?"

@@ -369,12 +369,39 @@ class CouchGateway:
         """Write documents in `_bulk_docs` of at most BULK_CHUNK each; one result per document, in order.
 
         A missing database is created first when `create_database` (the sync identity is an admin).
-        Chunks keep each request well within the read timeout whatever an event's size.
+        Chunks keep each request well within the read timeout whatever an event's size. A document over
+        the server's `max_document_size` is reported as its own error, `document_too_large`.
         """
         results: list[WriteResult] = []
         for start in range(0, len(docs), BULK_CHUNK):
-            results += self._bulk(db, docs[start:start + BULK_CHUNK], create_database)
+            results += self._bulk_apart(db, docs[start:start + BULK_CHUNK], create_database)
         return results
+
+    def _bulk_apart(self, db: str, docs: Sequence[Doc], create_database: bool) -> list[WriteResult]:
+        """`_bulk`, halving a request that CouchDB refuses whole (413: one document is over
+        `max_document_size`) until the documents too large are alone; nothing of a 413 request is written."""
+        try:
+            return self._bulk(db, docs, create_database)
+        except CouchError as exc:
+            if exc.status != 413:
+                raise
+            if len(docs) == 1:
+                return [WriteResult(doc_id=docs[0].get("_id", ""), error="document_too_large", reason=str(exc))]
+        middle = len(docs) // 2
+        return self._bulk_apart(db, docs[:middle], create_database) + self._bulk_apart(
+            db, docs[middle:], create_database)
+
+    def max_document_size(self) -> int | None:
+        """The server's `max_document_size` in bytes, or None when the identity may not read it (a server
+        admin may), it is not set, or the server has no such setting (PouchDB Server)."""
+        request = self._service.prepare_request(method="GET", url="/_node/_local/_config/couchdb/max_document_size",
+                                                headers={"Accept": "application/json"})
+        try:
+            with translate_errors():
+                value = self._service.send(request).get_result()
+            return int(value)
+        except (CouchError, TypeError, ValueError):
+            return None
 
     def _bulk(self, db: str, docs: Sequence[Doc], create_database: bool) -> list[WriteResult]:
         try:

@@ -3,6 +3,10 @@
     CouchsyncError
     ├── ConfigError             bad or missing setting                      exit 78 (EX_CONFIG)
     ├── InvalidEvent            not JSON, fails its schema, unknown type    dead-lettered with the reason
+    │   └── FutureEvent         stamped further ahead than --max-future-skew (replay it once its time has come)
+    ├── EventRefused            a valid event its group's state cannot take              dead-lettered
+    │   ├── StaleEvent          stamped before its group's horizon (records below it may be forgotten)
+    │   └── GroupStateRefused   CouchDB refused the group's state document (too large, ...): its events only
     ├── UnknownOrganization     no instance of the organization             dead-lettered with the reason
     ├── AmbiguousOrganization   several organization instances, or organizations of a domain  dead-lettered
     ├── UnknownInstance         no usable instance has the domain named     retryable (it may appear)
@@ -18,6 +22,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar
 
 
@@ -43,6 +48,39 @@ class InvalidEvent(CouchsyncError):
         super().__init__(f"{routing_key}: {reason}" if routing_key else reason)
         self.reason = reason
         self.routing_key = routing_key
+
+
+class FutureEvent(InvalidEvent):
+    """An event stamped further ahead of the worker's clock than allowed: it would win over every later
+    event. Not retryable now, yet valid: replayed once its time has come, it applies."""
+
+    def __init__(self, reason: str, *, routing_key: str | None = None, timestamp: datetime) -> None:
+        super().__init__(reason, routing_key=routing_key)
+        self.timestamp = timestamp
+
+
+class EventRefused(CouchsyncError):
+    """A valid event that its group's directory state cannot take; the other events of its batch apply.
+
+    Not retryable: the same state refuses it the same way; the reason names the group and what to do.
+    """
+
+    exit_code = 65
+
+
+class StaleEvent(EventRefused):
+    """An event stamped before its group's horizon: records older than it (removals) may be forgotten,
+    so applying it could resurrect a removed member."""
+
+
+class GroupStateRefused(EventRefused):
+    """CouchDB refused to write a group's state document for a reason of that document (over
+    `max_document_size`, most likely): that group's events fail, and only they."""
+
+    def __init__(self, message: str, *, size: int, limit: int | None) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class UnknownOrganization(CouchsyncError):

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import jsonschema
 
-from couchsync.errors import InvalidEvent
+from couchsync.errors import FutureEvent, InvalidEvent
 
 # Fields of user.created that must never be logged, stored or echoed in an error.
 SECRET_FIELDS = frozenset({"hash", "publicKey", "privateKey", "key", "iterations"})
@@ -221,8 +221,9 @@ def _timestamp(value: str | float, routing_key: str, not_after: datetime | None)
                            routing_key=routing_key) from exc
     if not_after is not None and utc > _as_utc(not_after):
         # A far-future event would win over every later one for ever (its stamp sorts last).
-        raise InvalidEvent(f"timestamp: {_shown(str(value))} is too far in the future (after "
-                           f"{_as_utc(not_after):%Y-%m-%dT%H:%M:%SZ})", routing_key=routing_key)
+        raise FutureEvent(f"timestamp: {_shown(str(value))} is too far in the future (after "
+                          f"{_as_utc(not_after):%Y-%m-%dT%H:%M:%SZ}, the clock plus the allowed skew): "
+                          f"replay it once its time has come", routing_key=routing_key, timestamp=utc)
     return utc
 
 

@@ -51,6 +51,9 @@ class Metrics:
             "couchsync_conflicts_merged", "Losing revisions of conflicted state and managed documents deleted once "
             "joined into the winner (a CouchDB cluster accepts concurrent updates through different nodes).",
             registry=self.registry)
+        self.future_stamped = Counter(
+            "couchsync_future_stamped_events", "Events stamped more than 5 s ahead of the worker's clock (each "
+            "logged at WARNING), those beyond --max-future-skew (dead-lettered) included.", registry=self.registry)
         self.in_flight = Gauge("couchsync_in_flight", "Messages being handled now.", registry=self.registry)
         self.settling_pending = Gauge(
             "couchsync_settling_pending", "Written documents not yet read again for conflicts, repairs not yet "

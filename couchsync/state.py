@@ -7,6 +7,10 @@ are commutative, associative and idempotent, so any order of events, any number 
 number of conflicting revisions of one state document give the same state. The instances' managed
 documents are a projection of it (`couchsync.plan`); nothing here does I/O.
 
+A group's state is bounded by a horizon (`admit`): a removed member's record older than the horizon is
+dropped, and the group's events stamped before it are refused as stale. The horizon trails the group's
+newest stamp (never the clock), so the same events give the same state whenever they are applied.
+
 The documents live in couchsync's own database (`couchsync/directory` by default), never as
 tombstones: on CouchDB 3 a tombstone's body cannot be edited, and a deleted document comes back only
 by a write without `_rev`, so a memory kept on tombstones cannot be updated in place.
@@ -14,8 +18,9 @@ by a write without `_rev`, so a memory kept on tombstones cannot be updated in p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from couchsync.documents import (
@@ -27,6 +32,7 @@ GROUP_VALUES = ("name", "description", "color", "createdAt")
 PROFILE_FIELDS = ("email", "username", "firstName", "lastName", "name", "workplaceFqdn", "phone")
 EXISTS = "exists"    # stamp key of the group's existence register
 CLEARED = "cleared"  # stamp of the newest deletion: memberships older than it are void
+HORIZON = "horizon"  # events stamped before it are refused: removals older than it may be forgotten
 # Below every event's stamp (years are four digits from 0001): what is taken over from documents the
 # stack's own consumer wrote loses to any event.
 SEED_STAMP = "0000-00-00T00:00:00.000000Z#0#seed"
@@ -129,6 +135,24 @@ class GroupState:
                 members[email] = (stamp, present)
         return replace(self, alive=alive, values=values, stamps=stamps, members=members)
 
+    @property
+    def newest(self) -> str:
+        """The newest stamp this memory holds ("" for none): what its horizon trails."""
+        stamps = [stamp for key, stamp in self.stamps.items() if key != HORIZON]
+        return max([*stamps, *(stamp for stamp, _ in self.members.values())], default="")
+
+    @property
+    def horizon(self) -> str:
+        """The stamp before which this group's events are refused ("" for none)."""
+        return self.stamps.get(HORIZON, "")
+
+    def compacted(self, horizon: str) -> GroupState:
+        """This state with its horizon raised to `horizon` and the removals older than it dropped."""
+        horizon = max(horizon, self.horizon)
+        members = {email: entry for email, entry in self.members.items() if entry[1] or entry[0] >= horizon}
+        stamps = {**self.stamps, HORIZON: horizon} if horizon else self.stamps
+        return replace(self, stamps=stamps, members=members)
+
     def fields(self) -> Doc:
         """The group's fields as the stack writes them: trimmed, no empty description or color, a name."""
         shown: Doc = {key: self.values[key] for key in GROUP_VALUES if self.values.get(key)}
@@ -150,6 +174,50 @@ class GroupState:
                    stamps={k: v for k, v in (doc.get("stamps") or {}).items() if isinstance(v, str)},
                    members={email: (str(entry[0]), bool(entry[1]))
                             for email, entry in (doc.get("members") or {}).items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a group's state makes of a batch of its events: the state to write, and the events refused
+    as stale (stamped before the horizon)."""
+
+    state: GroupState
+    stale: tuple[GroupEvent, ...] = ()
+
+
+def admit(known: GroupState | None, events: Sequence[GroupEvent], keep: timedelta) -> Admission:
+    """The events of one group merged into its stored state (`known`), the removals older than `keep`
+    before the newest stamp dropped, and the events stamped before that horizon refused, unless the
+    state holds them already (a redelivery changes nothing).
+
+    The refusal is what makes dropping safe: an addition older than a forgotten removal must not bring
+    the member back. The horizon is computed with the whole batch, so what is dropped was stored
+    before (an event below it is refused, not merged): a concurrent writer (a cluster's conflicting
+    revision) from the same revision holds it too, and meets it when the revisions are joined. The
+    result is the one of applying, in stamp order, the events that were not refused.
+    """
+    base = known or GroupState(events[0].organization_id, events[0].group_id)
+    everything = base
+    for event in events:
+        everything = everything.merged(event)
+    horizon = max(base.horizon, horizon_of(everything.newest, keep))
+    state = base
+    for event in events:
+        if event.stamp >= horizon:
+            state = state.merged(event)
+    state = state.compacted(horizon)
+    stale = tuple(event for event in events
+                  if event.stamp < horizon and state.merged(event).compacted(horizon) != state)
+    return Admission(state, stale)
+
+
+def horizon_of(stamp: str, keep: timedelta) -> str:
+    """The stamp `keep` before the time of `stamp` ("" when there is none: no stamp, a seed, or before year 1)."""
+    try:
+        moment = datetime.fromisoformat(stamp[:26])
+        return (moment - keep).isoformat(timespec="microseconds") + "Z"
+    except (ValueError, OverflowError):
+        return ""
 
 
 def group_fields(event: GroupEvent) -> list[tuple[str, str]]:
@@ -249,12 +317,15 @@ def join_states(states: Iterable[State]) -> State | None:
 
 
 def contribution(event: GroupEvent) -> list[State]:
-    """What one event adds to the state, to be joined into it: the group's registers, and the profiles of
-    the people it adds (a removal names a person without describing them)."""
-    found: list[State] = [GroupState(event.organization_id, event.group_id).merged(event)]
-    if event.kind in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
-        found += [PersonState.of(event.organization_id, member, event.stamp) for member in event.members]
-    return found
+    """What one event adds to the state, to be joined into it: the group's registers, and `profiles`."""
+    return [GroupState(event.organization_id, event.group_id).merged(event), *profiles(event)]
+
+
+def profiles(event: GroupEvent) -> list[PersonState]:
+    """The profiles of the people an event adds (a removal names a person without describing them)."""
+    if event.kind not in (GroupEventKind.CREATED, GroupEventKind.MEMBERS_ADDED):
+        return []
+    return [PersonState.of(event.organization_id, member, event.stamp) for member in event.members]
 
 
 def seed(organization_id: str, groups: Iterable[Doc],

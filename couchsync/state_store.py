@@ -10,21 +10,31 @@ is projected again whole, later (`Settling.state_joined`): each leaf's writer pr
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Generic, TypeVar
 
-from couchsync.couch import CouchGateway
+from couchsync.couch import CouchGateway, WriteResult
 from couchsync.documents import CONFLICTS, Doc, losing_deletions
-from couchsync.errors import CouchError, DocumentConflict
+from couchsync.errors import (
+    AccessDenied, CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, GroupStateRefused, StaleEvent)
+from couchsync.events import GroupEvent
 from couchsync.settle import STATE, Settling
 from couchsync.state import (
-    GROUP, PERSON, GroupState, PersonState, State, id_range, join_states, organization_state_id, state_from_doc)
+    GROUP, PERSON, Admission, GroupState, PersonState, State, admit, group_state_id, id_range, join_states,
+    organization_state_id, profiles, state_from_doc)
 
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=State)
+# A state's new value from the stored one (None: none stored); None leaves it as it is.
+Update = Callable[[State | None], State | None]
+# Per-document errors that say the server is failing, not that the document is wrong: passing.
+SERVER_ERRORS = frozenset({"unknown_error", "internal_server_error", "timeout", "service_unavailable"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +43,21 @@ class Stored(Generic[S]):
 
     state: S
     rev: str
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """What merging a batch of events did: the states as written, and the events that failed (by their
+    position in the batch) with their error; the others are merged."""
+
+    states: dict[str, Stored[State]]
+    failed: dict[int, CouchsyncError]
+
+
+@dataclass(frozen=True, slots=True)
+class _Converged:
+    done: dict[str, Stored[State]]
+    refused: dict[str, WriteResult]  # documents refused for a reason of their own
 
 
 class StateStore:
@@ -54,43 +79,105 @@ class StateStore:
             DocumentConflict: still conflicting after the last attempt.
             CouchError: the database refused a write for another reason.
         """
-        pending: dict[str, State | None] = {}
+        pending: dict[str, State] = {}
         for state in contributions:  # several events of a batch may touch one state: joined first
             known = pending.get(state.state_id)
-            pending[state.state_id] = state if known is None else join_states((known, state))
-        return self._converge(pending)
+            pending[state.state_id] = state if known is None else _join(known, state)
+        return _written(self._converge({state_id: functools.partial(_join, contribution=state)
+                                        for state_id, state in pending.items()}))
 
     def read(self, state_ids: Sequence[str]) -> dict[str, Stored[State]]:
         """The stored states with these ids (absent: none), their conflicts joined and resolved."""
-        return self._converge(dict.fromkeys(state_ids))
+        return _written(self._converge(dict.fromkeys(state_ids, _same)))
 
-    def _converge(self, pending: dict[str, State | None]) -> dict[str, Stored[State]]:
-        done: dict[str, Stored[State]] = {}
+    def merge_events(self, events: Sequence[GroupEvent], keep: timedelta) -> Merged:
+        """Merge group events of one organization: each group's state admits its events (see
+        `couchsync.state.admit`: removals older than `keep` before its newest stamp dropped, older events
+        refused), then the profiles of the events admitted are merged. A group whose state CouchDB refuses
+        (too large, or another error of that document) fails its own events only.
+
+        Raises:
+            DocumentConflict: still conflicting after the last attempt.
+            AccessDenied: the sync identity may not write the state.
+            CouchError: a person's state could not be written.
+        """
+        by_group: dict[str, list[int]] = {}
+        for position, event in enumerate(events):
+            by_group.setdefault(group_state_id(event.organization_id, event.group_id), []).append(position)
+        admissions: dict[str, Admission] = {}
+
+        def admitted(state_id: str, known: State | None) -> State:
+            assert known is None or isinstance(known, GroupState)
+            admission = admit(known, [events[i] for i in by_group[state_id]], keep)
+            admissions[state_id] = admission
+            return admission.state
+        groups = self._converge({state_id: functools.partial(admitted, state_id) for state_id in by_group})
+        failed = self._failures(events, by_group, admissions, groups.refused)
+        people = self.merge(state for position, event in enumerate(events) if position not in failed
+                            for state in profiles(event))
+        return Merged({**groups.done, **people}, failed)
+
+    def _failures(self, events: Sequence[GroupEvent], by_group: dict[str, list[int]],
+                  admissions: dict[str, Admission], refused: dict[str, WriteResult]) -> dict[int, CouchsyncError]:
+        """The events that failed on their own, by position: every event of a group whose state was
+        refused, and the stale events of the others."""
+        failed: dict[int, CouchsyncError] = {}
+        for state_id, positions in by_group.items():
+            admission = admissions[state_id]
+            if state_id in refused:
+                error = self._refusal(admission.state, refused[state_id])
+                failed.update((position, error) for position in positions)
+            else:
+                failed.update((position, _stale(events[position], admission.state))
+                              for position in positions if events[position] in admission.stale)
+        return failed
+
+    def _refusal(self, state: GroupState, result: WriteResult) -> GroupStateRefused:
+        """The error of the events of a group whose state document CouchDB refused: the group, the
+        document's size and the server's limit (read from its configuration, when the identity may)."""
+        size = len(json.dumps(state.to_doc(), separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        limit = self._couch.max_document_size()
+        shown = f"{limit} bytes" if limit is not None else "unknown (the server's configuration is not readable)"
+        refusal = result.error if result.error == "document_too_large" else f"{result.error}: {result.reason}"
+        return GroupStateRefused(
+            f"group {state.external_id!r} of organization {state.organization_id!r}: its directory state "
+            f"({size} bytes) was refused ({refusal}); the server's max_document_size is {shown}; this group's "
+            f"events fail until its state is smaller or the limit larger", size=size, limit=limit)
+
+    def _converge(self, pending: dict[str, Update]) -> _Converged:
+        """Bring each state to its update of what is stored, by compare-and-set; a conflict reads again.
+
+        Raises:
+            DocumentConflict: still conflicting after the last attempt.
+            AccessDenied, CouchUnavailable: the server refused the identity, or failed, for a document.
+        """
+        outcome = _Converged({}, {})
         for _ in range(self._max_attempts):
             leaves = self._couch.leaves(self.db, list(pending))
             joins: dict[str, tuple[State, list[Doc]]] = {}  # state id → the join, the leaves it replaces
-            for state_id, contribution in pending.items():
+            for state_id, update in pending.items():
                 current = leaves.get(state_id, [])
                 known = join_states(state for state in map(state_from_doc, current) if state is not None)
-                new = join_states(state for state in (known, contribution) if state is not None)
+                new = update(known)
                 if new is None:
                     continue
                 if len(current) == 1 and new == known:
-                    done[state_id] = Stored(new, current[0]["_rev"])
+                    outcome.done[state_id] = Stored(new, current[0]["_rev"])
                 else:
                     joins[state_id] = (new, current)
-            conflicting = self._write(joins, done)
+            conflicting = self._write(joins, outcome)
             if not conflicting:
-                return done
+                return outcome
             pending = {state_id: pending[state_id] for state_id in conflicting}
         raise DocumentConflict(f"directory state still conflicting after {self._max_attempts} attempts", db=self.db)
 
-    def _write(self, joins: dict[str, tuple[State, list[Doc]]], done: dict[str, Stored[State]]) -> list[str]:
-        """Write each join over its winning leaf (into `done`), then delete the other leaves of those
-        written; the ids whose write conflicted.
+    def _write(self, joins: dict[str, tuple[State, list[Doc]]], outcome: _Converged) -> list[str]:
+        """Write each join over its winning leaf (into `outcome`), then delete the other leaves of those
+        written; the ids whose write conflicted. A document refused for a reason of its own goes to
+        `outcome.refused`.
 
         Raises:
-            CouchError: the database refused a write for another reason than a conflict.
+            AccessDenied, CouchUnavailable: the server refused the identity, or failed, for a document.
         """
         if not joins:
             return []
@@ -101,9 +188,9 @@ class StateStore:
             if result.conflict:
                 conflicting.append(doc["_id"])
             elif not result.ok or result.rev is None:
-                raise CouchError(f"state not written: {result.error}: {result.reason}", db=self.db, doc_id=doc["_id"])
+                outcome.refused[doc["_id"]] = _checked(result, self.db)
             else:
-                done[doc["_id"]] = Stored(joins[doc["_id"]][0], result.rev)
+                outcome.done[doc["_id"]] = Stored(joins[doc["_id"]][0], result.rev)
                 written.append(doc["_id"])
         self._settling.written(None, STATE, written)
         # Only once the join that holds them is written: deleted beside a join that then conflicted, what a
@@ -183,3 +270,46 @@ class StateStore:
             raise CouchError(f"state not written: {result.error}: {result.reason}", db=self.db, doc_id=doc["_id"])
         self._seeded.add(organization_id)
         logger.info("directory state of %s taken over from %s", organization_id, source or "nothing")
+
+
+def _join(known: State | None, contribution: State) -> State:
+    joined = join_states(state for state in (known, contribution) if state is not None)
+    assert joined is not None
+    return joined
+
+
+def _same(known: State | None) -> State | None:
+    return known
+
+
+def _written(outcome: _Converged) -> dict[str, Stored[State]]:
+    """The states written, when every one was.
+
+    Raises:
+        CouchError: a document was refused for a reason of its own.
+    """
+    if outcome.refused:
+        state_id, result = next(iter(outcome.refused.items()))
+        raise CouchError(f"state not written: {result.error}: {result.reason}", doc_id=state_id)
+    return outcome.done
+
+
+def _checked(result: WriteResult, db: str) -> WriteResult:
+    """A refused document's result when the refusal is the document's own (its size, its content).
+
+    Raises:
+        AccessDenied: the sync identity was refused (every document would be).
+        CouchUnavailable: the server failed for this document (passing).
+    """
+    if result.error in ("unauthorized", "forbidden"):
+        raise AccessDenied(f"state not written: {result.error}: {result.reason}", db=db, doc_id=result.doc_id)
+    if result.error in SERVER_ERRORS:
+        raise CouchUnavailable(f"state not written: {result.error}: {result.reason}", db=db, doc_id=result.doc_id)
+    return result
+
+
+def _stale(event: GroupEvent, state: GroupState) -> StaleEvent:
+    return StaleEvent(
+        f"stale: group {event.group_id!r} of organization {event.organization_id!r} refuses events stamped "
+        f"before {state.horizon} (its newest event's stamp less the state horizon), and this one is stamped "
+        f"{event.stamp}: removals older than the horizon may be forgotten, so it cannot be ordered")

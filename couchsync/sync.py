@@ -24,12 +24,12 @@ from couchsync.design_docs import DesignDocs, ensure
 from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc
 from couchsync.errors import (
     CouchError, CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization)
-from couchsync.events import Event, GroupEvent, UserCreated, parse_event
+from couchsync.events import Event, GroupEvent, UserCreated
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
 from couchsync.plan import GroupChange, InstanceView, Plan, group_changes, plan_group_changes, plan_profile
 from couchsync.reader import InstanceReader
-from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id, seed
+from couchsync.state import GroupState, PersonState, group_state_id, person_state_id, seed
 from couchsync.settle import Repair, Settling, joined_repairs, repairs_of, unsettled
 from couchsync.state_store import StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
@@ -62,6 +62,9 @@ class EventReport:
     subject: str
     instances: tuple[InstanceReport, ...]
     seconds: float
+    # Events of a batch that failed on their own (their position, the error), e.g. a group whose state
+    # CouchDB refused, or a stale event: the others were applied.
+    condemned: tuple[tuple[int, CouchsyncError], ...] = ()
 
     @property
     def writes(self) -> int:
@@ -141,7 +144,10 @@ class Synchronizer:
             CouchError: the global database or the directory state could not be read or written.
         """
         if isinstance(event, GroupEvent):
-            return self.apply_batch([event])
+            report = self.apply_batch([event])
+            for _, error in report.condemned:
+                raise error
+            return report
         started = time.monotonic()
         organization_id = self._organization_of(event)
         reports = self._onboard(event, organization_id)
@@ -151,6 +157,8 @@ class Synchronizer:
         """Apply group events of one organization together: merged into the state at once, then projected
         once per instance (one `_bulk_docs` per database for the whole batch). The result is the one of
         applying them one by one, in any order (the merge is commutative and the projection idempotent).
+        An event that fails on its own (its group's state refused by CouchDB, a stale event) is in the
+        report's `condemned`, not merged nor projected; the others are applied.
 
         Raises:
             ValueError: the events are of several organizations, or none.
@@ -163,14 +171,18 @@ class Synchronizer:
         started = time.monotonic()
         organization_id = events[0].organization_id
         instances = self.instances_of(organization_id)
-        self.states.merge(state for event in events for state in contribution(event))
-        projection = _GroupProjection(self, organization_id, [event.group_id for event in events],
-                                      lambda states: group_changes(events, states))
-        reports = tuple(self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
-                                       instances))
+        failed = self.states.merge_events(events, self._settings.state_horizon).failed
+        applied = [event for position, event in enumerate(events) if position not in failed]
+        reports: tuple[InstanceReport, ...] = ()
+        if applied:
+            projection = _GroupProjection(self, organization_id, [event.group_id for event in applied],
+                                          lambda states: group_changes(applied, states))
+            reports = tuple(self._pool.map(
+                lambda instance: self._converge(instance, projection.planner(instance)), instances))
         routing_key = events[0].routing_key if len(events) == 1 else f"batch of {len(events)}"
         subject = ",".join(dict.fromkeys(event.group_id for event in events))
-        return self._report(routing_key, organization_id, subject, reports, started)
+        report = self._report(routing_key, organization_id, subject, reports, started)
+        return replace(report, condemned=tuple(sorted(failed.items(), key=lambda item: item[0])))
 
     @staticmethod
     def _report(routing_key: str, organization_id: str, subject: str, reports: tuple[InstanceReport, ...],
@@ -368,57 +380,6 @@ class Synchronizer:
         return self._report("repair", org, ",".join(sorted(repair.groups | repair.emails)),
                             tuple(self._pool.map(one, instances)), started)
 
-    def handle(self, routing_key: str, body: bytes) -> dict[str, object]:
-        """Apply one message's event everywhere; its log fields (what the worker gives the consumer).
-
-        Raises:
-            InvalidEvent, UnknownOrganization: never applicable as it is.
-            InstancesFailed: failed in some instances (InstancesUnavailable: trying again may help).
-            CouchError: the global database could not be read.
-        """
-        return _fields_of(self.apply(parse_event(routing_key, body, not_after=self._settings.not_after())))
-
-    def batch_key(self, routing_key: str, body: bytes) -> str | None:
-        """The key of the messages this one may be applied with (its organization: see `handle_batch`);
-        None for a message to handle alone, at once: a user.created, or one that is not a valid event."""
-        try:
-            event = parse_event(routing_key, body, not_after=self._settings.not_after())
-        except CouchsyncError:
-            return None
-        return event.organization_id if isinstance(event, GroupEvent) else None
-
-    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[Mapping[str, object] | Exception]:
-        """Apply messages of one organization together (see `apply_batch`); one outcome per message, in
-        order: its log fields, or the error that ends it.
-
-        Every valid event shares the batch's outcome: a failure in some instance fails each of them (each
-        is then retried on its own count). The batch's totals (writes, refusals, requests) are carried by
-        the first one's fields, so that sums over messages stay true.
-        """
-        outcomes: list[Mapping[str, object] | Exception | None] = [None] * len(messages)
-        events: list[tuple[int, GroupEvent]] = []
-        for position, (routing_key, body) in enumerate(messages):
-            try:
-                event = parse_event(routing_key, body, not_after=self._settings.not_after())
-                if not isinstance(event, GroupEvent):
-                    outcomes[position] = _fields_of(self.apply(event))
-                    continue
-            except CouchsyncError as exc:
-                outcomes[position] = exc
-                continue
-            events.append((position, event))
-        if events:
-            try:
-                fields: Mapping[str, object] | Exception = _fields_of(self.apply_batch([e for _, e in events]))
-            except CouchsyncError as exc:
-                fields = exc
-            for number, (position, _) in enumerate(events):
-                outcomes[position] = fields if number == 0 or isinstance(fields, Exception) else {
-                    **fields, "writes": 0, "bulk_writes": 0, "refusals": 0}
-        handled = [outcome for outcome in outcomes if outcome is not None]
-        assert len(handled) == len(messages), "every message has its outcome"
-        return handled
-
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""
         try:
@@ -501,17 +462,3 @@ def _joined_reports(domain: str, reports: Sequence[InstanceReport]) -> InstanceR
     return InstanceReport(domain, sum(r.writes for r in reports), tuple(x for r in reports for x in r.refusals),
                           failed.error if failed else None, failed.retryable if failed else False,
                           max((r.attempts for r in reports), default=1), sum(r.requests for r in reports))
-
-
-def _fields_of(report: EventReport) -> dict[str, object]:
-    """The log fields of an applied event, once its refusals are said.
-
-    Raises:
-        InstancesFailed: it failed in some instances (InstancesUnavailable: trying again may help).
-    """
-    report.raise_for_failures()
-    # Refusals are outcomes, not failures: trying again is refused the same way until someone removes
-    # the document in the way, and the other instances are written already. Said, counted, acknowledged.
-    for domain, reason in report.refusals[:MAX_LOGGED_REFUSALS]:
-        logger.warning("refused in %s: %s", domain[:MAX_LOGGED_TEXT], reason[:MAX_LOGGED_TEXT])
-    return report.fields()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from couchsync.documents import CONTACTS, GROUPS, TAG, choose_leaf
 from couchsync.events import GroupEvent
 from couchsync.plan import InstanceView, Plan, group_changes, plan_group_changes
-from couchsync.state import GroupState, PersonState, contribution, group_state_id, person_state_id
+from couchsync.state import GroupState, PersonState, admit, group_state_id, person_state_id, profiles
 
 _revs = itertools.count(1)
 
@@ -22,6 +23,9 @@ class FakeInstance:
     docs: dict[str, dict[str, dict]] = field(default_factory=lambda: {GROUPS: {}, CONTACTS: {}})
     states: dict[str, GroupState | PersonState] = field(default_factory=dict)
     revisions: int = 0
+    horizon: timedelta = timedelta(days=90)  # the state's (see couchsync.state.admit)
+    stale: list[GroupEvent] = field(default_factory=list)  # events refused as stale, in arrival order
+    admitted: list[GroupEvent] = field(default_factory=list)  # events merged, in arrival order
 
     def put(self, doctype: str, doc: dict) -> None:
         if doc.get("_deleted"):
@@ -30,9 +34,25 @@ class FakeInstance:
         self.docs[doctype][doc["_id"]] = {**copy.deepcopy(doc), "_rev": f"{next(_revs)}-x"}
 
     def merge(self, event: GroupEvent) -> None:
-        for state in contribution(event):
+        self.admit([event])
+
+    def admit(self, events: list[GroupEvent]) -> list[GroupEvent]:
+        """Events merged as the state store merges them: each group admits its own (refusing the stale),
+        then the profiles of those admitted; the events admitted."""
+        by_group: dict[str, list[GroupEvent]] = {}
+        for event in events:
+            by_group.setdefault(group_state_id(event.organization_id, event.group_id), []).append(event)
+        for state_id, mine in by_group.items():
+            known = self.states.get(state_id)
+            admission = admit(known if isinstance(known, GroupState) else None, mine, self.horizon)
+            self.states[state_id] = admission.state
+            self.stale += admission.stale
+        admitted = [event for event in events if event not in self.stale]
+        self.admitted += admitted
+        for state in (state for event in admitted for state in profiles(event)):
             known = self.states.get(state.state_id)
             self.states[state.state_id] = known.joined(state) if known is not None else state  # type: ignore
+        return admitted
 
     def plan(self, event: GroupEvent) -> Plan:
         """The projection of the state, as it is, after this event (merged already or not)."""
@@ -60,10 +80,10 @@ class FakeInstance:
         return self.apply_batch([event])
 
     def apply_batch(self, events: list[GroupEvent]) -> Plan:
-        """Events merged into the state one by one, then projected once (what a batch of the worker does)."""
-        for event in events:
-            self.merge(event)
-        plan = self.plan_batch(events)
+        """Events merged into the state together, then those admitted projected once (what a batch of the
+        worker does)."""
+        admitted = self.admit(events)
+        plan = self.plan_batch(admitted) if admitted else Plan()
         self.put_all(plan)
         return plan
 

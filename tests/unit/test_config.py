@@ -87,9 +87,19 @@ def test_a_future_skew_that_is_no_duration_is_a_config_error(text):
         config.parse_duration(text)
 
 
-def test_sync_settings_accept_events_up_to_one_day_ahead_by_default():
+def test_sync_settings_accept_events_up_to_five_minutes_ahead_by_default():
     from datetime import datetime, timedelta, timezone
     settings = load_sync()
-    assert settings.max_future_skew == timedelta(days=1)
-    now = datetime.now(timezone.utc)
-    assert now + timedelta(hours=23) < settings.not_after() < now + timedelta(hours=25)
+    assert settings.max_future_skew == timedelta(minutes=5)
+    now = datetime(2026, 12, 7, 8, 0, tzinfo=timezone.utc)
+    assert settings.not_after(now) == now + timedelta(minutes=5)
+
+
+def test_the_state_horizon_is_ninety_days_by_default_and_at_least_a_minute():
+    from datetime import timedelta
+    assert load_sync().state_horizon == timedelta(days=90)
+    assert config.with_state_horizon(load_sync(), "30d").state_horizon == timedelta(days=30)
+    with pytest.raises(ConfigError, match="at least a minute"):
+        config.with_state_horizon(load_sync(), "30")
+    with pytest.raises(ConfigError, match="at least a minute"):
+        load_sync(state_horizon=timedelta(0))

@@ -6,11 +6,14 @@ In-order means sorted by stamp (timestamp, then kind, then body digest: see couc
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as tally
 from hypothesis import strategies as st
 
-from couchsync.events import parse_event
+from couchsync.events import GroupEventKind, parse_event
+from couchsync.state import GroupState
 
 from tests.unit.fake_instance import FakeInstance
 
@@ -60,11 +63,18 @@ def final_documents(sequence):
 
 def batched_documents(batches):
     """The documents the batches of events leave, each batch applied together, in this order."""
-    instance = FakeInstance("carol.acme.twake.app", owner_email="carol@acme.com")
+    return applied(batches).docs
+
+
+def applied(batches, horizon=timedelta(days=90)):
+    """The instance the batches of events leave, each batch applied together, in this order; its documents
+    without revisions."""
+    instance = FakeInstance("carol.acme.twake.app", owner_email="carol@acme.com", horizon=horizon)
     for batch in batches:
         instance.apply_batch(batch)
-    return {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"} for doc_id, doc in docs.items()}
-            for doctype, docs in instance.docs.items()}
+    instance.docs = {doctype: {doc_id: {k: v for k, v in doc.items() if k != "_rev"} for doc_id, doc in docs.items()}
+                     for doctype, docs in instance.docs.items()}
+    return instance
 
 
 def describe(sequence):
@@ -139,9 +149,24 @@ def test_a_group_deleted_and_created_again_converges_whatever_the_delivery(seque
 @given(st.lists(events(), min_size=1, max_size=12), st.data())
 def test_any_sequence_cut_into_any_batches_in_any_order_gives_the_in_order_documents(sequence, data):
     # Issue 16: the worker applies an organization's waiting events together (merged, then projected once).
-    in_order = sorted(sequence, key=lambda event: event.stamp)
+    # Issue 24: with a horizon (3 minutes here, over events 5 minutes apart at most) removals are forgotten and
+    # older events refused: the documents are those of the events not refused, applied in stamp order.
     delivered = data.draw(st.permutations(sequence + data.draw(st.lists(st.sampled_from(sequence), max_size=4))))
     cuts = sorted(data.draw(st.sets(st.integers(1, max(len(delivered) - 1, 1)), max_size=len(delivered))))
     batches = [delivered[start:end] for start, end in zip([0, *cuts], [*cuts, len(delivered)]) if delivered[start:end]]
-    got, want = batched_documents(batches), final_documents(in_order)
+    instance = applied(batches, SHORT_HORIZON)
+    admitted = sorted(set(instance.admitted), key=lambda e: e.stamp)
+    in_order = applied([[e] for e in admitted], SHORT_HORIZON)
+    got, want = instance.docs, in_order.docs
     assert got == want, differences(got, want) + "\nbatches: " + " | ".join(describe(batch) for batch in batches)
+    assert in_order.stale == [], "in stamp order, no event is older than the horizon its predecessors set"
+    horizons = {state.external_id: state.horizon for state in instance.states.values() if isinstance(state, GroupState)}
+    assert all(e.stamp < horizons[e.group_id] for e in instance.stale)
+    tally("an event refused as stale" if instance.stale else "no event refused")
+    tally("a removal forgotten" if any(
+        e.kind is GroupEventKind.MEMBERS_REMOVED and any(m.email.lower() not in state.members for m in e.members)
+        for e in admitted for state in instance.states.values()
+        if isinstance(state, GroupState) and state.external_id == e.group_id) else "no removal forgotten")
+
+
+SHORT_HORIZON = timedelta(minutes=3)

@@ -161,3 +161,29 @@ def test_a_missing_view_in_an_existing_database_is_not_found(couch):
     responses.head(DB_PATH, status=200)
     with pytest.raises(NotFound):
         couch.view(DB, "couchsync", "lookup", [["email", "x"]])
+
+
+@responses.activate
+def test_a_bulk_write_refused_whole_for_a_document_too_large_is_halved_until_that_document_is_alone(couch):
+    # CouchDB answers 413 for the whole `_bulk_docs` when one document is over max_document_size.
+    json_type = {"Content-Type": "application/json"}
+
+    def answer(request):
+        docs = json.loads(request.body)["docs"]
+        if any(doc["_id"] == "big" for doc in docs):
+            return 413, json_type, json.dumps({"error": "document_too_large", "reason": "big"})
+        return 201, json_type, json.dumps([{"id": doc["_id"], "rev": "1-x"} for doc in docs])
+    responses.add_callback(responses.POST, f"{DB_PATH}/_bulk_docs", callback=answer)
+    results = couch.bulk_write(DB, [{"_id": "a"}, {"_id": "big"}, {"_id": "c"}, {"_id": "d"}])
+    assert [(r.doc_id, r.error) for r in results] == [("a", None), ("big", "document_too_large"), ("c", None),
+                                                      ("d", None)]
+    assert len(responses.calls) == 5  # all four, then a+big, then a, big, and c+d
+
+
+@responses.activate
+def test_the_servers_document_size_limit_is_read_from_its_configuration_when_the_identity_may(couch):
+    path = f"{URL}/_node/_local/_config/couchdb/max_document_size"
+    responses.get(path, json="8000000")
+    assert couch.max_document_size() == 8000000
+    responses.replace(responses.GET, path, status=403, json={"error": "forbidden"})
+    assert couch.max_document_size() is None
