@@ -3,6 +3,8 @@
 Topology, declared idempotently on every connection (names from `AmqpSettings`):
 
     <exchange> (topic, the directory's)  --b2b.group.#-->  <prefix>b2b.group        quorum, x-delivery-limit
+    <prefix>b2b.group.pNNN    P partitions: quorum, x-single-active-consumer, fed from <prefix>b2b.group
+                              (the intake) by the workers, each organization to one (`couchsync.partitions`)
     <prefix>b2b.group.retry   quorum; a failed attempt waits there (per-message TTL), then goes back
     <prefix>dlx (direct)  -->  <prefix>b2b.group.dead   the dead letters, each with its reason
 
@@ -16,7 +18,7 @@ backstop for a message that kills the worker each time it is handled.
 
 A failure that is CouchDB's own (the server down, or refusing the sync identity: `health()` says so, the
 breaker of `couchsync.breaker`) is a pause, not an attempt: the consumer is cancelled, each message held
-is republished unchanged (same headers, same attempt count) to the main queue and acked, and `health()`
+is republished unchanged (same headers, same attempt count) to its own queue and acked, and `health()`
 is asked every `pause_probe` seconds; once it answers None, the consumer is started again. Holding no
 delivery while paused is what keeps a paused message clear of the broker's `consumer_timeout` (which
 closes the channel of a delivery held too long) and of `x-delivery-limit` (which counts requeues).
@@ -36,6 +38,7 @@ import functools
 import hashlib
 import logging
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +56,7 @@ from couchsync.config import AmqpSettings, redact
 from couchsync.errors import (
     AccessDenied, BrokerUnavailable, ConfigError, CouchsyncError, CouchUnavailable, InstancesFailed)
 from couchsync.metrics import Metrics
+from couchsync.partitions import partition_of, to_release
 from couchsync.systemd import Notifier
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,12 @@ MAX_ROUTING_KEY = 255  # an AMQP routing key is a short string
 MAX_HEADER_BYTES = 512  # one of the publisher's headers, encoded; a bigger one is left out
 MAX_HEADERS_BYTES = 2048  # all of the publisher's headers copied, encoded
 PROBE_SECONDS = 5.0  # between two reads of the queue depths (one passive queue.declare per queue)
+# A partition taken over with messages its previous holder had not settled (redelivered) waits this long
+# before its first batch starts. That holder may have lost only its broker connection in the middle of a
+# batch: the broker hands the partition over at once, while that batch still writes (it cannot be
+# interrupted). Ten seconds covers a batch under a burst; the writes are idempotent anyway, so a longer
+# one only costs contention. A partition whose first delivery is a new message starts at once.
+TAKEOVER_SECONDS = 10.0
 
 # Handles one message: (routing key, body) → log fields; raises a CouchsyncError on failure. A field
 # `refusals` (an int) counts the changes an instance refused: the message is applied all the same;
@@ -83,6 +93,10 @@ Outcome = Mapping[str, object] | Exception
 # CouchDB's health, asked when a message fails with an error it may be to blame for: None when it serves
 # the sync identity, else the reason to pause ("couchdb", "credentials"). Blocking; called on pool threads.
 Health = Callable[[], str | None]
+# The organization a message belongs to, for its partition: (routing key, body) → the organization's id,
+# or None for a message that names none (not a valid event). May read CouchDB (a user.created naming its
+# organization by domain only); raises a CouchsyncError on failure, settled like a handler's.
+Route = Callable[[str, bytes], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,15 +191,17 @@ class Delivery:
     body: bytes
     properties: pika.BasicProperties
     attempt: int
+    queue: str  # the queue it came from: the intake, a partition, or (without partitions) the main queue
 
     @classmethod
     def of(cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes, *,
            queue: str) -> Delivery:
-        """A delivery from couchsync's main queue `queue`."""
+        """A delivery from couchsync's queue `queue` (the main one, or a partition)."""
         headers = properties.headers or {}
         # Our own count, and the broker's where it has one (a worker that died mid-message).
         attempt = max(count_header(headers.get(ATTEMPT)) or 1, count_header(headers.get("x-delivery-count")) + 1)
-        return cls(generation, method.delivery_tag, routing_key_of(method, headers, queue), body, properties, attempt)
+        return cls(generation, method.delivery_tag, routing_key_of(method, headers, queue), body, properties, attempt,
+                   queue)
 
     @property
     def message_id(self) -> str:
@@ -278,6 +294,14 @@ def declare(connection: BlockingConnection, settings: AmqpSettings) -> BlockingC
             "x-dead-letter-routing-key": settings.dead_letter_queue})
         channel.queue_bind(settings.queue, settings.exchange, BINDING)
         channel.queue_bind(settings.queue, settings.auth_exchange, USER_BINDING)
+        for partition in settings.partition_queues:
+            # One active consumer at a time (the first registered, on RabbitMQ 3.10): one worker per
+            # partition, so per organization. Fed through the default exchange only, by the intake's consumers.
+            channel.queue_declare(partition, durable=True, arguments={
+                "x-queue-type": "quorum", "x-single-active-consumer": True,
+                "x-delivery-limit": settings.delivery_limit,
+                "x-dead-letter-exchange": settings.dead_letter_exchange,
+                "x-dead-letter-routing-key": settings.dead_letter_queue})
         # Expired retries go back to the main queue at least once, even if a broker node fails meanwhile.
         channel.queue_declare(settings.retry_queue, durable=True, arguments={
             "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": settings.queue,
@@ -339,20 +363,39 @@ class _Session:
     in_flight: dict[int, Delivery] = field(default_factory=dict)
     # Batches being gathered, by key: their deliveries (in flight too) and when the first came.
     gathering: dict[str, tuple[list[Delivery], float]] = field(default_factory=dict)
-    consumer_tag: str | None = None  # None: not consuming (paused, or stopping)
-    # Messages to hand back once the consumer is cancelled (in flight too): handed back earlier, each
+    consumers: dict[str, str] = field(default_factory=dict)  # queue → consumer tag; empty: paused or stopping
+    # Messages to hand back once the consumers are cancelled (in flight too): handed back earlier, each
     # ack would make room for a new delivery.
     parked: list[Delivery] = field(default_factory=list)
+    held: set[int] = field(default_factory=set)  # partitions delivered from: this worker is their active consumer
+    held_since: dict[int, float] = field(default_factory=dict)  # when each became held (monotonic)
+    # Partitions being given up: the deliveries that came meanwhile, handed back once the rest has settled.
+    releasing: dict[int, list[Delivery]] = field(default_factory=dict)
+
+    def queue_of(self, consumer_tag: str) -> str | None:
+        return next((queue for queue, tag in self.consumers.items() if tag == consumer_tag), None)
 
 
 class Consumer:
-    """Consumes couchsync's queue until `stop()`, reconnecting with capped, jittered backoff."""
+    """Consumes couchsync's queue until `stop()`, reconnecting with capped, jittered backoff.
+
+    With `route`, the main queue is the intake: each message is re-published to the partition queue of
+    its organization (confirmed, then acked), and the worker consumes every partition queue, holding
+    those the broker makes it the active consumer of, and giving up those beyond its share (see
+    `couchsync.partitions`). Without, it consumes the main queue itself.
+    """
 
     def __init__(self, settings: AmqpSettings, handle: Handler, metrics: Metrics,
                  notifier: Notifier | None = None, *, batching: Batching | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, route: Route | None = None) -> None:
         self._settings = settings
         self._handle = handle
+        self._route = route
+        self._partitions = {queue: number for number, queue in enumerate(settings.partition_queues)} if route else {}
+        self._workers = 1  # consumers of the intake queue at the last probe: one per worker
+        # Organizations with a batch running (any connection's): their next batch waits for its writes.
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
         self._health = health
         self.paused: str | None = None  # the reason, while paused (set and cleared on the connection's thread)
         self._health_probe: Future[str | None] | None = None
@@ -425,7 +468,7 @@ class Consumer:
             channel.basic_qos(prefetch_count=self._settings.prefetch_count)
             session = self._session = _Session(self._generation, connection, channel)
             if self.paused is None:  # a connection made while paused consumes once the pause ends
-                session.consumer_tag = channel.basic_consume(self._settings.queue, self._on_message)
+                self._subscribe(session)
             if self._generation > 1:
                 self._metrics.reconnects.inc()
             self.consuming = True
@@ -438,6 +481,7 @@ class Consumer:
                 connection.process_data_events(time_limit=tick)
                 if self.paused is None:
                     self._start_waited(session)
+                    self._release_ready(session)
                 else:
                     self._while_paused(session)
                 self._notifier.watchdog()
@@ -451,6 +495,9 @@ class Consumer:
             self.consuming = False
             if self._session is not None:
                 self._metrics.in_flight.dec(len(self._session.in_flight))
+                if self._session.held:  # the broker has made other workers active on them by now
+                    self._session.held.clear()
+                    self._log_held(self._session)
             self._session = None
             if connection.is_open:
                 try:
@@ -477,6 +524,66 @@ class Consumer:
             self._empty_at = now
         age = 0.0 if depths["main"] == 0 else now - max(self._empty_at, self._last_published)
         self._metrics.oldest_message_age.set(max(0.0, age))
+        if self._route is not None and self.paused is None and self._session is not None:
+            # Every worker has one consumer on the intake queue: the broker's count is the number of workers.
+            self._workers = channel.queue_declare(self._settings.queue, passive=True).method.consumer_count
+            self._rebalance(self._session)
+
+    def _subscribe(self, session: _Session) -> None:
+        """Consume the main queue, and with partitions every partition queue (active on those the broker says)."""
+        for queue in (self._settings.queue, *self._partitions):
+            session.consumers[queue] = session.channel.basic_consume(queue, self._on_message)
+
+    def _unsubscribe(self, session: _Session) -> None:
+        for tag in session.consumers.values():
+            session.channel.basic_cancel(tag)
+        session.consumers.clear()
+        for number in list(session.releasing):
+            session.parked.extend(session.releasing.pop(number))
+        if session.held:
+            session.held.clear()
+            self._log_held(session)
+
+    def _rebalance(self, session: _Session) -> None:
+        """Start giving up the partitions held beyond this worker's share."""
+        for number in to_release(session.held - session.releasing.keys(), self._settings.partitions, self._workers):
+            queue = self._settings.partition_queues[number]
+            waiting = session.releasing[number] = []
+            for key in list(session.gathering):  # not started: handed back with what comes meanwhile
+                deliveries, since = session.gathering[key]
+                waiting.extend(d for d in deliveries if d.queue == queue)
+                kept = [d for d in deliveries if d.queue != queue]
+                if kept:
+                    session.gathering[key] = (kept, since)
+                else:
+                    del session.gathering[key]
+
+    def _release_ready(self, session: _Session) -> None:
+        """Give up each partition being released once none of its messages is being handled here: cancelled,
+        the next registered worker becomes its active consumer; what came meanwhile goes back unchanged, and
+        this worker registers again, at the back of the line."""
+        for number, waiting in list(session.releasing.items()):
+            queue = self._settings.partition_queues[number]
+            if sum(1 for d in session.in_flight.values() if d.queue == queue) > len(waiting):
+                continue  # a batch of it is still running: the next worker must not start beside it
+            del session.releasing[number]
+            session.held.discard(number)  # first: the next worker may be active before the cancel returns
+            session.channel.basic_cancel(session.consumers.pop(queue))
+            for delivery in waiting:
+                self._finish(session, delivery, Pause("released"), {}, 0.0)
+            session.consumers[queue] = session.channel.basic_consume(queue, self._on_message)
+            logger.info("released partition %d to the next worker (share %d of %d partitions among %d workers)",
+                        number, -(-self._settings.partitions // max(1, self._workers)), self._settings.partitions,
+                        self._workers)
+            self._log_held(session)
+
+    def _log_held(self, session: _Session) -> None:
+        """The metric and the log line of which partitions this worker holds (is the active consumer of)."""
+        for number in range(self._settings.partitions):
+            self._metrics.partition_held.labels(str(number)).set(1 if number in session.held else 0)
+        logger.info("partitions held: %s (%d of %d, %d workers)",
+                    ",".join(map(str, sorted(session.held))) or "none", len(session.held),
+                    self._settings.partitions, self._workers)
 
     def _trip(self, reason: str) -> None:
         """Pause (on the connection's thread): the loop cancels the consumer and hands back what it holds."""
@@ -493,10 +600,9 @@ class Consumer:
 
     def _while_paused(self, session: _Session) -> None:
         """Cancel the consumer, hand back the messages held, probe CouchDB; consume again once it answers."""
-        if session.consumer_tag is not None:
+        if session.consumers:
             # Cancelled first: the acks of the hand-backs below must not make room for new deliveries.
-            session.channel.basic_cancel(session.consumer_tag)
-            session.consumer_tag = None
+            self._unsubscribe(session)
         for key in list(session.gathering):
             deliveries, _ = session.gathering.pop(key)
             session.parked.extend(deliveries)
@@ -532,20 +638,19 @@ class Consumer:
         logger.warning("resumed: CouchDB answers again (paused for %s)", self.paused)
         self.paused = None
         self._metrics.set_paused(None)
-        session.consumer_tag = session.channel.basic_consume(self._settings.queue, self._on_message)
+        self._subscribe(session)
 
     def _drain(self, session: _Session) -> None:
         """Stop taking messages; let in-flight ones finish for a while, then hand the rest back."""
         self._notifier.stopping()
-        if session.consumer_tag is not None:
-            session.channel.basic_cancel(session.consumer_tag)
-            session.consumer_tag = None
+        if session.consumers:
+            self._unsubscribe(session)
         while session.parked:  # paused: back to the queue as they came, not requeued (a requeue counts)
             self._finish(session, session.parked.pop(0), Pause(self.paused or "couchdb"), {}, 0.0)
-        for key in list(session.gathering):  # received already: started now, like every message in flight
-            self._start(session, key)
         deadline = time.monotonic() + self._settings.shutdown_timeout
         while session.in_flight and time.monotonic() < deadline:
+            for key in list(session.gathering):  # received already: started, each once its previous batch ends
+                self._start(session, key)
             session.connection.process_data_events(time_limit=0.2)
         for tag in list(session.in_flight):
             # basic.nack with requeue: "this consumer cannot take it now", not a failed attempt.
@@ -556,33 +661,63 @@ class Consumer:
     def _on_message(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
                     body: bytes) -> None:
         assert self._session is not None
-        delivery = Delivery.of(self._session.generation, method, properties, body, queue=self._settings.queue)
+        session = self._session
+        queue = session.queue_of(method.consumer_tag) or self._settings.queue
+        delivery = Delivery.of(session.generation, method, properties, body, queue=queue)
         if isinstance(properties.timestamp, int) and properties.timestamp <= time.time():
             self._last_published = max(self._last_published, float(properties.timestamp))
-        session = self._session
         session.in_flight[delivery.tag] = delivery
         self._metrics.in_flight.inc()
         if self.paused is not None:  # sent before the broker took the cancel: handed back with the others
             session.parked.append(delivery)
             return
+        if self._route is not None and queue == self._settings.queue:
+            self._pool.submit(self._work_route, session.connection, delivery)
+            return
+        number = self._partitions.get(queue)
+        if number is not None:
+            if number not in session.held:
+                session.held.add(number)
+                session.held_since[number] = time.monotonic() if method.redelivered else 0.0
+                self._log_held(session)
+            if number in session.releasing:  # being given up: not started here
+                session.releasing[number].append(delivery)
+                return
         key = self._batching.key(delivery.routing_key, delivery.body) if self._batching else None
         if key is None:
             self._pool.submit(self._work, session.connection, delivery)
             return
         deliveries, _ = session.gathering.setdefault(key, ([], time.monotonic()))
         deliveries.append(delivery)
-        if len(deliveries) >= self._settings.batch:
+        if len(deliveries) >= self._settings.batch and time.monotonic() - self._taken_over(
+                session, delivery) >= TAKEOVER_SECONDS:
             self._start(session, key)
 
     def _start_waited(self, session: _Session) -> None:
-        """Start the batches whose first message has waited `batch_wait`."""
+        """Start the batches whose first message has waited `batch_wait`, or that are full."""
         now = time.monotonic()
-        for key in [key for key, (_, since) in session.gathering.items() if now - since >= self._settings.batch_wait]:
+        for key in [key for key, (deliveries, since) in session.gathering.items()
+                    if (now - since >= self._settings.batch_wait or len(deliveries) >= self._settings.batch)
+                    and now - self._taken_over(session, deliveries[0]) >= TAKEOVER_SECONDS]:
             self._start(session, key)
 
+    def _taken_over(self, session: _Session, delivery: Delivery) -> float:
+        """When this worker became the holder of the delivery's partition (0: not from a partition)."""
+        number = self._partitions.get(delivery.queue)
+        return session.held_since.get(number, 0.0) if number is not None else 0.0
+
     def _start(self, session: _Session, key: str) -> None:
-        deliveries, _ = session.gathering.pop(key)
-        self._pool.submit(self._work_batch, session.connection, deliveries)
+        """Start a batch of `key`, unless one is running: an organization's batches run one at a time, so
+        the next one plans on the writes of the previous (it keeps gathering meanwhile)."""
+        with self._running_lock:
+            if key in self._running:
+                return
+            self._running.add(key)
+        deliveries, since = session.gathering.pop(key)
+        if len(deliveries) > self._settings.batch:
+            session.gathering[key] = (deliveries[self._settings.batch:], since)
+            deliveries = deliveries[:self._settings.batch]
+        self._pool.submit(self._work_batch, session.connection, key, deliveries)
 
     def _work(self, connection: BlockingConnection, delivery: Delivery) -> None:
         """On a pool thread: handle the message, then settle it on the connection's thread."""
@@ -593,15 +728,57 @@ class Consumer:
             outcome = exc
         self._settle_later(connection, delivery, outcome, time.monotonic() - started)
 
-    def _work_batch(self, connection: BlockingConnection, deliveries: list[Delivery]) -> None:
+    def _work_route(self, connection: BlockingConnection, delivery: Delivery) -> None:
+        """On a pool thread: find the partition of a message of the intake queue, then forward it there (on
+        the connection's thread); a failure to find it is settled as a handler's failure."""
+        assert self._route is not None
+        try:
+            organization = self._route(delivery.routing_key, delivery.body)
+        except Exception as exc:  # noqa: BLE001 (as in _work)
+            self._settle_later(connection, delivery, exc, 0.0)
+            return
+        # A message naming no organization goes anywhere (the partition's consumer dead-letters it).
+        number = partition_of(organization if organization is not None else delivery.message_id,
+                              self._settings.partitions)
+        try:
+            connection.add_callback_threadsafe(functools.partial(self._forward, delivery, number))
+        except _LOST:
+            pass  # the connection is gone: the broker hands the message out again
+
+    def _forward(self, delivery: Delivery, number: int) -> None:
+        """On the connection's thread: re-publish a message of the intake queue to its partition, unchanged
+        (its attempt count and original routing key in couchsync's headers), confirmed before the ack."""
+        session = self._session
+        if session is None or session.generation != delivery.generation or delivery.tag not in session.in_flight:
+            return
+        try:
+            self._republish(session.channel, delivery, self._settings.partition_queues[number],
+                            {ATTEMPT: delivery.attempt})
+            session.channel.basic_ack(delivery.tag)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            logger.error("could not forward message %s to partition %d (%s): returned to the queue",
+                         delivery.message_id, number, exc)
+            session.channel.basic_reject(delivery.tag, requeue=True)
+        del session.in_flight[delivery.tag]
+        self._metrics.in_flight.dec()
+        self._metrics.routed.labels(str(number)).inc()
+
+    def _work_batch(self, connection: BlockingConnection, key: str, deliveries: list[Delivery]) -> None:
         """On a pool thread: handle a batch, then settle each of its messages on the connection's thread."""
         assert self._batching is not None
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         try:
             outcomes = list(self._batching.handle([(d.routing_key, d.body) for d in deliveries]))
         except Exception as exc:  # noqa: BLE001 (as in _work)
             outcomes = [exc] * len(deliveries)
+        finally:
+            with self._running_lock:
+                self._running.discard(key)
         seconds = time.monotonic() - started
+        # One line per batch, with its organization and its span: whoever reads the workers' logs sees
+        # which worker handled which organization when.
+        logger.info("batch organization=%s messages=%d started=%.3f ended=%.3f", key, len(deliveries),
+                    started_at, time.time())
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
             self._settle_later(connection, delivery, outcome, seconds)
 
@@ -627,7 +804,7 @@ class Consumer:
             return  # from a lost connection: redelivered, and applied again idempotently
         if isinstance(decision, Pause):
             self._trip(decision.reason)
-            if session.consumer_tag is not None:
+            if session.consumers:
                 session.parked.append(delivery)
                 return
         self._finish(session, delivery, decision, fields, seconds)
@@ -636,9 +813,10 @@ class Consumer:
                 seconds: float) -> None:
         try:
             if isinstance(decision, Pause):
-                # Unchanged, to the main queue: the same attempt count (a pause is no attempt), a new
-                # delivery count for the broker (a requeue would count towards x-delivery-limit).
-                self._republish(session.channel, delivery, self._settings.queue, {ATTEMPT: delivery.attempt})
+                # Unchanged, to the queue it came from (its partition): the same attempt count (a pause
+                # is no attempt), a new delivery count for the broker (a requeue would count towards
+                # x-delivery-limit).
+                self._republish(session.channel, delivery, delivery.queue, {ATTEMPT: delivery.attempt})
             elif isinstance(decision, Retry):
                 self._republish(session.channel, delivery, self._settings.retry_queue, {
                     ATTEMPT: delivery.attempt + 1, REASON: decision.reason}, expiration=decision.delay)

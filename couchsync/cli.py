@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
+from couchsync.aftercare import ReconcileOnRestore
 from couchsync.amqp import Batching, Consumer
 from couchsync.breaker import CouchBreaker
 from couchsync.couch import CouchGateway, MangoIndex
@@ -29,6 +30,9 @@ from couchsync.design_docs import DesignDocs, Outcome, findings
 from couchsync.errors import ConfigError, CouchsyncError, InvalidEvent, UnknownInstance, UnknownOrganization
 from couchsync.events import GroupEvent
 from couchsync.guard import ProtectionGuard
+from couchsync.held_queue import HeldMessage, Parking, dead_letter, list_held, take_held
+from couchsync.hold import HoldSettings
+from couchsync.holding import HoldingHandler
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.messages import Messages
 from couchsync.metrics import Metrics, ReconcileMetrics, serve
@@ -42,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 PROBE_TIMEOUT = 5.0  # seconds for one request of a CouchDB probe while paused
+RELEASE_BATCH = 64  # held messages applied together by `hold release`
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Context:
     design_source: Path | None  # None: the sources shipped in the package
     on_rejected: Callable[[str], None] | None = None  # a skipped instance record (the worker counts them)
     identity: config.SyncIdentity | None = None  # given, a bootstrap installs the protection before it copies
+    on_seeded: Callable[[str], None] | None = None  # a state seeded again, with why (the worker counts them)
 
     def gateway(self) -> CouchGateway:
         return CouchGateway(self.couch)
@@ -67,8 +73,11 @@ class Context:
     def synchronizer(self, couch: CouchGateway, settling: Settling | None = None) -> Synchronizer:
         design = self.design()
         protection = design.protection(self.identity) if self.identity else None
+        # Whatever the command, a state database it makes is protected (by --sync-name, else --couch-user).
+        identity = self.identity or config.load_identity([self.couch.username or ""])
         return Synchronizer(couch, self.directory(couch, design.global_indexes), design, self.sync, protection,
-                            settling)
+                            settling, state_target=design.state_target(self.sync.state_db, identity),
+                            on_seeded=self.on_seeded)
 
     def reconciler(self, couch: CouchGateway, sync: Synchronizer) -> Reconciler:
         return Reconciler(couch, sync.directory, sync.states, sync.instances_of, sync.reader, sync.writer,
@@ -366,14 +375,25 @@ def apply(obj: Context, source: IO[bytes], max_future_skew: str, state_horizon: 
 @click.option("--pause-probe", envvar="COUCHSYNC_PAUSE_PROBE", type=click.FloatRange(min=0.1),
               default=config.DEFAULT_PAUSE_PROBE, show_default=True, help="Seconds between two probes of "
               "CouchDB while the worker is paused (CouchDB down, or refusing the sync identity).")
+@click.option("--hold-window", envvar="COUCHSYNC_HOLD_WINDOW", type=click.FloatRange(min=1), default=900,
+              show_default=True, help="Seconds over which the mass-removal hold counts an organization's removals.")
+@click.option("--hold-percent", envvar="COUCHSYNC_HOLD_PERCENT", type=click.FloatRange(0, 100), default=10,
+              show_default=True, help="Removals past this share of an organization's memberships are held "
+              "(100: never).")
+@click.option("--hold-minimum", envvar="COUCHSYNC_HOLD_MINIMUM", type=click.IntRange(min=1), default=50,
+              show_default=True, help="...and past this many memberships.")
+@click.option("--partitions", envvar="COUCHSYNC_PARTITIONS", type=click.IntRange(1, 256),
+              default=config.DEFAULT_PARTITIONS, show_default=True, help="Partition queues an organization's "
+              "messages are hashed to, one active worker each: the same on every worker of a deployment.")
 @identity_options
 @future_skew_option
 @state_horizon_option
 @click.pass_context
 def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_socket: str | None,
            watchdog_usec: str | None, batch: int, batch_wait: float, protection_guard: bool, protection_sweep: float,
-           settle_delay: float, protection_feed_retry: float, pause_probe: float, sync_names: tuple[str, ...],
-           sync_roles: tuple[str, ...], max_future_skew: str, state_horizon: str, **amqp: Any) -> None:
+           settle_delay: float, protection_feed_retry: float, pause_probe: float, partitions: int,
+           sync_names: tuple[str, ...], sync_roles: tuple[str, ...], max_future_skew: str, state_horizon: str,
+           hold_window: float, hold_percent: float, hold_minimum: int, **amqp: Any) -> None:
     """Consume the directory's b2b group events from RabbitMQ and apply each to its organization.
 
     Runs until SIGTERM or SIGINT, then finishes or hands back the in-flight events and exits 0.
@@ -384,23 +404,32 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     logger.info("couchsync %s, design documents from the %s", __version__, design_docs.describe(obj.design_source))
     obj.sync = config.with_state_horizon(config.with_future_skew(obj.sync, max_future_skew), state_horizon)
     obj.identity = _identity(obj, sync_names, sync_roles)
-    settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000, pause_probe=pause_probe)
+    settings = _amqp_settings(ctx, amqp, batch=batch, batch_wait=batch_wait / 1000, pause_probe=pause_probe,
+                              partitions=partitions)
     process = config.load_worker(metrics_host=metrics_host, metrics_port=metrics_port,
                                  notify_socket=notify_socket, watchdog_usec=watchdog_usec)
     metrics = Metrics()
     obj.on_rejected = metrics.instance_record_rejected
+    obj.on_seeded = metrics.count_state_seeded
     couch = obj.gateway()
     sync = obj.synchronizer(couch, Settling(settle_delay, metrics.conflicts_merged.inc))
     messages = Messages(sync, obj.sync, metrics.future_stamped.inc)
     metrics.settling_pending.set_function(sync.settling.pending)
+    aftercare = ReconcileOnRestore(sync.directory, _instance_reconciler(obj.reconciler(couch, sync)))
     guard = ProtectionGuard(couch, sync.directory, obj.design(), obj.identity, obj.sync.state_db, metrics,
                             concurrency=obj.sync.concurrency, sweep_interval=protection_sweep,
-                            feed_retry=protection_feed_retry)
+                            feed_retry=protection_feed_retry, on_restored=aftercare)
     probe = _probe_gateway(obj.couch)
     breaker = CouchBreaker(probe, obj.sync.state_db, obj.couch.username, password_file=obj.couch.password_file,
                            also_update=[couch])
-    consumer = Consumer(settings, messages.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
-                        batching=Batching(messages.batch_key, messages.handle_batch), health=breaker.check)
+    parking = Parking(settings)
+    metrics.held_messages.set_function(parking.depth)
+    holding = HoldingHandler(sync, messages.handle_batch, parking,
+                             HoldSettings(hold_window, hold_percent, hold_minimum), obj.sync.not_after,
+                             on_held=metrics.held.inc)
+    consumer = Consumer(settings, holding.handle, metrics, Notifier(process.notify_socket, process.watchdog_seconds),
+                        batching=Batching(messages.batch_key, holding.handle_batch), health=breaker.check,
+                        route=sync.partition_key)
     server = serve(metrics, process.metrics_host, process.metrics_port,
                    consumer.problem) if process.metrics_port else None
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -416,6 +445,7 @@ def worker(ctx: click.Context, /, metrics_host: str, metrics_port: int, notify_s
     finally:
         settled.set()
         guard.stop()
+        aftercare.close()
         if server is not None:
             server.shutdown()
             server.server_close()
@@ -434,6 +464,14 @@ def _probe_gateway(settings: config.CouchSettings) -> CouchGateway:
     """A gateway for the breaker's probes: quick to give up (no quick retries, a short timeout), so that a
     probe of a server that hangs ends well within the broker's heartbeat."""
     return CouchGateway(replace(settings, timeout=PROBE_TIMEOUT, http_retries=0, pool_size=2))
+
+
+def _instance_reconciler(reconciler: Reconciler) -> Callable[[Instance], str]:
+    """One instance reconciled (the guard's aftercare), its outcome as a log's words."""
+    def reconcile(instance: Instance) -> str:
+        result = reconciler.reconcile(instance.org_id or "", domain=instance.domain)[0]
+        return f"{result.status}, {len(result.items)} drift" + (f" ({result.reason})" if result.reason else "")
+    return reconcile
 
 
 def _settle(sync: Synchronizer, stop: threading.Event) -> None:
@@ -460,6 +498,63 @@ def _settle_last(sync: Synchronizer, timeout: float) -> None:
     if sync.settling.pending():
         logger.warning("%d checks or repairs failed at shutdown: left to the next event or reconcile",
                        sync.settling.pending())
+
+
+@cli.group()
+def hold() -> None:
+    """Removals the mass-removal hold parked: list, release (apply) or drop (dead-letter) them."""
+
+
+@hold.command("list")
+@amqp_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per organization.")
+@click.pass_context
+def hold_list(ctx: click.Context, /, as_json: bool, **amqp: Any) -> None:
+    """What waits, by organization: messages, memberships they would take away, the oldest, why."""
+    by_org: dict[str, list[HeldMessage]] = {}
+    for message in list_held(_amqp_settings(ctx, amqp)):
+        by_org.setdefault(message.organization, []).append(message)
+    for organization, messages in sorted(by_org.items()):
+        record = {"organization": organization, "messages": len(messages),
+                  "memberships": sum(message.taken for message in messages),
+                  "oldest": min(message.held_at for message in messages), "reason": messages[0].reason}
+        click.echo(json.dumps(record, ensure_ascii=False) if as_json else
+                   f"{organization}: {record['messages']} messages, {record['memberships']} memberships, "
+                   f"oldest held at {record['oldest']}: {record['reason']}")
+
+
+@hold.command("release")
+@amqp_options
+@click.argument("organization")
+@click.pass_context
+def hold_release(ctx: click.Context, /, organization: str, **amqp: Any) -> None:
+    """Apply the ORGANIZATION's held removals now: the result is the one of applying them in time (stamps
+    decide). They leave the hold queue once applied everywhere; a failure leaves them all held (exit 1)."""
+    obj: Context = ctx.obj
+
+    def apply(_: Any, messages: list[HeldMessage]) -> None:
+        with obj.synchronizer(obj.gateway()) as sync:
+            handler = Messages(sync, obj.sync)
+            for start in range(0, len(messages), RELEASE_BATCH):
+                chunk = messages[start:start + RELEASE_BATCH]
+                for outcome in handler.handle_batch([(message.routing_key, message.body) for message in chunk]):
+                    if isinstance(outcome, Exception):
+                        raise outcome
+    released = take_held(_amqp_settings(ctx, amqp), organization, apply)
+    click.echo(f"{organization}: released {len(released)} messages, "
+               f"{sum(message.taken for message in released)} memberships")
+
+
+@hold.command("drop")
+@amqp_options
+@click.argument("organization")
+@click.option("--reason", required=True, help="Why: recorded with each message in the dead-letter queue.")
+@click.pass_context
+def hold_drop(ctx: click.Context, /, organization: str, reason: str, **amqp: Any) -> None:
+    """Dead-letter the ORGANIZATION's held removals with your reason (`dlq replay` can still apply them)."""
+    settings = _amqp_settings(ctx, amqp)
+    dropped = take_held(settings, organization, dead_letter(settings, reason))
+    click.echo(f"{organization}: dropped {len(dropped)} messages to the dead-letter queue")
 
 
 @cli.group()

@@ -41,6 +41,9 @@ DEFAULT_RETRY_DELAY_MAX = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 20.0  # seconds an in-flight event may take to finish on SIGTERM
 DEFAULT_METRICS_PORT = 9464   # 0 turns the metrics and health endpoint off
 DEFAULT_PAUSE_PROBE = 5.0     # seconds between two probes of CouchDB while the worker is paused
+# Partition queues (one active worker each): a few per worker a deployment may run, and the same on every
+# worker (see couchsync.partitions).
+DEFAULT_PARTITIONS = 16
 DEFAULT_FEED_RETRY = 30.0     # seconds between two tries to follow _db_updates, for the protection guard
 # How far ahead of our clock an event's timestamp may be: a far-future event would win over every
 # later one until its time comes (a clock 20 h ahead froze a group). The publishers run NTP.
@@ -142,6 +145,7 @@ class AmqpSettings:
     batch: int = 1  # the worker's option defaults to DEFAULT_BATCH; 1 applies each message alone
     batch_wait: float = DEFAULT_BATCH_WAIT
     pause_probe: float = DEFAULT_PAUSE_PROBE
+    partitions: int = DEFAULT_PARTITIONS
 
     @property
     def url(self) -> str:
@@ -157,6 +161,11 @@ class AmqpSettings:
     def queue(self) -> str:
         """The queue of the b2b group events, and of user.created (one retry and dead-letter path for both)."""
         return f"{self.queue_prefix}b2b.group"
+
+    @property
+    def partition_queues(self) -> tuple[str, ...]:
+        """The partition queues the intake queue `queue` feeds, one active consumer each."""
+        return tuple(f"{self.queue}.p{number:03d}" for number in range(self.partitions))
 
     @property
     def retry_queue(self) -> str:
@@ -215,9 +224,10 @@ def load_amqp(urls: str | Sequence[str], *, username: str = DEFAULT_AMQP_USER, p
     settings = AmqpSettings(urls=bare, username=user, password=secret, **tuning)
     if settings.prefetch < 1 or settings.delivery_limit < 1 or settings.retry_delay <= 0 \
             or settings.shutdown_timeout <= 0 or not settings.queue_prefix or settings.batch < 1 \
-            or settings.batch_wait < 0 or settings.pause_probe <= 0:
+            or settings.batch_wait < 0 or settings.pause_probe <= 0 or not 1 <= settings.partitions <= 256:
         raise ConfigError("prefetch, delivery limit, retry delay, shutdown timeout, batch and pause probe must be "
-                          "positive, the batch wait not negative, and the queue prefix not empty")
+                          "positive, the batch wait not negative, the partitions 1 to 256, and the queue prefix "
+                          "not empty")
     return settings
 
 

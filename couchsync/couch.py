@@ -185,6 +185,14 @@ class CouchGateway:
         except NotFound:
             return 0
 
+    def database_info(self, db: str) -> Doc | None:
+        """`GET /db`: the database's information, or None when it does not exist."""
+        try:
+            with translate_errors(db):
+                return self._service.get_database_information(db).get_result()  # type: ignore[no-any-return]
+        except NotFound:
+            return None
+
     def holds_documents(self, db: str) -> bool:
         """Whether the database holds a live document other than design documents (False when missing)."""
         count = self.doc_count(db)

@@ -12,12 +12,20 @@ They are:
     global-*.index.json           the Mango indexes of the global database (`_index` request bodies)
 
 Deployment compares before it writes, so an unchanged design document gets no new revision.
+
+Every design document carries the version of couchsync that wrote it (`couchsync_version`), and one is
+never replaced by an older couchsync's (`ensure` answers "newer" and leaves it): during a rolling upgrade
+the old and the new workers' guards do not put their own protections back in turn. A folder given by
+`--design-docs` may hold a file `VERSION` naming the version its documents stand for (a changed protection
+tried beside the installed one); without it, they are couchsync's own version. A design document without
+a version (written before versions were stamped) counts as older than any.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,10 +34,11 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from couchsync import __version__
 from couchsync.config import SyncIdentity
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.documents import CONTACTS, GROUPS, database_name, doctype_of_database
-from couchsync.errors import ConfigError, CouchsyncError, DocumentConflict
+from couchsync.errors import ConfigError, CouchError, CouchsyncError, DocumentConflict
 
 LOOKUP_DDOC = "couchsync"
 LOOKUP_VIEW = "lookup"
@@ -38,6 +47,9 @@ PACKAGE = "couchsync.design_sources"  # design_docs/ as the wheel ships it
 # The files `load` reads, by name or by pattern: what a built wheel must hold (tests/unit/test_wheel.py).
 LOOKUP_SOURCE, PROTECTION_SOURCE, STATE_SOURCE = "contacts-lookup.map.js", "protection.validate.js", "state.validate.js"
 INDEX_PATTERN = "global-*.index.json"
+VERSION_SOURCE = "VERSION"  # in an override folder only: the version its documents stand for
+VERSION_FIELD = "couchsync_version"  # in every design document: the version of couchsync that wrote it
+NEWER = "newer"  # what `ensure` answers for a design document a newer couchsync wrote: left as it is
 # Where the sync identity goes in protection.validate.js: valid JavaScript as it stands (null lets
 # nobody write managed documents), so the file runs unrendered too.
 IDENTITY_MARKER = "/* couchsync:identity */ null"
@@ -53,14 +65,15 @@ class DesignDocs:
     validation_source: str                 # protection.validate.js, identity not rendered yet
     global_indexes: tuple[MangoIndex, ...]  # `by-orgid`, `by-orgdomain`
     state_validation_source: str = ""      # state.validate.js, identity not rendered yet
+    version: str = __version__             # stamped in every design document as VERSION_FIELD
 
     def protection(self, identity: SyncIdentity) -> Doc:
         """`_design/couchsync-protection`, letting only `identity` write managed documents."""
-        return _rendered(self.validation_source, identity)
+        return _rendered(self.validation_source, identity, self.version)
 
     def state_target(self, state_db: str, identity: SyncIdentity) -> Target:
         """couchsync's directory state database, which only `identity` writes."""
-        return Target(state_db, ((PROTECTION_DDOC, _rendered(self.state_validation_source, identity)),))
+        return Target(state_db, ((PROTECTION_DDOC, _rendered(self.state_validation_source, identity, self.version)),))
 
     def instance_targets(self, prefix: str, protection: Doc) -> tuple[Target, Target]:
         """An instance's contacts and groups databases, with the design documents each must hold."""
@@ -81,9 +94,20 @@ class DesignDocs:
         return Target(global_db, indexes=self.global_indexes)
 
 
-def _rendered(source: str, identity: SyncIdentity) -> Doc:
+def _rendered(source: str, identity: SyncIdentity, version: str) -> Doc:
     rendered = json.dumps({"names": list(identity.names), "roles": list(identity.roles)}, sort_keys=True)
-    return {"language": "javascript", "validate_doc_update": source.replace(IDENTITY_MARKER, rendered)}
+    return {"language": "javascript", "validate_doc_update": source.replace(IDENTITY_MARKER, rendered),
+            VERSION_FIELD: version}
+
+
+def version_key(version: object) -> tuple[int, ...]:
+    """The order of a version: its numbers ("0.10.1" → (0, 10, 1)); none at all comes first."""
+    return tuple(int(number) for number in re.findall(r"\d+", version)) if isinstance(version, str) else ()
+
+
+def is_newer(current: Doc, body: Doc) -> bool:
+    """Whether a stored design document was written by a newer couchsync than `body`'s."""
+    return version_key(current.get(VERSION_FIELD)) > version_key(body.get(VERSION_FIELD))
 
 
 def _read(path: Traversable) -> str:
@@ -121,12 +145,15 @@ def load(source: Path | None = None) -> DesignDocs:
         ConfigError: a file is missing, unreadable or malformed.
     """
     folder: Traversable = packaged() if source is None else source
-    lookup = {"language": "javascript",
-              "views": {LOOKUP_VIEW: {"map": _read(folder / LOOKUP_SOURCE).strip()}}}
+    version = _read(folder / VERSION_SOURCE).strip() if (folder / VERSION_SOURCE).is_file() else __version__
+    if not version_key(version):
+        raise ConfigError(f"{folder / VERSION_SOURCE} names no version (numbers, as in 0.2.0)")
+    lookup = {"language": "javascript", "views": {LOOKUP_VIEW: {"map": _read(folder / LOOKUP_SOURCE).strip()}},
+              VERSION_FIELD: version}
     validation, state = (_validation(folder / name) for name in (PROTECTION_SOURCE, STATE_SOURCE))
     indexes = tuple(_index(path) for path in sorted(_matching(folder, INDEX_PATTERN), key=lambda path: path.name))
     return DesignDocs(lookup=lookup, validation_source=validation, global_indexes=indexes,
-                      state_validation_source=state)
+                      state_validation_source=state, version=version)
 
 
 def _matching(folder: Traversable, pattern: str) -> list[Traversable]:
@@ -151,10 +178,13 @@ def same_body(current: Doc, body: Doc) -> bool:
 
 
 def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False) -> str:
-    """Put `_design/<name>` unless it already has this body: "installed", "updated" or "unchanged"."""
+    """Put `_design/<name>` unless it already has this body: "installed", "updated" or "unchanged"; or
+    NEWER, left as it is, when a newer couchsync wrote it (two versions side by side in an upgrade)."""
     current = couch.get_design(db, name)
     if current is not None and same_body(current, body):
         return "unchanged"
+    if current is not None and is_newer(current, body):
+        return NEWER
     if not dry_run:
         try:
             couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
@@ -162,6 +192,8 @@ def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool 
             # Someone installed it meanwhile (the worker's guard, another worker's first lookup): as good,
             # when it is this very body.
             again = couch.get_design(db, name)
+            if again is not None and is_newer(again, body):
+                return NEWER
             if again is None or not same_body(again, body):
                 raise
             return "unchanged"
@@ -216,6 +248,17 @@ def deploy(couch: CouchGateway, target: Target, *, dry_run: bool = False,
     except CouchsyncError as exc:
         return Outcome(target.db, created=created, error=str(exc))
     return Outcome(target.db, tuple(results), created=created)
+
+
+def create_protected(couch: CouchGateway, target: Target) -> None:
+    """Create a database with its design documents (its protection), as a write that found it missing does.
+
+    Raises:
+        CouchError: it could not be created or protected.
+    """
+    outcome = deploy(couch, target, create_missing=True)
+    if outcome.error is not None:
+        raise CouchError(f"not created with its protection: {outcome.error}", db=target.db)
 
 
 def deploy_all(couch: CouchGateway, targets: Sequence[Target], *, concurrency: int, dry_run: bool = False,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from couchsync.identity import person_key
+
 TAG = "twakeDirectory"
 GROUPS = "io.cozy.contacts.groups"
 CONTACTS = "io.cozy.contacts"
@@ -38,7 +40,7 @@ def managed_contact_id(organization_id: str, email: str) -> str:
     Derived, not random, so that two workers creating the same member's contact at once collide
     on one id (a 409, re-planned) instead of leaving two contacts behind.
     """
-    return f"b2b-contact-{digest(organization_id.strip(), email.strip().lower())}"
+    return f"b2b-contact-{digest(organization_id.strip(), person_key(email))}"
 
 
 def database_name(prefix: str, doctype: str) -> str:
@@ -95,11 +97,11 @@ def cozy_url(workplace_fqdn: str | None) -> str | None:
 
 def emails_of(contact: Doc) -> set[str]:
     """Every email address of a contact, lower-cased, the managed one included."""
-    found = {entry.get("address", "").strip().lower()
+    found = {person_key(entry.get("address", ""))
              for entry in contact.get("email") or () if isinstance(entry, dict)}
     tag = contact.get(TAG)
     if isinstance(tag, dict) and isinstance(tag.get("email"), str):
-        found.add(tag["email"].strip().lower())
+        found.add(person_key(tag["email"]))
     return found - {""}
 
 
@@ -138,7 +140,7 @@ def _is_managed_group_ref(item: Any) -> bool:
 def lookup_keys(emails: Iterable[str], hosts: Iterable[str | None] = (),
                 group_ids: Iterable[str] = ()) -> list[list[str]]:
     """Keys of the contacts database's `couchsync/lookup` view for these emails, hosts and groups."""
-    keys = [["email", email.strip().lower()] for email in emails]
+    keys = [["email", person_key(email)] for email in emails]
     keys += [["cozy", host] for host in hosts if host]
     keys += [["group", group_id] for group_id in group_ids]
     unique = {tuple(key): key for key in keys}
@@ -207,7 +209,7 @@ class ContactIndex:
     def candidates(self, organization_id: str, email: str, workplace_fqdn: str | None) -> list[Doc]:
         """What `match_contact` weighs for a person: the contacts with their email or the Cozy host of their
         workplace, and whatever is at the id couchsync gives their contact (theirs, or a squat)."""
-        ids = set(self._ids.get(("email", email.strip().lower()), ()))
+        ids = set(self._ids.get(("email", person_key(email)), ()))
         host = host_of(workplace_fqdn)
         if host:
             ids |= self._ids.get(("cozy", host), set())
@@ -238,7 +240,7 @@ def _belongs_to_another_member(contact: Doc, email: str, organization_id: str) -
     tag = managed_tag(contact)
     if tag.get("organizationId") != organization_id:
         return False
-    recorded = str(tag.get("email") or "").strip().lower()
+    recorded = person_key(str(tag.get("email") or ""))
     return bool(recorded) and recorded != email
 
 
@@ -253,7 +255,7 @@ def match_contact(email: str, workplace_fqdn: str | None, contacts: Iterable[Doc
     candidate is the match; candidates that may not be reused, or two reusable ones, give a refusal
     with the reason.
     """
-    wanted = email.strip().lower()
+    wanted = person_key(email)
     live = [contact for contact in contacts if is_live(contact) and not _belongs_to_another_member(
         contact, wanted, organization_id)]
     own_id = managed_contact_id(organization_id, wanted)

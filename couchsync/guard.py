@@ -1,15 +1,20 @@
-"""ProtectionGuard: keeps `_design/couchsync-protection` in every contacts and groups database, in the worker.
+"""ProtectionGuard: keeps `_design/couchsync-protection` in every contacts and groups database, and the
+`couchsync/lookup` view in every contacts database, in the worker.
 
 It follows CouchDB's `_db_updates` feed (the sync identity is a server admin): a database that is
 `created` gets the protection and the lookup view within a second or two; a database that is `updated`
-has its protection checked (a HEAD, compared with the revision last seen good) and put back when it was
-deleted or changed. The feed's sequence is kept in `_local/couchsync-db-updates` of couchsync's own
-state database, so a restarted worker resumes where it stopped and sees what happened meanwhile.
+has its design documents checked (a HEAD each, compared with the revisions last seen good) and put back
+when one was deleted or changed. An instance whose protection was put back is reconciled at once
+(`on_restored`): what another admin wrote in the gap is undone within seconds, not at the next run.
+The feed's sequence is kept in `_local/couchsync-db-updates` of couchsync's own state database, so a
+restarted worker resumes where it stopped and sees what happened meanwhile.
 The first start (no sequence yet) sweeps every instance the global database lists; a sweep also runs
 every `sweep_interval` as a backstop. A server without the feed (PouchDB Server; CouchDB without its
 `_global_changes` database) is served by sweeps only, said once in the log. A server that does not
 answer when the guard starts (CouchDB down, or refusing the sync identity) is asked again every
 `feed_retry` seconds until the guard follows its feed; `couchsync_protection_feed_following` says which.
+A protection a newer couchsync wrote is left as it is (said once): during a rolling upgrade the old
+workers' guards do not put theirs back over the new one.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from couchsync.config import SyncIdentity
 from couchsync.couch import CouchGateway
-from couchsync.design_docs import PROTECTION_DDOC, DesignDocs, Target, deploy, same_body
 from couchsync.breaker import REFUSED_RETRY
+from couchsync.design_docs import (
+    LOOKUP_DDOC, NEWER, PROTECTION_DDOC, VERSION_FIELD, DesignDocs, Target, create_protected, deploy, is_newer,
+    same_body)
 from couchsync.errors import (
     AccessDenied, CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, NotFound)
 from couchsync.instances import InstanceDirectory
@@ -48,7 +55,7 @@ class ProtectionGuard:
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
                  identity: SyncIdentity, state_db: str, metrics: Metrics | None = None, *,
                  concurrency: int = 8, sweep_interval: float = 3600.0, poll_seconds: float = POLL_SECONDS,
-                 feed_retry: float = 30.0) -> None:
+                 feed_retry: float = 30.0, on_restored: Callable[[str], None] | None = None) -> None:
         self._couch = couch
         self._directory = directory
         self._design = design
@@ -59,10 +66,12 @@ class ProtectionGuard:
         self._sweep_interval = sweep_interval
         self._poll_seconds = poll_seconds
         self._feed_retry = feed_retry
-        self._good: dict[str, str] = {}  # database → revision of its protection last seen as deployed
+        self._on_restored = on_restored or (lambda db: None)
+        self._good: dict[str, tuple[str | None, ...]] = {}  # database → its design documents' revisions seen good
         self._lock = threading.Lock()
         self._since_rev: str | None = None
         self._stopping = threading.Event()
+        self._said_newer = False  # whether the log said a newer couchsync's protection is left as it is
 
     def stop(self) -> None:
         """Ask `run()` to return (within one poll)."""
@@ -183,9 +192,9 @@ class ProtectionGuard:
             try:
                 self._since_rev = self._couch.put_local(self._state.db, SINCE_DOC, body)
             except NotFound:
-                # couchsync's own database, not deployed yet: made here (its creation is in the feed,
-                # which gives it its protection), as the state store makes it on its first write.
-                self._couch.create_database(self._state.db)
+                # couchsync's own database, not deployed yet: made here with its protection, as the state
+                # store makes it on its first write (never bare, even for the moment until the feed says so).
+                create_protected(self._couch, self._state)
                 self._since_rev = self._couch.put_local(self._state.db, SINCE_DOC, body)
         except DocumentConflict:
             # Another worker saved it: read its revision again, ours is as good a sequence.
@@ -220,10 +229,10 @@ class ProtectionGuard:
     def _check(self, target: Target, kind: str, *, first: bool = False) -> int:
         """Make one database hold its design documents; 1 when its protection was put back."""
         try:
-            revision = self._couch.design_revision(target.db, PROTECTION_DDOC)
+            revisions = tuple(self._couch.design_revision(target.db, name) for name, _ in target.ddocs)
             with self._lock:
                 seen_good = self._good.get(target.db)
-            if revision is not None and revision == seen_good:
+            if None not in revisions and revisions == seen_good:
                 return 0  # the cheap path: what a busy database costs per batch of the feed
             outcome = deploy(self._couch, target)
             if outcome.error is not None:
@@ -233,30 +242,60 @@ class ProtectionGuard:
         except CouchsyncError as exc:
             logger.warning("protection guard: %s: %s", target.db, exc)
             return 0
-        put = dict(outcome.results).get(f"_design/{PROTECTION_DDOC}") in ("installed", "updated")
-        return self._count(target.db, put, kind, seen_good is not None, first)
+        results = dict(outcome.results)
+        status = results.get(f"_design/{PROTECTION_DDOC}")
+        if status == NEWER and not self._said_newer:
+            self._said_newer = True
+            logger.warning("protection guard: a newer couchsync's _design/%s is in %s (and maybe elsewhere): left "
+                           "as it is, as every newer one will be (this worker is %s)", PROTECTION_DDOC, target.db,
+                           self._protection.get(VERSION_FIELD))
+        self._count_lookup(target.db, results.get(f"_design/{LOOKUP_DDOC}"), kind, seen_good is not None, first)
+        return self._count(target.db, status in ("installed", "updated"), kind, seen_good is not None, first)
 
     def _remember(self, target: Target) -> None:
-        """Record the revision of the protection as deployed (read back: a write after ours is not trusted)."""
-        body = dict(target.ddocs)[PROTECTION_DDOC]
-        current = self._couch.get_design(target.db, PROTECTION_DDOC)
-        if current is not None and same_body(current, body):
-            with self._lock:
-                self._good[target.db] = str(current["_rev"])
+        """Record the revisions of the design documents as deployed, or as a newer couchsync left them (read
+        back: a write after ours is not trusted)."""
+        revisions: list[str | None] = []
+        for name, body in target.ddocs:
+            current = self._couch.get_design(target.db, name)
+            if current is None or not (same_body(current, body) or is_newer(current, body)):
+                return
+            revisions.append(str(current["_rev"]))
+        with self._lock:
+            self._good[target.db] = tuple(revisions)
+
+    def _count_lookup(self, db: str, result: str | None, kind: str, was_good: bool, first: bool) -> None:
+        """The lookup view put back where someone deleted or changed it: said and counted (a hidden view
+        left a deleted group's relationships on the contacts)."""
+        if result not in ("installed", "updated") or not is_restoration(kind, was_good, first):
+            return
+        logger.warning("protection guard: put back _design/%s in %s (deleted or changed)", LOOKUP_DDOC, db)
+        if self._metrics is not None:
+            self._metrics.lookup_restored.inc()
 
     def _count(self, db: str, put: bool, kind: str, was_good: bool, first: bool) -> int:
         if not put:
             return 0
-        # A database seen for the first time (created, or met by a first sweep) was never protected:
-        # installing there is no restoration. Anything else was deleted or changed by someone.
-        restored = kind == UPDATED or (kind == SWEPT and (was_good or not first))
+        restored = is_restoration(kind, was_good, first)
         if self._metrics is not None:
             (self._metrics.protection_restored if restored else self._metrics.protection_installed).inc()
         if restored:
             logger.warning("protection guard: put back _design/%s in %s (deleted or changed)", PROTECTION_DDOC, db)
+            if was_good:
+                # Repaired only where this guard saw the protection in place: a database the feed names
+                # before the first sweep reaches it may never have been protected, and its first install
+                # calls for no repair (the reconcile would also give it the owners' contacts at once).
+                self._on_restored(db)
             return 1
         logger.info("protection guard: installed _design/%s in %s", PROTECTION_DDOC, db)
         return 0
+
+
+def is_restoration(kind: str, was_good: bool, first: bool) -> bool:
+    """Whether a design document put in a database was deleted or changed by someone (not a first install)."""
+    # A database seen for the first time (created, or met by a first sweep) was never protected:
+    # installing there is no restoration. Anything else was deleted or changed by someone.
+    return kind == UPDATED or (kind == SWEPT and (was_good or not first))
 
 
 def relevant(events: Iterable[dict[str, Any]]) -> dict[str, str]:

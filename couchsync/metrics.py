@@ -67,6 +67,11 @@ class Metrics:
                             registry=self.registry)
         for reason in PAUSE_REASONS:
             self.paused.labels(reason).set(0)  # the series exist from the start: an alert sees 0, not nothing
+        self.partition_held = Gauge(
+            "couchsync_partition_held", "1 for each partition this worker is the active consumer of (it had a "
+            "delivery from it since it last registered), 0 for the others.", ["partition"], registry=self.registry)
+        self.routed = Counter("couchsync_routed", "Messages of the intake queue forwarded to a partition queue, by "
+                              "partition.", ["partition"], registry=self.registry)
         self.reconnects = Counter("couchsync_broker_reconnects", "Connections to the broker made again after "
                                   "one was lost.", registry=self.registry)
 
@@ -80,12 +85,28 @@ class Metrics:
         self.protection_restored = Counter(
             "couchsync_protection_restored", "Protections (_design/couchsync-protection) put back after they were "
             "deleted or changed, found by the _db_updates feed or a sweep.", registry=self.registry)
+        self.lookup_restored = Counter(
+            "couchsync_lookup_restored", "couchsync/lookup views put back in a contacts database after they were "
+            "deleted or changed.", registry=self.registry)
         self.protection_installed = Counter(
             "couchsync_protection_installed", "Protections installed in a contacts or groups database seen for the "
             "first time (a new instance).", registry=self.registry)
         self.protection_feed = Gauge(
             "couchsync_protection_feed_following", "1 while the worker follows CouchDB's _db_updates feed, 0 while "
             "it falls back to periodic sweeps.", registry=self.registry)
+
+        self.held = Counter("couchsync_held", "Removals and group deletions the mass-removal hold parked in the "
+                            "hold queue (this worker's).", registry=self.registry)
+        self.held_messages = Gauge("couchsync_held_messages", "Messages waiting in the hold queue for `couchsync "
+                                   "hold release` or `drop` (-1: the broker did not answer).", registry=self.registry)
+        self.state_seeded = Counter(
+            "couchsync_state_seeded", "Organizations' directory states seeded from their organization instance, by "
+            "reason: missing (no marker: first take-over, or the state database was deleted), recreated, purged.",
+            ["reason"], registry=self.registry)
+
+    def count_state_seeded(self, reason: str) -> None:
+        """An organization's state seeded again (`couchsync.memory`'s reasons)."""
+        self.state_seeded.labels(reason).inc()
 
     def count_event(self, routing_key: str, outcome: str) -> None:
         """One message handled, with its outcome."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from couchsync.identity import person_key
 from couchsync.documents import (
     CONFLICTS, CONTACTS, GROUPS, TAG, ContactIndex, Doc, group_ids_of, host_of, is_live, is_managed, lookup_keys,
     managed_tag, with_group)
@@ -137,7 +138,7 @@ def is_extra_contact(contact: Doc, expected: frozenset[str], view: InstanceView)
 
     `expected` holds the lower-case emails of the people the instance should have a contact for.
     """
-    email = str(managed_tag(contact).get("email") or "").strip().lower()
+    email = person_key(str(managed_tag(contact).get("email") or ""))
     return email not in expected or is_own_contact(contact, view)
 
 

@@ -18,6 +18,7 @@ from couchsync.documents import (
     group_ids_of, host_of, is_live, is_managed, losing_deletions, managed_contact_id, managed_tag, match_contact,
     managed_group_id, with_group, without_conflicts)
 from couchsync.events import GroupEvent, GroupEventKind, Member
+from couchsync.identity import person_key
 from couchsync.state import GroupState, PersonState
 
 
@@ -108,7 +109,7 @@ def plan_group(state: GroupState, base: Doc | None, label: str = "") -> tuple[li
     if state.alive:
         summary = label or ("update group" if is_live(base) else "create group")
         return put(GROUPS, group_doc(state, base), base, summary), None
-    if base is None or not is_live(base):
+    if base is None or not is_live(base) or not state.known:  # only a recorded deletion deletes
         return [], None
     return [Write(GROUPS, {"_id": base["_id"], "_rev": base["_rev"], "_deleted": True}, label or "delete group"),
             *(Write(GROUPS, loser, RESOLVE, merge=True) for loser in losing_deletions(base))], None
@@ -143,11 +144,11 @@ def group_changes(events: Iterable[GroupEvent], states: Mapping[str, GroupState]
     changes = []
     for group_id, mine in by_group.items():
         state = states[group_id]
-        named = {member.email.strip().lower() for event in mine for member in event.members}
+        named = {person_key(member.email) for event in mine for member in event.members}
         kinds = {event.kind for event in mine}
         if GroupEventKind.CREATED in kinds:
             named |= set(state.members)
-        related = not state.alive or GroupEventKind.DELETED in kinds
+        related = (state.known and not state.alive) or GroupEventKind.DELETED in kinds
         changes.append(GroupChange(state, frozenset(named), related))
     return changes
 
@@ -212,12 +213,12 @@ def _followed(doc: Doc, change: GroupChange, view: InstanceView) -> Doc:
     """The contact with its relationship to the change's group as the state says, when it follows it."""
     state = change.state
     tag = managed_tag(doc)
-    email = str(tag.get("email") or "").strip().lower()
+    email = person_key(str(tag.get("email") or ""))
     follows = email in change.named or (change.related and state.group_id in group_ids_of(doc))
-    if follows and tag.get("organizationId") == state.organization_id and not is_own_contact(doc, view) \
-            and (state.membership(email) is not None or not state.alive):
-        return _related_to(doc, state.group_id, state.is_member(email))
-    return doc
+    if not follows or tag.get("organizationId") != state.organization_id or is_own_contact(doc, view):
+        return doc
+    wanted = state.relation(email, is_live((view.groups or {}).get(state.group_id)))
+    return doc if wanted is None else _related_to(doc, state.group_id, wanted)
 
 
 def _related_to(contact: Doc, group_id: str, member: bool) -> Doc:
@@ -254,13 +255,16 @@ def plan_profile(person: PersonState, groups: Mapping[str, GroupState], view: In
 def related(contact: Doc, groups: Mapping[str, GroupState]) -> Doc:
     """The contact with its relationships to the managed groups the states know as they say.
 
-    A relationship to a managed group no state here knows is left as it is.
+    A relationship to a managed group no state here knows is left as it is, and so is one to a group
+    whose existence the state does not record (see `GroupState.relation`).
     """
     email = str(managed_tag(contact).get("email") or "")
     current = {gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX)}
     wanted = {gid for gid, state in groups.items() if state.is_member(email)}
     for group_id in sorted((current | wanted) & set(groups)):
-        contact = _related_to(contact, group_id, group_id in wanted)
+        state = groups[group_id]
+        if state.known or group_id not in wanted and state.membership(email) is False:
+            contact = _related_to(contact, group_id, group_id in wanted)
     return contact
 
 
@@ -268,7 +272,7 @@ def is_owner(email: str | None, workplace_fqdn: str | None, view: InstanceView) 
     """Whether the person owns this instance (a member is never added to their own instance)."""
     if host_of(workplace_fqdn) == view.domain.lower():
         return True
-    return bool(email and view.owner_email and email.strip().lower() == view.owner_email.strip().lower())
+    return bool(email and view.owner_email and person_key(email) == person_key(view.owner_email))
 
 
 def is_own_contact(contact: Doc, view: InstanceView) -> bool:
@@ -327,11 +331,16 @@ def _with_entry(entries: Any, key: str, value: str | None, *, replaces: str | No
     profiles came in; an entry of the user's equal to `value` but for case is kept as they wrote it.
     """
     current = [dict(entry) for entry in entries or () if isinstance(entry, dict)]
-    wanted = (value or "").strip().lower()
-    gone = (replaces or "").strip().lower()
-    dropped = [entry for entry in current if gone and str(entry.get(key) or "").strip().lower() == gone]
+    same = person_key if key == "address" else _lower  # an address is compared as the person it names
+    wanted = same(value or "")
+    gone = same(replaces or "")
+    dropped = [entry for entry in current if gone and same(str(entry.get(key) or "")) == gone]
     kept = [entry for entry in current if entry not in dropped]
-    if not wanted or any(str(entry.get(key) or "").strip().lower() == wanted for entry in kept):
+    if not wanted or any(same(str(entry.get(key) or "")) == wanted for entry in kept):
         return kept
     primary = any(entry.get("primary") for entry in dropped) or not kept
     return kept + [{key: value, "primary": primary}]
+
+
+def _lower(value: str) -> str:
+    return value.strip().lower()

@@ -2,7 +2,8 @@
 
 The directory state is the reference (see `couchsync.mirror`). For each instance of the organization
 the reconciler lists what is missing or different (what a bootstrap would write) and what is extra: a
-managed group the state does not hold alive, a managed contact for nobody the instance should know.
+managed group the state records as deleted, a managed contact for nobody the instance should know. A
+managed group the state does not know at all is reported (the state is contradicted), never deleted.
 Deletions are counted before anything is written; beyond the threshold the instance is refused as a
 whole, since mass deletion usually means the state itself was lost (directory-sync tools guard
 against it the same way). Unmanaged documents are never read as drift nor touched.
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from couchsync.identity import person_key
 from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, Doc, is_managed, lookup_keys, managed_tag
 from couchsync.errors import ConfigError, CouchsyncError, UnknownInstance
@@ -34,6 +36,9 @@ from couchsync.writer import PlanWriter
 logger = logging.getLogger(__name__)
 
 OK, DRIFT, REPAIRED, REFUSED, ERROR = "ok", "drift", "repaired", "refused", "error"
+# A managed group an instance holds that the state does not know at all: the state is contradicted
+# (lost, or never told), so it is reported and left; only a recorded deletion deletes a group.
+UNKNOWN_GROUP = "unknown to the state: group"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,7 @@ class InstanceResult:
     def as_json(self) -> dict[str, object]:
         return {"domain": self.domain, "status": self.status, "reason": self.reason,
                 "missing": self.count("missing"), "different": self.count("different"), "extra": self.count(EXTRA),
+                "unknown": self.count(UNKNOWN_GROUP),
                 "items": [{"drift": label, "id": doc_id} for label, doc_id in self.items],
                 "refusals": self.refusals}
 
@@ -91,9 +97,10 @@ class InstanceResult:
 class _Extras:
     """An instance's managed documents the state does not account for."""
 
-    groups: tuple[Doc, ...]           # live here, not alive in the state: deleted
+    groups: tuple[Doc, ...]           # live here, deleted in the state (a recorded deletion): deleted
     contacts: tuple[Doc, ...]         # for nobody the instance should know: deleted
     managed: int                      # managed documents the instance holds, for the percentage
+    unknown: tuple[Doc, ...] = ()     # live here, absent from the state: reported, never deleted
 
     @property
     def deletions(self) -> int:
@@ -106,6 +113,7 @@ class _Reference:
 
     groups: frozenset[str]   # ids of the managed groups alive in the state
     people: frozenset[str]   # lower-case emails of everyone who should have a contact
+    deleted: frozenset[str] = frozenset()  # ids of the managed groups the state records as deleted
 
 
 class Reconciler:
@@ -149,20 +157,22 @@ class Reconciler:
 
     def _own_emails(self, target: Instance) -> set[str]:
         owner = self._reader.owner_email(target)
-        return {owner.strip().lower()} if owner else set()
+        return {person_key(owner)} if owner else set()
 
     def _reference(self, organization_id: str, instances: Sequence[Instance],
                    people: Sequence[Person]) -> _Reference:
         """The groups alive in the state, and everyone who should have a contact: the state's people, the
         members, and the organization instance's owner (who may be in groups)."""
-        groups = frozenset(s.state.group_id for s in self._states.groups(organization_id) if s.state.alive)
+        states = [stored.state for stored in self._states.groups(organization_id)]
+        groups = frozenset(state.group_id for state in states if state.alive)
+        deleted = frozenset(state.group_id for state in states if state.known and not state.alive)
         emails = {s.state.email for page in self._states.people(organization_id) for s in page}
         emails |= {person.state.email for person in people}
         for instance in instances:
             if instance.is_organization_instance:
                 emails |= self._own_emails(instance)
         logger.debug("state of %s: %d groups, %d people", organization_id, len(groups), len(emails))
-        return _Reference(groups, frozenset(emails - {""}))
+        return _Reference(groups, frozenset(emails - {""}), deleted)
 
     def _managed(self, instance: Instance, doctype: str) -> Iterator[Doc]:
         return self._couch.find(instance.database(doctype), managed_selector(instance.org_id),
@@ -183,29 +193,35 @@ class Reconciler:
                 return result
             copied = self._copier.copy(target.org_id, target, people, dry_run=dry_run, keep_items=True)
             result.items, result.refusals = copied.items, copied.refusals
-            result.items += self._extra_items(extras) if dry_run else self._remove(target, extras)
+            result.items += self._extra_items(extras) if dry_run else self._remove(target, extras) + [
+                (UNKNOWN_GROUP, doc["_id"]) for doc in extras.unknown]
         except CouchsyncError as exc:
             logger.warning("reconcile of %s failed: %s", target.domain, exc)
             result.status, result.reason = ERROR, str(exc)
             return result
-        result.status = OK if not result.items else DRIFT if dry_run else REPAIRED
+        result.status = OK if not result.items else DRIFT if dry_run or extras.unknown else REPAIRED
         logger.info("reconcile %s: %s, %d drift", target.domain, result.status, len(result.items))
         return result
 
     def _extras(self, target: Instance, reference: _Reference) -> _Extras:
         view = InstanceView(target.domain, self._reader.owner_email(target))
-        groups = [doc for doc in self._managed(target, GROUPS) if doc["_id"] not in reference.groups]
-        managed = len(groups) + sum(1 for doc in self._managed(target, GROUPS) if doc["_id"] in reference.groups)
+        held = list(self._managed(target, GROUPS))
+        # Absence is no deletion: a group the state lacks (its memory lost, or the organization instance
+        # holding what the state never heard of) is reported for a person to look at, never deleted.
+        groups = [doc for doc in held if doc["_id"] in reference.deleted]
+        unknown = [doc for doc in held if doc["_id"] not in reference.groups | reference.deleted]
+        managed = len(held)
         contacts: list[Doc] = []
         for doc in self._managed(target, CONTACTS):
             managed += 1
             if is_extra_contact(doc, reference.people, view):
                 contacts.append(doc)
-        return _Extras(tuple(groups), tuple(contacts), managed)
+        return _Extras(tuple(groups), tuple(contacts), managed, tuple(unknown))
 
     @staticmethod
     def _extra_items(extras: _Extras) -> list[tuple[str, str]]:
         return ([(f"{EXTRA} group", doc["_id"]) for doc in extras.groups]
+                + [(UNKNOWN_GROUP, doc["_id"]) for doc in extras.unknown]
                 + [(f"{EXTRA} contact", doc["_id"]) for doc in extras.contacts])
 
     def _remove(self, target: Instance, extras: _Extras) -> list[tuple[str, str]]:
@@ -219,15 +235,16 @@ class Reconciler:
     def _plan_removals(self, organization_id: str, target: Instance, extras: _Extras) -> Plan:
         """Removals over a fresh read of the state (a worker may have given them since) and of the instance."""
         view = InstanceView(target.domain, self._reader.owner_email(target))
-        alive = {s.state.group_id for s in self._states.groups(organization_id) if s.state.alive}
+        deleted = {s.state.group_id for s in self._states.groups(organization_id)
+                   if s.state.known and not s.state.alive}
         known = self._states.read([person_state_id(organization_id, str(managed_tag(doc).get("email") or ""))
                                    for doc in extras.contacts])
         emails = {stored.state.email for stored in known.values() if isinstance(stored.state, PersonState)}
-        group_ids = [doc["_id"] for doc in extras.groups if doc["_id"] not in alive]
+        group_ids = [doc["_id"] for doc in extras.groups if doc["_id"] in deleted]
         groups = [doc for doc in self._reader.documents(target, GROUPS, group_ids, organization_id).values()
                   if is_managed(doc)]
         current = self._reader.documents(target, CONTACTS, [doc["_id"] for doc in extras.contacts], organization_id)
         doomed = [doc for doc in current.values() if is_managed(doc) and (
-            is_own_contact(doc, view) or str(managed_tag(doc).get("email") or "").strip().lower() not in emails)]
+            is_own_contact(doc, view) or person_key(str(managed_tag(doc).get("email") or "")) not in emails)]
         related = self._reader.contacts(target, lookup_keys((), (), [doc["_id"] for doc in groups]), organization_id)
         return plan_removals(groups, doomed, related)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from couchsync.identity import person_key
 from couchsync.documents import CONTACTS, GROUPS, Doc, managed_tag
 from couchsync.instances import Instance
 from couchsync.state import GroupState, PersonState, state_from_doc
@@ -70,7 +71,7 @@ def repairs_of(where: Where, conflicted: Iterable[Sequence[Doc]]) -> list[Repair
             repairs.append(Repair(organization_id, groups=frozenset([str(tag["externalId"])]),
                                   domain=instance.domain))
         elif doctype == CONTACTS and tag.get("email"):
-            repairs.append(Repair(organization_id, emails=frozenset([str(tag["email"]).strip().lower()]),
+            repairs.append(Repair(organization_id, emails=frozenset([person_key(str(tag["email"]))]),
                                   domain=instance.domain))
     return joined_repairs(repairs)
 
@@ -140,7 +141,7 @@ class Settling:
         chosen leaf had them, so the contact is projected again from every group's state."""
         tag = managed_tag(contact)
         if tag.get("organizationId") and tag.get("email"):
-            self._ask(Repair(str(tag["organizationId"]), emails=frozenset([str(tag["email"]).strip().lower()]),
+            self._ask(Repair(str(tag["organizationId"]), emails=frozenset([person_key(str(tag["email"]))]),
                              domain=instance.domain))
 
     def state_joined(self, state: GroupState | PersonState) -> None:

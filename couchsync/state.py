@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from couchsync.identity import person_key
 from couchsync.documents import (
     Doc, digest, group_ids_of, host_of, is_live, managed_contact_id, managed_group_id,
     managed_tag)
@@ -90,9 +91,29 @@ class GroupState:
     def state_id(self) -> str:
         return group_state_id(self.organization_id, self.external_id)
 
+    @property
+    def known(self) -> bool:
+        """Whether an event (or a seed) recorded the group's existence: a creation or a deletion. A state
+        that lacks it says nothing of the group, and nothing is deleted for it (absence is no deletion)."""
+        return EXISTS in self.stamps
+
+    def relation(self, email: str, present: bool) -> bool | None:
+        """Whether a contact of `email` should be related to the group; None: leave it as it is.
+
+        Only a recorded deletion or removal takes a relationship away. Of a group whose existence is
+        unknown (its state lost, or its creation still to come), a recorded membership relates the
+        contact only where the group is `present` in the instance, so that no relationship dangles.
+        """
+        membership = self.membership(email)
+        if self.known:
+            return None if membership is None and self.alive else self.is_member(email)
+        if membership is True:
+            return True if present else None
+        return membership
+
     def membership(self, email: str) -> bool | None:
         """Whether the email is a member now; None when no event ever named it."""
-        entry = self.members.get(email.strip().lower())
+        entry = self.members.get(person_key(email))
         if entry is None:
             return None
         stamp, present = entry
@@ -130,7 +151,7 @@ class GroupState:
                 stamps[name], values[name] = stamp, value
         present = kind is not GroupEventKind.MEMBERS_REMOVED
         for member in event.members:
-            email = member.email.strip().lower()
+            email = person_key(member.email)
             if _newer(stamp, members, email, 0):
                 members[email] = (stamp, present)
         return replace(self, alive=alive, values=values, stamps=stamps, members=members)
@@ -168,12 +189,16 @@ class GroupState:
 
     @classmethod
     def from_doc(cls, doc: Doc) -> GroupState:
-        """The state a state document holds."""
+        """The state a state document holds (members written under the earlier identity rule re-keyed)."""
+        members: dict[str, tuple[str, bool]] = {}
+        for email, entry in (doc.get("members") or {}).items():
+            key, value = person_key(email), (str(entry[0]), bool(entry[1]))
+            if _newer(value[0], members, key, 0):  # two old spellings of one person: the newer wins
+                members[key] = value
         return cls(str(doc["organizationId"]), str(doc["externalId"]), alive=doc.get("alive") is True,
                    values={k: v for k, v in (doc.get("values") or {}).items() if isinstance(v, str)},
                    stamps={k: v for k, v in (doc.get("stamps") or {}).items() if isinstance(v, str)},
-                   members={email: (str(entry[0]), bool(entry[1]))
-                            for email, entry in (doc.get("members") or {}).items()})
+                   members=members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +276,7 @@ class PersonState:
     @classmethod
     def of(cls, organization_id: str, member: Member, stamp: str) -> PersonState:
         """The state one profile gives."""
-        return cls(organization_id, member.email.strip().lower()).merged(member, stamp)
+        return cls(organization_id, person_key(member.email)).merged(member, stamp)
 
     @property
     def state_id(self) -> str:
@@ -285,7 +310,7 @@ class PersonState:
     def from_doc(cls, doc: Doc) -> PersonState:
         values = {k: v for k, v in (doc.get("values") or {}).items() if isinstance(v, str)}
         stamps = {k: v for k, v in (doc.get("stamps") or {}).items() if isinstance(v, str) and k in values}
-        return cls(str(doc["organizationId"]), str(doc["email"]), values, stamps)
+        return cls(str(doc["organizationId"]), person_key(str(doc["email"])), values, stamps)
 
 
 def _registers(member: Member, stamp: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -21,8 +21,10 @@ from typing import Generic, TypeVar
 from couchsync.couch import CouchGateway, WriteResult
 from couchsync.documents import CONFLICTS, Doc, losing_deletions
 from couchsync.errors import (
-    AccessDenied, CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, GroupStateRefused, StaleEvent)
+    AccessDenied, CouchError, CouchsyncError, CouchUnavailable, DocumentConflict, GroupStateRefused, NotFound,
+    StaleEvent)
 from couchsync.events import GroupEvent
+from couchsync.memory import MARKER_DATABASE, DatabaseIdentity, seed_reason
 from couchsync.settle import STATE, Settling
 from couchsync.state import (
     GROUP, PERSON, Admission, GroupState, PersonState, State, admit, group_state_id, id_range, join_states,
@@ -64,13 +66,14 @@ class StateStore:
     """Reads and merges states in one database (`couchsync/directory` by default); thread-safe."""
 
     def __init__(self, couch: CouchGateway, db: str, *, max_attempts: int = 5, page_size: int = 1000,
-                 settling: Settling | None = None) -> None:
+                 settling: Settling | None = None, create: Callable[[], None] | None = None) -> None:
         self._couch = couch
         self.db = db
         self._settling = settling or Settling(0)
         self._max_attempts = max_attempts
         self._page_size = page_size
-        self._seeded: set[str] = set()
+        # How the database is made when a write finds it missing: with its protection (see `Synchronizer`).
+        self._create = create or (lambda: couch.create_database(db))
 
     def merge(self, contributions: Iterable[State]) -> dict[str, Stored[State]]:
         """Join each contribution into its stored state (one `_bulk_docs` an attempt); the states as written.
@@ -184,7 +187,7 @@ class StateStore:
         docs = [{"_id": state_id, **new.to_doc(), **({"_rev": current[0]["_rev"]} if current else {})}
                 for state_id, (new, current) in joins.items()]
         conflicting, written = [], []
-        for doc, result in zip(docs, self._couch.bulk_write(self.db, docs)):
+        for doc, result in zip(docs, self._bulk_write(docs)):
             if result.conflict:
                 conflicting.append(doc["_id"])
             elif not result.ok or result.rev is None:
@@ -199,7 +202,7 @@ class StateStore:
             {"_id": state_id, CONFLICTS: [leaf["_rev"] for leaf in joins[state_id][1][1:]]})]
         if losers:
             # A losing leaf someone deleted or extended meanwhile stays for the next reader to join.
-            self._settling.merged(sum(1 for result in self._couch.bulk_write(self.db, losers) if result.ok))
+            self._settling.merged(sum(1 for result in self._bulk_write(losers) if result.ok))
         for state_id in written:
             if len(joins[state_id][1]) > 1:
                 self._settling.state_joined(joins[state_id][0])
@@ -252,23 +255,42 @@ class StateStore:
         current = self._couch.revisions(self.db, [state_id for state_id, _ in basis])
         return any(current.get(state_id) != rev for state_id, rev in basis)
 
-    def is_seeded(self, organization_id: str) -> bool:
-        """Whether the organization's state was taken over already (see `couchsync.state.seed`)."""
-        if organization_id in self._seeded:
-            return True
-        if self._couch.get_many(self.db, [organization_state_id(organization_id)]):
-            self._seeded.add(organization_id)
-            return True
-        return False
+    def _bulk_write(self, docs: Sequence[Doc]) -> list[WriteResult]:
+        """`_bulk_docs` to the state database, made first (with its protection) when it is missing."""
+        try:
+            return self._couch.bulk_write(self.db, docs, create_database=False)
+        except NotFound:
+            self._create()
+            return self._couch.bulk_write(self.db, docs, create_database=False)
 
-    def mark_seeded(self, organization_id: str, source: str | None) -> None:
-        """Record that the organization's state was taken over (from `source`, its organization instance)."""
-        doc = {"_id": organization_state_id(organization_id), "type": "organization",
-               "organizationId": organization_id, "seededFrom": source}
-        result = self._couch.bulk_write(self.db, [doc])[0]
+    def seed_check(self, organization_id: str) -> SeedCheck:
+        """Whether the organization's state must be seeded again (see `couchsync.memory`): two reads."""
+        info = self._couch.database_info(self.db)
+        identity = DatabaseIdentity.of(info or {})
+        marker_id = organization_state_id(organization_id)
+        marker = self._couch.get_many(self.db, [marker_id]).get(marker_id) if info is not None else None
+        return SeedCheck(seed_reason(marker, identity), identity, marker, exists=info is not None)
+
+    def mark_seeded(self, organization_id: str, source: str | None, check: SeedCheck) -> None:
+        """Record that the organization's state was seeded (from `source`), and the database's identity then.
+
+        Another worker's marker written meanwhile is as good (a conflict is left as it is).
+        """
+        identity = check.identity
+        if not check.exists:  # made since the check (by the seeding's writes, else here): its identity now
+            info = self._couch.database_info(self.db)
+            if info is None:
+                self._create()
+                info = self._couch.database_info(self.db)
+            identity = DatabaseIdentity.of(info or {})
+        doc: Doc = {"_id": organization_state_id(organization_id), "type": "organization",
+                    "organizationId": organization_id, "seededFrom": source,
+                    MARKER_DATABASE: identity.recorded()}
+        if check.marker is not None:
+            doc["_rev"] = check.marker["_rev"]
+        result = self._bulk_write([doc])[0]
         if not result.ok and not result.conflict:
             raise CouchError(f"state not written: {result.error}: {result.reason}", db=self.db, doc_id=doc["_id"])
-        self._seeded.add(organization_id)
         logger.info("directory state of %s taken over from %s", organization_id, source or "nothing")
 
 
@@ -313,3 +335,13 @@ def _stale(event: GroupEvent, state: GroupState) -> StaleEvent:
         f"stale: group {event.group_id!r} of organization {event.organization_id!r} refuses events stamped "
         f"before {state.horizon} (its newest event's stamp less the state horizon), and this one is stamped "
         f"{event.stamp}: removals older than the horizon may be forgotten, so it cannot be ordered")
+
+
+@dataclass(frozen=True, slots=True)
+class SeedCheck:
+    """What `StateStore.seed_check` found: why to seed (None: the state is whole), from what."""
+
+    reason: str | None
+    identity: DatabaseIdentity
+    marker: Doc | None
+    exists: bool = True  # whether the database existed

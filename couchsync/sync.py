@@ -20,24 +20,28 @@ from dataclasses import dataclass, replace
 
 from couchsync.config import SyncSettings
 from couchsync.couch import CouchGateway
-from couchsync.design_docs import DesignDocs, ensure
+from couchsync.design_docs import DesignDocs, Target, create_protected, ensure
 from couchsync.documents import CONTACTS, GROUPS, ContactLookup, Doc
 from couchsync.errors import (
     CouchError, CouchsyncError, InstancesFailed, InstancesUnavailable, UnknownInstance, UnknownOrganization)
-from couchsync.events import Event, GroupEvent, UserCreated
+from couchsync.events import Event, GroupEvent, UserCreated, parse_event
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_selector, members_as_people
+from couchsync.memory import MISSING, PURGED, RECREATED
 from couchsync.plan import GroupChange, InstanceView, Plan, group_changes, plan_group_changes, plan_profile
 from couchsync.reader import InstanceReader
 from couchsync.state import GroupState, PersonState, group_state_id, person_state_id, seed
 from couchsync.settle import Repair, Settling, joined_repairs, repairs_of, unsettled
-from couchsync.state_store import StateStore, Stored
+from couchsync.state_store import SeedCheck, StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGGED_REFUSALS = 20  # refusals of one event logged one by one (all are counted)
 MAX_LOGGED_TEXT = 300  # characters of a domain or reason in a log line
+W_SEEDED = {MISSING: "has no marker (new, or its database was deleted)",
+            RECREATED: "is in another database than the one it was seeded in",
+            PURGED: "lost documents to a purge since it was seeded"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +114,8 @@ class Synchronizer:
     """Applies events through a CouchGateway; call `close()` (or use `with`) when done."""
 
     def __init__(self, couch: CouchGateway, directory: InstanceDirectory, design: DesignDocs,
-                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None) -> None:
+                 settings: SyncSettings, protection: Doc | None = None, settling: Settling | None = None, *,
+                 state_target: Target | None = None, on_seeded: Callable[[str], None] | None = None) -> None:
         self._couch = couch
         self.settling = settling or Settling(0)
         self._protection = protection  # installed in an instance before a bootstrap copies into it
@@ -119,8 +124,11 @@ class Synchronizer:
         self._settings = settings
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="couchsync-instance")
         self._seeding = threading.Lock()
+        self._on_seeded = on_seeded or (lambda reason: None)
+        # The state database is only ever made with its protection: made bare, any admin could write it.
+        create = functools.partial(create_protected, couch, state_target) if state_target else None
         self.states = StateStore(couch, settings.state_db, max_attempts=settings.max_attempts,
-                                 page_size=settings.page_size, settling=self.settling)
+                                 page_size=settings.page_size, settling=self.settling, create=create)
         self.reader = InstanceReader(couch, directory, design)
         self.writer = PlanWriter(couch, self.states, settings.max_attempts, self.settling)
         self.copier = DirectoryCopy(couch, self.states, self.reader, self.writer, settings.page_size)
@@ -217,19 +225,22 @@ class Synchronizer:
         instances = self._directory.instances_of(organization_id)
         if not instances:
             raise UnknownOrganization(f"organization {organization_id!r} has no instance")
-        if not self.states.is_seeded(organization_id):
+        # Checked each time, not remembered: the state may be lost under a running worker (`couchsync.memory`).
+        if self.states.seed_check(organization_id).reason is not None:
             # Events of one organization arrive together: one of them seeds, the others wait for it (seeding
             # twice would change nothing, but would read the organization instance once per event).
             with self._seeding:
-                if not self.states.is_seeded(organization_id):
-                    self.take_over(organization_id, instances)
+                check = self.states.seed_check(organization_id)
+                if check.reason is not None:
+                    self.take_over(organization_id, instances, check)
         return instances
 
-    def take_over(self, organization_id: str, instances: Sequence[Instance]) -> None:
+    def take_over(self, organization_id: str, instances: Sequence[Instance], check: SeedCheck) -> None:
         """Seed the organization's state from its organization instance's managed documents.
 
-        A directory the stack's own consumer (or an earlier couchsync) wrote has no state of couchsync's:
-        it is taken at the lowest stamp, so that every event applies on top. Seeding twice changes nothing.
+        A directory the stack's own consumer (or an earlier couchsync) wrote has no state of couchsync's,
+        and a lost state is no directory: either is taken at the lowest stamp, so that every event applies
+        on top and whatever the state still holds wins. Seeding twice changes nothing.
         """
         source = next((instance for instance in instances if instance.is_organization_instance), None)
         if source is not None:
@@ -237,10 +248,20 @@ class Synchronizer:
             groups = self._couch.find(source.database(GROUPS), selector, page_size=self._settings.page_size)
             contacts = self._couch.find(source.database(CONTACTS), selector, page_size=self._settings.page_size)
             group_states, people = seed(organization_id, groups, contacts)
+            # A person the state still has keeps their profile as it is: a seeded `name` (the contact's
+            # full name) would otherwise shadow a first and last name that no event ever sent as one.
+            size = self._settings.page_size
+            known = {state_id for start in range(0, len(people), size)
+                     for state_id in self.states.read([person.state_id for person in people[start:start + size]])}
+            people = [person for person in people if person.state_id not in known]
             states: list[GroupState | PersonState] = [*group_states, *people]
             for start in range(0, len(states), self._settings.page_size):
                 self.states.merge(states[start:start + self._settings.page_size])
-        self.states.mark_seeded(organization_id, source.domain if source else None)
+        self.states.mark_seeded(organization_id, source.domain if source else None, check)
+        logger.warning("directory state of %s %s: seeded again from %s (deletions older than the loss are "
+                       "forgotten)", organization_id, W_SEEDED[check.reason or MISSING],
+                       source.domain if source else "nothing")
+        self._on_seeded(check.reason or MISSING)
 
     def _organization_of(self, event: UserCreated) -> str:
         """The organization of a new user: named by the event, else found by the organization's domain."""
@@ -379,6 +400,26 @@ class Synchronizer:
             return _joined_reports(instance.domain, reports)
         return self._report("repair", org, ",".join(sorted(repair.groups | repair.emails)),
                             tuple(self._pool.map(one, instances)), started)
+
+    def partition_key(self, routing_key: str, body: bytes) -> str | None:
+        """The organization whose partition a message goes to (see `couchsync.partitions`); None for one that
+        is not a valid event. A user.created naming its organization by domain only is resolved as `apply`
+        does (a read of CouchDB), so that it lands beside its organization's group events; a domain no
+        organization has (yet) routes by the domain: the event fails there and its retry is routed again.
+
+        Raises:
+            CouchsyncError: CouchDB could not be read (settled like a failed attempt, or a pause).
+        """
+        try:
+            event = parse_event(routing_key, body, not_after=self._settings.not_after())
+        except CouchsyncError:
+            return None
+        if isinstance(event, GroupEvent):
+            return event.organization_id
+        try:
+            return self._organization_of(event)
+        except UnknownOrganization:
+            return f"domain:{event.organization_domain}"
 
     def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""

@@ -27,7 +27,7 @@ protected databases, so do they (the server validates every write alike).
              peak RSS in the note); baseline: the same documents read + written raw per database.
 8. burst     500 member.added (5 groups x 100 people) for one organization of 200 instances through the
              worker, batched (the default) against --batch 1: wall time and `_bulk_docs` requests to instances.
-9. workers   1,000 events for a 20-instance organization through 1, 2 and 3 workers on the same queues, each
+9. workers   1,000 events over 20 organizations (40 instances) through 1, 2 and 3 workers sharing partitions, each
              on its own node of a three-node CouchDB cluster and a three-node RabbitMQ cluster (started for
              the case, from the release): events per second; baseline: the cluster's raw write rate (one
              document a request through its three nodes) measured in the same run.
@@ -497,7 +497,8 @@ def scale_out(runs: int, instances: int, events: int) -> list[Figure]:
         rabbit = localrabbit.start_cluster(3)
         bench = Bench(couch.first)
         figures = [Figure(f"workers x{count}", "events/s", baseline_name="raw writes/s of the cluster",
-                          note=f"{events} member.added/removed events, {instances} instances, 20 groups; "
+                          note=f"{events} member.added/removed events over {ORGANIZATIONS} organizations, "
+                          f"{instances} instances, 2 groups each; "
                           f"{count} worker(s), each on its own CouchDB and RabbitMQ node")
                    for count in (1, 2, 3)]
         for run in range(runs):
@@ -512,17 +513,26 @@ def scale_out(runs: int, instances: int, events: int) -> list[Figure]:
         couch.stop()
 
 
+ORGANIZATIONS = 20  # of the workers case: partitions spread organizations, not one organization's events
+
+
 def workers_rate(bench: Bench, couch: localcouch.CouchCluster, rabbit: Any, org: str, count: int, instances: int,
                  events: int) -> float:
-    """Events per second through `count` workers, from the first publish to the last event handled."""
-    domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
-    bench.add_instances(domains, org)
-    bench.deploy(domains)
-    messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org, "id": f"g{g}",
-                                       "name": f"Group {g}", "members": []}) for g in range(20)]
+    """Events per second through `count` workers, from the first publish to the last event handled: twenty
+    organizations of `instances` / 20 instances each (at least one), `events` spread over them. `org` names
+    the run's queues and exchanges."""
+    organizations = [f"{org}-o{k:02d}" for k in range(ORGANIZATIONS)]
+    for name in organizations:
+        domains = [f"{name}.example"] + [f"i{n}.{name}.example" for n in range(max(0, instances // ORGANIZATIONS - 1))]
+        bench.add_instances(domains, name)
+        bench.deploy(domains)
+    messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": name,
+                                       "id": f"g{g}", "name": f"Group {g}", "members": []})
+                for name in organizations for g in range(2)]
     messages += [("b2b.group.member.removed" if i % 4 == 3 else "b2b.group.member.added", {
-        "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
-        "id": f"g{i % 20}", "members": [member(org, i % 500)]}) for i in range(events - 20)]
+        "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": organizations[i % 20],
+        "id": f"g{i // 20 % 2}", "members": [member(organizations[i % 20], i // 20 % 25)]})
+        for i in range(events - len(messages))]
     urls = list(rabbit.urls)
     with contextlib.ExitStack() as stack:
         ports = [stack.enter_context(running_worker(bench, org, broker_port=rabbit.nodes[number].amqp_port,
@@ -643,7 +653,7 @@ def main() -> int:
             "planning": lambda: planning(args.runs, tuple(n(size) for size in (1000, 2000, 4000, 8000))),
             "bigevent": lambda: [big_event(bench, args.runs, n(10_000), 3)],
             "burst": lambda: burst(bench, args.runs, n(200), 5, n(100)),
-            "workers": lambda: scale_out(args.runs, n(20), n(1000)),
+            "workers": lambda: scale_out(args.runs, n(40), n(1000)),
         }
         for case, measure in measures.items():
             if case in cases:

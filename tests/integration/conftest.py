@@ -223,6 +223,7 @@ class Broker:
     parameters: pika.ConnectionParameters  # where the test publishes and looks
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     urls: tuple[str, ...] = (config.DEFAULT_AMQP_URL,)  # what couchsync is given (a cluster's nodes)
+    partitions: int = 4  # fewer than a deployment's 16: quicker to declare, and each holds more organizations
 
     @property
     def exchange(self) -> str:
@@ -235,13 +236,13 @@ class Broker:
     @property
     def settings(self) -> config.AmqpSettings:
         return config.load_amqp(self.urls, exchange=self.exchange, auth_exchange=self.auth_exchange,
-                                queue_prefix=f"t{self.tag}.couchsync.")
+                                queue_prefix=f"t{self.tag}.couchsync.", partitions=self.partitions)
 
     def env(self, **overrides: str) -> dict[str, str]:
         """What the CLI needs to use these names."""
         return {"COUCHSYNC_AMQP_URL": ",".join(self.urls), "COUCHSYNC_EXCHANGE": self.exchange,
                 "COUCHSYNC_AUTH_EXCHANGE": self.auth_exchange, "COUCHSYNC_QUEUE_PREFIX": self.settings.queue_prefix,
-                **overrides}
+                "COUCHSYNC_PARTITIONS": str(self.partitions), **overrides}
 
     def publish(self, messages: list[tuple[str, bytes]]) -> None:
         """Publish (routing key, body) pairs as the directory does: user.created to the auth exchange,
@@ -272,7 +273,8 @@ class Broker:
             channel = connection.channel()
             settings = self.settings
             return {name: channel.queue_declare(name, passive=True).method.message_count
-                    for name in (settings.queue, settings.retry_queue, settings.dead_letter_queue)}
+                    for name in (settings.queue, settings.retry_queue, settings.dead_letter_queue,
+                                 *settings.partition_queues)}
         finally:
             connection.close()
 
@@ -280,7 +282,8 @@ class Broker:
         connection = pika.BlockingConnection(self.parameters)
         channel = connection.channel()
         settings = self.settings
-        for queue in (settings.queue, settings.retry_queue, settings.dead_letter_queue):
+        for queue in (settings.queue, settings.retry_queue, settings.dead_letter_queue, f"{settings.queue}.held",
+                      *settings.partition_queues):
             channel.queue_delete(queue)
         for exchange in (self.exchange, self.auth_exchange, settings.dead_letter_exchange):
             channel.exchange_delete(exchange)

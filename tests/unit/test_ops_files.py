@@ -35,17 +35,18 @@ def exposed_names() -> set[str]:
 def test_promtool_checks_the_rules_and_each_alert_fires_on_its_series_only():
     check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 6 rules found" in check.stdout
+    assert "SUCCESS: 8 rules found" in check.stdout
     test = subprocess.run(["promtool", "test", "rules", "couchsync.rules.test.yml"], cwd=RULES.parent,
                           capture_output=True, text=True, timeout=60)
     assert test.returncode == 0, test.stdout + test.stderr
 
 
-def test_the_rules_cover_the_six_alerts_and_name_only_metrics_couchsync_exposes():
+def test_the_rules_cover_the_eight_alerts_and_name_only_metrics_couchsync_exposes():
     text = RULES.read_text()
     alerts = re.findall(r"alert: (\w+)", text)
     assert alerts == ["CouchsyncWorkerDown", "CouchsyncDeadLettersGrowing", "CouchsyncQueueStale",
-                      "CouchsyncReconcileStale", "CouchsyncProtectionRestored", "CouchsyncPaused"]
+                      "CouchsyncReconcileStale", "CouchsyncProtectionRestored", "CouchsyncPaused",
+                      "CouchsyncRemovalsHeld", "CouchsyncStateSeeded"]
     assert set(METRIC.findall(text)) <= exposed_names()
 
 
