@@ -6,6 +6,7 @@ serves all threads; quick retries of a single request (connection errors, 429, 5
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -106,6 +107,13 @@ def _session(settings: CouchSettings) -> requests.Session:
     return session
 
 
+def seal_key(username: str | None, password: Secret | None) -> bytes | None:
+    """The key of the design documents' seals, derived from the sync identity's credentials."""
+    if not username or password is None:
+        return None
+    return hashlib.sha256(f"couchsync design documents\0{username}\0{password.value}".encode()).digest()
+
+
 class CouchGateway:
     """Reads and writes documents; database names are plain (`alice-acme/io-cozy-contacts`)."""
 
@@ -114,6 +122,8 @@ class CouchGateway:
             authenticator: Any = BasicAuthenticator(settings.username, settings.password.value)
         else:
             authenticator = NoAuthAuthenticator()
+        # What seals design documents (`design_docs.seal`): none without credentials.
+        self.seal_key = seal_key(settings.username, settings.password)
         self._service = CloudantV1(authenticator=authenticator)
         self._service.set_service_url(settings.url)
         self._service.set_http_client(_session(settings))
@@ -167,6 +177,7 @@ class CouchGateway:
     def set_password(self, username: str, password: Secret) -> None:
         """Authenticate every later request with this password (the operator fixed the password file)."""
         self._service.authenticator = BasicAuthenticator(username, password.value)
+        self.seal_key = seal_key(username, password)
 
     def database_exists(self, db: str) -> bool:
         """Whether the database exists."""

@@ -19,11 +19,19 @@ the old and the new workers' guards do not put their own protections back in tur
 `--design-docs` may hold a file `VERSION` naming the version its documents stand for (a changed protection
 tried beside the installed one); without it, they are couchsync's own version. A design document without
 a version (written before versions were stamped) counts as older than any.
+
+A version number is only a claim: a second server admin could stamp a permissive protection "99.0" to
+have every guard leave it. So each design document is sealed (`couchsync_seal`, an HMAC of its content
+keyed by the sync identity's credentials, which every worker shares and no other admin has), and only a
+newer document whose seal holds is left; any other is replaced. Without credentials (a server that asks
+for none) nothing is sealed and no newer document is trusted.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -49,6 +57,7 @@ LOOKUP_SOURCE, PROTECTION_SOURCE, STATE_SOURCE = "contacts-lookup.map.js", "prot
 INDEX_PATTERN = "global-*.index.json"
 VERSION_SOURCE = "VERSION"  # in an override folder only: the version its documents stand for
 VERSION_FIELD = "couchsync_version"  # in every design document: the version of couchsync that wrote it
+SEAL_FIELD = "couchsync_seal"  # in every design document written with credentials: see `seal`
 NEWER = "newer"  # what `ensure` answers for a design document a newer couchsync wrote: left as it is
 # Where the sync identity goes in protection.validate.js: valid JavaScript as it stands (null lets
 # nobody write managed documents), so the file runs unrendered too.
@@ -105,9 +114,30 @@ def version_key(version: object) -> tuple[int, ...]:
     return tuple(int(number) for number in re.findall(r"\d+", version)) if isinstance(version, str) else ()
 
 
-def is_newer(current: Doc, body: Doc) -> bool:
-    """Whether a stored design document was written by a newer couchsync than `body`'s."""
-    return version_key(current.get(VERSION_FIELD)) > version_key(body.get(VERSION_FIELD))
+def is_newer(current: Doc, body: Doc, key: bytes | None) -> bool:
+    """Whether a stored design document was written by a newer couchsync than `body`'s: a higher version,
+    sealed with `key` (a version number alone anyone who may write design documents can forge)."""
+    newer = version_key(current.get(VERSION_FIELD)) > version_key(body.get(VERSION_FIELD))
+    return newer and key is not None and hmac.compare_digest(str(current.get(SEAL_FIELD, "")), seal(current, key))
+
+
+def seal(body: Doc, key: bytes) -> str:
+    """The design document's seal: an HMAC of its content keyed by the sync identity's credentials.
+
+    Every couchsync worker logs in as the sync identity, so each version can tell a newer version's
+    protection from one a second admin wrote with a higher version number to have it left in place.
+    """
+    content = json.dumps(_content(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(key, content.encode(), hashlib.sha256).hexdigest()
+
+
+def sealed(body: Doc, key: bytes | None) -> Doc:
+    """`body` with its seal (as it is without credentials: nothing to key a seal with)."""
+    return body if key is None else {**_content(body), SEAL_FIELD: seal(body, key)}
+
+
+def _content(doc: Doc) -> Doc:
+    return {k: v for k, v in doc.items() if not k.startswith("_") and k != SEAL_FIELD}
 
 
 def _read(path: Traversable) -> str:
@@ -173,8 +203,8 @@ def _validation(path: Traversable) -> str:
 
 
 def same_body(current: Doc, body: Doc) -> bool:
-    """Whether a stored design document is `body` (CouchDB's `_id`, `_rev` and the like set aside)."""
-    return {k: v for k, v in current.items() if not k.startswith("_")} == body
+    """Whether a stored design document is `body` (CouchDB's `_id`, `_rev`, the seal and the like set aside)."""
+    return _content(current) == _content(body)
 
 
 def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False) -> str:
@@ -183,8 +213,9 @@ def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool 
     current = couch.get_design(db, name)
     if current is not None and same_body(current, body):
         return "unchanged"
-    if current is not None and is_newer(current, body):
+    if current is not None and is_newer(current, body, couch.seal_key):
         return NEWER
+    body = sealed(body, couch.seal_key)
     if not dry_run:
         try:
             couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
@@ -192,7 +223,7 @@ def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool 
             # Someone installed it meanwhile (the worker's guard, another worker's first lookup): as good,
             # when it is this very body.
             again = couch.get_design(db, name)
-            if again is not None and is_newer(again, body):
+            if again is not None and is_newer(again, body, couch.seal_key):
                 return NEWER
             if again is None or not same_body(again, body):
                 raise

@@ -258,7 +258,7 @@ class ProtectionGuard:
         revisions: list[str | None] = []
         for name, body in target.ddocs:
             current = self._couch.get_design(target.db, name)
-            if current is None or not (same_body(current, body) or is_newer(current, body)):
+            if current is None or not (same_body(current, body) or is_newer(current, body, self._couch.seal_key)):
                 return
             revisions.append(str(current["_rev"]))
         with self._lock:

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import localcouch
+from couchsync.design_docs import VERSION_FIELD
 from couchsync.documents import CONTACTS, GROUPS, TAG, managed_contact_id, managed_group_id
 from couchsync.events import Member, parse_event
 from couchsync.plan import upsert_contact
@@ -77,7 +78,7 @@ def test_a_contacts_database_created_while_the_worker_runs_refuses_a_forged_mana
     assert worker.metrics().get("couchsync_protection_restored_total") == 0
 
 
-def test_a_deleted_or_changed_protection_is_back_within_5s_and_counted(
+def test_a_deleted_changed_or_forged_newer_protection_is_back_within_5s_and_counted(
         world, start_worker, record_property):  # noqa: F811 (the fixture)
     needs_feed(world)
     world.protected = True
@@ -101,10 +102,16 @@ def test_a_deleted_or_changed_protection_is_back_within_5s_and_counted(
     wait_until(lambda: "function (newDoc, oldDoc, userCtx) {}" != world.server.request("GET", path).json().get(
         "validate_doc_update"), 5, "the changed protection is put back")
     restored = time.monotonic() - edited
+    # ... and then stamps a permissive one with a version from the future (the seal it kept is of other content).
+    forged = {**world.server.request("GET", path).json(), "validate_doc_update": "function () {}",
+              VERSION_FIELD: "99.0.0"}
+    assert world.server.request("PUT", path, json=forged).ok
+    wait_until(lambda: world.server.request("GET", path).json().get(VERSION_FIELD) != "99.0.0", 5,
+               "the forged newer protection is put back")
     record_property("seconds_deleted_back", round(back, 3))
     record_property("seconds_changed_back", round(restored, 3))
     print(f"deleted protection back after {back:.2f}s, changed one after {restored:.2f}s")
-    wait_until(lambda: worker.metrics().get("couchsync_protection_restored_total") == 2, 5, "both are counted")
+    wait_until(lambda: worker.metrics().get("couchsync_protection_restored_total") == 3, 5, "all three are counted")
     assert put_as_second_admin(world, contacts, forged_contact("forged")) == 403
     assert deploy(world, "--check").returncode == 0
 

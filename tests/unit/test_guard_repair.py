@@ -15,6 +15,8 @@ DB = "alice-acme-twake-app/io-cozy-contacts"
 class FakeCouch:
     """The design documents of existing databases, with revisions, as the guard reads and writes them."""
 
+    seal_key = None  # a server without credentials: nothing sealed
+
     def __init__(self) -> None:
         self.designs: dict[tuple[str, str], dict[str, Any]] = {}
         self._revs = itertools.count(1)

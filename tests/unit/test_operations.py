@@ -179,6 +179,8 @@ def test_the_textfile_is_written_whole_in_prometheus_text_format(tmp_path):
 class RacedCouch:
     """A database where someone else puts the design document between our read and our write."""
 
+    seal_key = None  # a server without credentials: nothing sealed
+
     def __init__(self, theirs: dict) -> None:
         self.theirs = theirs
         self.reads = 0
