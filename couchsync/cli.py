@@ -22,8 +22,9 @@ from click.core import ParameterSource
 
 from couchsync import __version__, config, design_docs, logs
 from couchsync.aftercare import ReconcileOnRestore
-from couchsync.amqp import Batching, Consumer
 from couchsync.breaker import CouchBreaker
+from couchsync.broker.consumer import Consumer
+from couchsync.broker.handlers import Batching
 from couchsync.couch import CouchGateway, MangoIndex
 from couchsync.dead_letters import list_dead_letters, masked_body, replay_dead_letters
 from couchsync.design_docs import DesignDocs, Outcome, findings
