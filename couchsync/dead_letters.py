@@ -16,8 +16,9 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from couchsync.amqp import (
-    ATTEMPT, DEAD_AT, MAX_ROUTING_KEY, REASON, ROUTING_KEY, connect, count_header, declare, message_digest)
+from couchsync.broker.delivery import (
+    ATTEMPT, DEAD_AT, MAX_ROUTING_KEY, REASON, ROUTING_KEY, count_header, message_digest)
+from couchsync.broker.topology import connect, declare
 from couchsync.config import AmqpSettings
 from couchsync.events import SECRET_FIELDS
 
@@ -59,10 +60,11 @@ def dead_routing_key(method: Any, headers: dict[str, Any], queue: str) -> str:
     """The routing key a dead letter was handled as (and is replayed as).
 
     Couchsync dead-letters through the default exchange: then its `x-couchsync-routing-key` is the key
-    (`amqp.routing_key_of` decided it). The broker dead-letters through the dead-letter exchange: then
-    `x-death` names the key of the delivery it gave up, and only when that delivery had come back
-    through couchsync's retry path (addressed to `queue`) is the header couchsync set there taken. The
-    header a publisher set on a message is never taken: `dlq replay` would make the main queue trust it.
+    (`broker.delivery.routing_key_of` decided it). The broker dead-letters through the dead-letter
+    exchange: then `x-death` names the key of the delivery it gave up, and only when that delivery had
+    come back through couchsync's retry path (addressed to `queue`) is the header couchsync set there
+    taken. The header a publisher set on a message is never taken: `dlq replay` would make the main
+    queue trust it.
     """
     kept = headers.get(ROUTING_KEY)
     kept = kept if isinstance(kept, str) and 0 < len(kept) <= MAX_ROUTING_KEY else None

@@ -21,7 +21,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from couchsync.amqp import DEAD_AT, REASON, ROUTING_KEY, connect, declare, message_digest
+from couchsync.broker.delivery import DEAD_AT, REASON, ROUTING_KEY, message_digest
+from couchsync.broker.topology import connect, declare
 from couchsync.config import AmqpSettings
 from couchsync.errors import BrokerUnavailable, ConfigError
 
@@ -72,7 +73,7 @@ class Parcel:
 
 
 def declare_held(connection: pika.BlockingConnection, settings: AmqpSettings) -> BlockingChannel:
-    """couchsync's queues (see `amqp.declare`) and the hold queue; the channel to go on with.
+    """couchsync's queues (see `broker.topology.declare`) and the hold queue; the channel to go on with.
 
     Raises:
         ConfigError: a queue exists with other arguments.
@@ -160,7 +161,7 @@ def list_held(settings: AmqpSettings, limit: int = MAX_HELD) -> list[HeldMessage
     """Every held message (up to `limit`); the queue is left as it was.
 
     Raises:
-        BrokerUnavailable, ConfigError: as `amqp.connect`.
+        BrokerUnavailable, ConfigError: as `broker.topology.connect`.
     """
     connection, _ = connect(settings)
     try:
@@ -175,7 +176,7 @@ def take_held(settings: AmqpSettings, organization: str,
     once it returned; an error leaves them all held. The other organizations' stay as they were.
 
     Raises:
-        BrokerUnavailable, ConfigError: as `amqp.connect`; whatever `act` raises.
+        BrokerUnavailable, ConfigError: as `broker.topology.connect`; whatever `act` raises.
     """
     connection, _ = connect(settings)
     try:

@@ -27,7 +27,7 @@ import pika
 import pika.exceptions
 import requests
 
-from couchsync.cli import read_messages
+from couchsync.cli.apply import read_messages
 from couchsync.documents import group_ids_of
 
 HERE = Path(__file__).resolve().parent

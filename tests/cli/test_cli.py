@@ -5,7 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from couchsync.cli import cli, read_messages
+from couchsync.cli import cli
+from couchsync.cli.apply import read_messages
 
 
 def run(*args, env=None, input=None):
@@ -61,7 +62,7 @@ def test_a_broker_password_on_the_command_line_is_refused_with_exit_78():
 
 
 def test_masked_bodies_hide_the_secret_fields_of_user_created():
-    from couchsync.cli import masked_body
+    from couchsync.dead_letters import masked_body
     shown = masked_body(b'{"twakeId": "t1", "privateKey": "PRIVATE", "hash": "H", "domain": "bob.acme"}')
     assert "PRIVATE" not in shown and '"hash": "[secure]"' in shown and '"domain": "bob.acme"' in shown
 
@@ -97,7 +98,7 @@ class FakeSynchronizer:
 
 @pytest.fixture
 def fake_sync(monkeypatch):
-    from couchsync.cli import Context
+    from couchsync.cli.context import Context
     fake = FakeSynchronizer()
     monkeypatch.setattr(Context, "synchronizer", lambda self, couch: fake)
     return fake
@@ -167,7 +168,7 @@ def test_the_apply_report_cuts_a_ten_thousand_character_id(fake_sync, capsys):
     result = run("apply", "-", input=created(long_id))
     assert result.exception.code == 65
     assert max(len(line) for line in result.output.splitlines()) < 400
-    from couchsync.cli import _print_report
+    from couchsync.cli.apply import _print_report
     from couchsync.sync import EventReport, InstanceReport
     capsys.readouterr()
     _print_report(7, EventReport("b2b.group.created", "acme", long_id + "\nforged line",
@@ -202,14 +203,14 @@ USER_CREATED = {"twakeId": "t1", "domain": "erin.acme.twake.app", "hash": "h4shS
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_dlq_list_show_body_masks_user_created_secrets_in_any_body(monkeypatch, as_json):
     # Issue 18, finding 8: a body that is not JSON (a trailing comma), or a JSON array, was shown whole.
-    from couchsync import cli as cli_module
+    from couchsync.cli import dlq as dlq_module
     from couchsync.dead_letters import DeadMessage
 
     bodies = [json.dumps(USER_CREATED).encode()[:-1] + b",}", json.dumps([USER_CREATED]).encode(),
               json.dumps(USER_CREATED).encode(), json.dumps(json.dumps(USER_CREATED)).encode()]
     letters = [DeadMessage(f"m{i}", "user.created", "InvalidEvent: body is not JSON", 1, None, body)
                for i, body in enumerate(bodies)]
-    monkeypatch.setattr(cli_module, "list_dead_letters", lambda settings, limit: letters)
+    monkeypatch.setattr(dlq_module, "list_dead_letters", lambda settings, limit: letters)
     result = run("dlq", "list", "--show-body", *(["--json"] if as_json else []))
     assert result.exception is None and result.exit_code == 0
     assert result.output.count("erin.acme.twake.app") == 4  # the bodies are shown

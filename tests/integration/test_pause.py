@@ -50,7 +50,7 @@ def needs_couchdb(server: localcouch.LocalCouch) -> None:
 
 def log_tail(worker: Worker) -> str:
     """The worker's log without the line of each message: what a failed test shows."""
-    lines = [line for line in worker.log.read_text().splitlines() if "couchsync.amqp: event" not in line]
+    lines = [line for line in worker.log.read_text().splitlines() if "couchsync.broker.settlement: event" not in line]
     return "\n".join(lines)[-4000:]
 
 

@@ -23,7 +23,7 @@ import requests
 import localcouch
 import localports
 from couchsync import config
-from couchsync.amqp import ROUTING_KEY
+from couchsync.broker.delivery import ROUTING_KEY
 from couchsync.documents import CONTACTS, GROUPS, managed_contact_id, managed_group_id
 from couchsync.events import parse_event
 

@@ -7,9 +7,10 @@ import pika.data
 import pytest
 
 from couchsync import config
-from couchsync.amqp import (
-    ATTEMPT, MAX_HEADERS_BYTES, MAX_REASON, MAX_ROUTING_KEY, REASON, ROUTING_KEY, Ack, DeadLetter, Delivery, Pause,
-    Retry, decide, disposition, message_digest, republish_headers, retry_delay)
+from couchsync.broker.delivery import (
+    ATTEMPT, MAX_HEADERS_BYTES, MAX_REASON, MAX_ROUTING_KEY, REASON, ROUTING_KEY, Delivery, message_digest,
+    republish_headers)
+from couchsync.broker.disposition import Ack, DeadLetter, Pause, Retry, decide, disposition, retry_delay
 from couchsync.dead_letters import DeadMessage
 from couchsync.errors import (
     AccessDenied, BrokerUnavailable, ConfigError, CouchUnavailable, DocumentConflict, InstancesFailed,

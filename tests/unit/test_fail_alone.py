@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from couchsync import config, design_docs
-from couchsync.amqp import DeadLetter, disposition
+from couchsync.broker.disposition import DeadLetter, disposition
 from couchsync.couch import CouchGateway
 from couchsync.errors import FutureEvent, GroupStateRefused, InvalidEvent, StaleEvent
 from couchsync.instances import InstanceDirectory

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from couchsync import config, design_docs
-from couchsync.amqp import Consumer
+from couchsync.broker.consumer import Consumer
 from couchsync.design_docs import Outcome, findings
 from couchsync.documents import CONTACTS, GROUPS, doctype_of_database
 from couchsync.errors import CouchUnavailable, DocumentConflict, UnknownOrganization
