@@ -107,11 +107,20 @@ def _session(settings: CouchSettings) -> requests.Session:
     return session
 
 
+SEAL_ITERATIONS = 100_000  # PBKDF2 rounds: a tenth of a second, once per process that writes design documents
+
+
 def seal_key(username: str | None, password: Secret | None) -> bytes | None:
-    """The key of the design documents' seals, derived from the sync identity's credentials."""
+    """The key of the design documents' seals, derived from the sync identity's credentials (none without).
+
+    A slow, salted derivation: the seals are readable by anyone who reads design documents, and must not
+    make them a cheap oracle for guessing the password (a server admin can read CouchDB's own PBKDF2 hash
+    of it anyway, so a seal is no weaker a secret than what CouchDB stores).
+    """
     if not username or password is None:
         return None
-    return hashlib.sha256(f"couchsync design documents\0{username}\0{password.value}".encode()).digest()
+    salt = f"couchsync design documents\0{username}".encode()
+    return hashlib.pbkdf2_hmac("sha256", password.value.encode(), salt, SEAL_ITERATIONS)
 
 
 class CouchGateway:
@@ -122,8 +131,8 @@ class CouchGateway:
             authenticator: Any = BasicAuthenticator(settings.username, settings.password.value)
         else:
             authenticator = NoAuthAuthenticator()
-        # What seals design documents (`design_docs.seal`): none without credentials.
-        self.seal_key = seal_key(settings.username, settings.password)
+        self._credentials = (settings.username, settings.password)
+        self._seal_key: bytes | None = None
         self._service = CloudantV1(authenticator=authenticator)
         self._service.set_service_url(settings.url)
         self._service.set_http_client(_session(settings))
@@ -177,7 +186,14 @@ class CouchGateway:
     def set_password(self, username: str, password: Secret) -> None:
         """Authenticate every later request with this password (the operator fixed the password file)."""
         self._service.authenticator = BasicAuthenticator(username, password.value)
-        self.seal_key = seal_key(username, password)
+        self._credentials, self._seal_key = (username, password), None
+
+    @property
+    def seal_key(self) -> bytes | None:
+        """What seals design documents (`design_docs.seal`): derived once, when first asked (it is slow)."""
+        if self._seal_key is None:
+            self._seal_key = seal_key(*self._credentials)
+        return self._seal_key
 
     def database_exists(self, db: str) -> bool:
         """Whether the database exists."""

@@ -110,30 +110,39 @@ def _rendered(source: str, identity: SyncIdentity, version: str) -> Doc:
 
 
 def version_key(version: object) -> tuple[int, ...]:
-    """The order of a version: its numbers ("0.10.1" → (0, 10, 1)); none at all comes first."""
-    return tuple(int(number) for number in re.findall(r"\d+", version)) if isinstance(version, str) else ()
+    """The order of a version: its release numbers ("0.10.1" → (0, 10, 1)); none at all comes first.
+
+    A pre-release counts as its release ("0.2.0rc1" as 0.2.0). Bounded: a stored version is anyone's input.
+    """
+    release = re.match(r"\d{1,9}(?:\.\d{1,9}){0,9}", version[:100]) if isinstance(version, str) else None
+    return tuple(int(number) for number in release.group().split(".")) if release else ()
 
 
 def is_newer(current: Doc, body: Doc, key: bytes | None) -> bool:
-    """Whether a stored design document was written by a newer couchsync than `body`'s: a higher version,
-    sealed with `key` (a version number alone anyone who may write design documents can forge)."""
+    """Whether a stored design document (with its `_id`) was written by a newer couchsync than `body`'s:
+    a higher version, sealed with `key` (a version number alone anyone who may write design documents
+    can forge)."""
     newer = version_key(current.get(VERSION_FIELD)) > version_key(body.get(VERSION_FIELD))
-    return newer and key is not None and hmac.compare_digest(str(current.get(SEAL_FIELD, "")), seal(current, key))
+    if not newer or key is None:
+        return False
+    found = str(current.get(SEAL_FIELD, "")).encode("utf-8", "replace")
+    return hmac.compare_digest(found, seal(str(current.get("_id", "")), current, key).encode())
 
 
-def seal(body: Doc, key: bytes) -> str:
-    """The design document's seal: an HMAC of its content keyed by the sync identity's credentials.
+def seal(doc_id: str, body: Doc, key: bytes) -> str:
+    """The design document's seal: an HMAC of its id and content keyed by the sync identity's credentials.
 
     Every couchsync worker logs in as the sync identity, so each version can tell a newer version's
-    protection from one a second admin wrote with a higher version number to have it left in place.
+    protection from one a second admin wrote with a higher version number to have it left in place. The
+    id is sealed too: a genuine lookup document copied over a protection is no protection.
     """
-    content = json.dumps(_content(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    content = json.dumps([doc_id, _content(body)], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hmac.new(key, content.encode(), hashlib.sha256).hexdigest()
 
 
-def sealed(body: Doc, key: bytes | None) -> Doc:
+def sealed(doc_id: str, body: Doc, key: bytes | None) -> Doc:
     """`body` with its seal (as it is without credentials: nothing to key a seal with)."""
-    return body if key is None else {**_content(body), SEAL_FIELD: seal(body, key)}
+    return body if key is None else {**_content(body), SEAL_FIELD: seal(doc_id, body, key)}
 
 
 def _content(doc: Doc) -> Doc:
@@ -207,15 +216,17 @@ def same_body(current: Doc, body: Doc) -> bool:
     return _content(current) == _content(body)
 
 
-def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False) -> str:
+def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool = False,
+           replace_newer: bool = False) -> str:
     """Put `_design/<name>` unless it already has this body: "installed", "updated" or "unchanged"; or
-    NEWER, left as it is, when a newer couchsync wrote it (two versions side by side in an upgrade)."""
+    NEWER, left as it is, when a newer couchsync wrote it (two versions side by side in an upgrade),
+    unless `replace_newer` (a rollback)."""
     current = couch.get_design(db, name)
     if current is not None and same_body(current, body):
         return "unchanged"
-    if current is not None and is_newer(current, body, couch.seal_key):
+    if current is not None and not replace_newer and is_newer(current, body, couch.seal_key):
         return NEWER
-    body = sealed(body, couch.seal_key)
+    body = sealed(f"_design/{name}", body, couch.seal_key)
     if not dry_run:
         try:
             couch.put_design(db, name, {**body, "_rev": current["_rev"]} if current else body)
@@ -223,7 +234,7 @@ def ensure(couch: CouchGateway, db: str, name: str, body: Doc, *, dry_run: bool 
             # Someone installed it meanwhile (the worker's guard, another worker's first lookup): as good,
             # when it is this very body.
             again = couch.get_design(db, name)
-            if again is not None and is_newer(again, body, couch.seal_key):
+            if again is not None and not replace_newer and is_newer(again, body, couch.seal_key):
                 return NEWER
             if again is None or not same_body(again, body):
                 raise
@@ -261,8 +272,8 @@ class Outcome:
     error: str | None = None
 
 
-def deploy(couch: CouchGateway, target: Target, *, dry_run: bool = False,
-           create_missing: bool = False) -> Outcome:
+def deploy(couch: CouchGateway, target: Target, *, dry_run: bool = False, create_missing: bool = False,
+           replace_newer: bool = False) -> Outcome:
     """Bring one database's design documents up to date; a failure is reported, not raised."""
     created = False
     try:
@@ -272,7 +283,8 @@ def deploy(couch: CouchGateway, target: Target, *, dry_run: bool = False,
             if not dry_run:
                 couch.create_database(target.db)
             created = True
-        results = [(f"_design/{name}", ensure(couch, target.db, name, body, dry_run=dry_run))
+        results = [(f"_design/{name}", ensure(couch, target.db, name, body, dry_run=dry_run,
+                                              replace_newer=replace_newer))
                    for name, body in target.ddocs]
         results += [(f"_design/{index.name}", ensure_index(couch, target.db, index, dry_run=dry_run))
                     for index in target.indexes]
@@ -293,11 +305,11 @@ def create_protected(couch: CouchGateway, target: Target) -> None:
 
 
 def deploy_all(couch: CouchGateway, targets: Sequence[Target], *, concurrency: int, dry_run: bool = False,
-               create_missing: bool = False) -> Iterator[Outcome]:
+               create_missing: bool = False, replace_newer: bool = False) -> Iterator[Outcome]:
     """Deploy to many databases at once (`concurrency` at a time); outcomes in the targets' order."""
     with ThreadPoolExecutor(concurrency, thread_name_prefix="couchsync-deploy") as pool:
-        futures = [pool.submit(deploy, couch, target, dry_run=dry_run, create_missing=create_missing)
-                   for target in targets]
+        futures = [pool.submit(deploy, couch, target, dry_run=dry_run, create_missing=create_missing,
+                               replace_newer=replace_newer) for target in targets]
         for future in futures:
             yield future.result()
 

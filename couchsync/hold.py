@@ -8,9 +8,10 @@ away, read from the state *before* they are merged; once the count is above the 
 are held for a person to release or drop. What is held counts in the window too: a hold goes on while
 the burst does.
 
-Until the issue "One writer per organization" gives each organization one worker at a time, each
-worker counts its own share: the removals it handled itself. N workers sharing one organization's
-burst each hold only past their own threshold (at worst N times the threshold is applied).
+Each worker counts the removals it handled itself. With partitions (`couchsync.partitions`) an
+organization is served by one worker at a time, so that is the organization's count; when its partition
+passes to another worker (a failover, a rebalance) the new one starts from zero, and at worst twice the
+threshold is applied within one window.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class RemovalWindow:
     def add(self, organization_id: str, now: float, taken: int) -> None:
         if taken > 0:
             self._seen.setdefault(organization_id, deque()).append((now, taken))
+
+    def withdraw(self, organization_id: str, now: float, taken: int) -> None:
+        """Take back a count added for removals that were neither applied nor held (they come again)."""
+        if taken > 0:
+            self._seen.setdefault(organization_id, deque()).append((now, -taken))
 
 
 def decide(events: Iterable[GroupEvent], states: Mapping[str, GroupState], window: RemovalWindow,

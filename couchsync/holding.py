@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
-from couchsync.errors import CouchsyncError
+from couchsync.errors import CouchsyncError, UnknownOrganization
 from couchsync.events import GroupEvent, GroupEventKind, parse_event
 from couchsync.held_queue import Parcel, Parking
 from couchsync.hold import HoldSettings, RemovalWindow, decide, memberships, needs_total
@@ -64,6 +64,8 @@ class HoldingHandler:
             parked: Outcome | None = None
         except CouchsyncError as exc:
             parked = exc  # retried: not acknowledged before the hold queue has it
+            with self._lock:  # and counted again when they come back, not twice
+                self._window.withdraw(removals[min(held)].organization_id, self._clock(), sum(held.values()))
         rest = [message for position, message in enumerate(messages) if position not in held]
         applied = iter(self._apply_batch(rest) if rest else [])
         return [next(applied) if p not in held else parked or _held_fields(removals[p], held[p])
@@ -85,6 +87,12 @@ class HoldingHandler:
         """The positions of the removals to hold, each with the memberships it would take away."""
         events = list(removals.values())
         organization_id = events[0].organization_id
+        try:
+            # The state must be whole before it is counted against: a lost one is seeded again first, or
+            # every removal would take away nothing and none would be held when memory is gone.
+            self._sync.instances_of(organization_id)
+        except UnknownOrganization:
+            return {}  # dead-lettered by the synchronizer, with its reason
         ids = {event.group_id: group_state_id(organization_id, event.group_id) for event in events}
         stored = self._sync.states.read(list(ids.values()))
         states = {group_id: found.state for group_id, state_id in ids.items()

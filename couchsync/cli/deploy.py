@@ -27,16 +27,19 @@ from couchsync.instances import Instance, InstanceDirectory
 @click.option("--check", is_flag=True, help="List the databases whose design documents are missing or differ "
               "from what would be deployed, and write nothing; exit 1 when there is any.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: one JSON document for machines.")
+@click.option("--replace-newer", is_flag=True, help="Replace design documents a newer couchsync wrote (a "
+              "rollback); without it they are left as they are.")
 @identity_options
 @click.pass_obj
 def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry_run: bool,
-                       create_missing: bool, check: bool, as_json: bool, sync_names: tuple[str, ...],
-                       sync_roles: tuple[str, ...]) -> None:
+                       create_missing: bool, check: bool, as_json: bool, replace_newer: bool,
+                       sync_names: tuple[str, ...], sync_roles: tuple[str, ...]) -> None:
     """Install the protection and lookup design documents in every instance, and the global indexes.
 
     Every instance's io.cozy.contacts and io.cozy.contacts.groups databases get the validate_doc_update
     that lets only the sync identity write managed documents; the global database gets the by-orgid
-    and by-orgdomain indexes. Unchanged design documents are left alone. Exits 1 when any database failed.
+    and by-orgdomain indexes. Unchanged design documents are left alone, and so are those a newer
+    couchsync wrote (sealed by the sync identity) unless --replace-newer. Exits 1 when any database failed.
     """
     if org_id and domain:
         raise click.UsageError("--org and --instance exclude each other")
@@ -53,14 +56,14 @@ def deploy_design_docs(obj: Context, org_id: str | None, domain: str | None, dry
                                        create_missing=create_missing),
                     # couchsync's own database is made here whatever --create-missing says.
                     design_docs.deploy(couch, design.state_target(obj.sync.state_db, identity), dry_run=dry_run,
-                                       create_missing=True)]
+                                       create_missing=True, replace_newer=replace_newer)]
         # No index creation here: in a dry run it would be a write.
         instances = _chosen_instances(obj.directory(couch), org_id, domain)
         targets = [target for instance in instances for target in design.instance_targets(instance.prefix, protection)]
         with click.progressbar(length=len(targets), label="deploying", file=sys.stderr,
                                hidden=not sys.stderr.isatty()) as bar:
-            for outcome in design_docs.deploy_all(couch, targets, concurrency=obj.sync.concurrency,
-                                                  dry_run=dry_run, create_missing=create_missing):
+            for outcome in design_docs.deploy_all(couch, targets, concurrency=obj.sync.concurrency, dry_run=dry_run,
+                                                  create_missing=create_missing, replace_newer=replace_newer):
                 outcomes.append(outcome)
                 bar.update(1)
     _print_deployment(outcomes, dry_run)
@@ -113,7 +116,7 @@ _VERBS = {"installed": "install", "updated": "update"}
 
 
 def _print_deployment(outcomes: Iterable[Outcome], dry_run: bool) -> None:
-    counts = {"installed": 0, "updated": 0, "unchanged": 0}
+    counts = {"installed": 0, "updated": 0, "unchanged": 0, design_docs.NEWER: 0}
     missing, failed, created = [], [], 0
     for outcome in outcomes:
         created += outcome.created
@@ -121,7 +124,7 @@ def _print_deployment(outcomes: Iterable[Outcome], dry_run: bool) -> None:
             click.echo(f"would create {outcome.db}")
         for ddoc, status in outcome.results:
             counts[status] += 1
-            if dry_run and status != "unchanged":
+            if dry_run and status in _VERBS:
                 click.echo(f"would {_VERBS[status]} {ddoc} in {outcome.db}")
         if outcome.missing:
             missing.append(outcome.db)
@@ -132,6 +135,8 @@ def _print_deployment(outcomes: Iterable[Outcome], dry_run: bool) -> None:
     for outcome in failed:
         click.echo(f"failed {outcome.db}: {outcome.error}")
     verb = "would be " if dry_run else ""
+    newer = f", left as a newer couchsync wrote them: {counts[design_docs.NEWER]} (--replace-newer replaces them)" \
+        if counts[design_docs.NEWER] else ""
     click.echo(f"design documents {verb}installed: {counts['installed']}, {verb}updated: {counts['updated']}, "
-               f"unchanged: {counts['unchanged']}; databases {verb}created: {created}, missing: {len(missing)}, "
+               f"unchanged: {counts['unchanged']}{newer}; databases {verb}created: {created}, missing: {len(missing)}, "
                f"failed: {len(failed)}")

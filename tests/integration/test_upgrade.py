@@ -15,6 +15,7 @@ from couchsync.design_docs import PROTECTION_SOURCE, VERSION_FIELD, packaged
 from couchsync.documents import CONTACTS, GROUPS
 
 from tests.integration.test_ops import PROTECTION, following, needs_feed
+from tests.integration.test_protection import deploy
 from tests.integration.test_worker import group_messages, seed, wait_until
 from tests.integration.test_worker import start_worker  # noqa: F401 (the fixture)
 
@@ -83,3 +84,12 @@ def test_two_versions_side_by_side_leave_the_newer_protection_and_restore_nothin
     assert (restored(older), restored(newer)) == before
     assert older.log.read_text().count("a newer couchsync's _design/couchsync-protection") == 1
     assert all(revision.startswith(("1-", "2-")) for revision in revisions.values())  # no back and forth
+    # A rollback: the older version's deploy leaves the newer documents unless told to replace them.
+    for worker in (older, newer):
+        assert worker.stop() == 0
+    kept = deploy(world)
+    assert kept.returncode == 0, kept.stderr
+    assert "left as a newer couchsync wrote them: " in kept.stdout and all_newer(world)
+    replaced = deploy(world, "--replace-newer")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not any(MARK in doc.get("validate_doc_update", "") for doc in protections(world).values())
