@@ -29,8 +29,9 @@ protected databases, so do they (the server validates every write alike).
              worker, batched (the default) against --batch 1: wall time and `_bulk_docs` requests to instances.
 9. workers   1,000 events over 20 organizations (40 instances) through 1, 2 and 3 workers sharing partitions, each
              on its own node of a three-node CouchDB cluster and a three-node RabbitMQ cluster (started for
-             the case, from the release): events per second; baseline: the cluster's raw write rate (one
-             document a request through its three nodes) measured in the same run.
+             the case, from the release): events per second, and the document writes to the instances per
+             second; baseline: the cluster's raw write rate (one document a request through its three
+             nodes) measured in the same run.
 
 Each figure is the median of --runs runs (min and max beside it); couchsync and its baseline alternate,
 so that a server warming up or slowing down weighs on both alike.
@@ -496,17 +497,24 @@ def scale_out(runs: int, instances: int, events: int) -> list[Figure]:
     try:
         rabbit = localrabbit.start_cluster(3)
         bench = Bench(couch.first)
-        figures = [Figure(f"workers x{count}", "events/s", baseline_name="raw writes/s of the cluster",
-                          note=f"{events} member.added/removed events over {ORGANIZATIONS} organizations, "
-                          f"{instances} instances, 2 groups each; "
-                          f"{count} worker(s), each on its own CouchDB and RabbitMQ node")
-                   for count in (1, 2, 3)]
+        figures = {count: (Figure(f"workers x{count}", "events/s", baseline_name="raw writes/s of the cluster",
+                                  note=f"{events} member.added/removed events over {ORGANIZATIONS} organizations, "
+                                  f"{instances} instances, 2 groups each; "
+                                  f"{count} worker(s), each on its own CouchDB and RabbitMQ node"),
+                           Figure(f"workers x{count} writes", "writes/s", baseline_name="raw writes/s of the cluster",
+                                  note="the same run's document writes to the instances per second (their "
+                                  "databases' update sequences), against the cluster's raw write rate"))
+                   for count in (1, 2, 3)}
         for run in range(runs):
-            for count, figure in zip((1, 2, 3), figures):
-                figure.baseline.append(raw_write_rate(bench, couch, f"r{run}x{count}", instances))
-                figure.couchsync.append(workers_rate(bench, couch, rabbit, f"{bench.tag}s{run}x{count}", count,
-                                                     instances, events))
-        return figures
+            for count, (rate, writes) in figures.items():
+                raw = raw_write_rate(bench, couch, f"r{run}x{count}", instances)
+                rate.baseline.append(raw)
+                writes.baseline.append(raw)
+                events_per_second, writes_per_second = workers_rate(
+                    bench, couch, rabbit, f"{bench.tag}s{run}x{count}", count, instances, events)
+                rate.couchsync.append(events_per_second)
+                writes.couchsync.append(writes_per_second)
+        return [figure for pair in figures.values() for figure in pair]
     finally:
         if rabbit is not None:
             rabbit.stop()
@@ -517,15 +525,17 @@ ORGANIZATIONS = 20  # of the workers case: partitions spread organizations, not 
 
 
 def workers_rate(bench: Bench, couch: localcouch.CouchCluster, rabbit: Any, org: str, count: int, instances: int,
-                 events: int) -> float:
-    """Events per second through `count` workers, from the first publish to the last event handled: twenty
-    organizations of `instances` / 20 instances each (at least one), `events` spread over them. `org` names
-    the run's queues and exchanges."""
+                 events: int) -> tuple[float, float]:
+    """Events and instance writes per second through `count` workers, from the first publish to the last
+    event handled: twenty organizations of `instances` / 20 instances each (at least one), `events` spread
+    over them. `org` names the run's queues and exchanges."""
     organizations = [f"{org}-o{k:02d}" for k in range(ORGANIZATIONS)]
+    databases = []
     for name in organizations:
         domains = [f"{name}.example"] + [f"i{n}.{name}.example" for n in range(max(0, instances // ORGANIZATIONS - 1))]
         bench.add_instances(domains, name)
         bench.deploy(domains)
+        databases += [bench.db(domain, doctype) for domain in domains for doctype in (GROUPS, CONTACTS)]
     messages = [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": name,
                                        "id": f"g{g}", "name": f"Group {g}", "members": []})
                 for name in organizations for g in range(2)]
@@ -540,10 +550,22 @@ def workers_rate(bench: Bench, couch: localcouch.CouchCluster, rabbit: Any, org:
                                                     COUCHSYNC_AMQP_URL=",".join(urls[number:] + urls[:number])))[0]
                  for number in range(count)]
         exchange = f"{org}.b2b"
+        before = updates(couch.first, databases)
         started = time.perf_counter()
         publish(exchange, messages, rabbit.nodes[0].amqp_port)
         wait_for(lambda: sum(localbroker.events_handled(port) for port in ports) >= events, 3600)
-        return events / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return events / seconds, (updates(couch.first, databases) - before) / seconds
+
+
+def updates(server: localcouch.LocalCouch, databases: list[str]) -> int:
+    """The documents written to these databases so far: the sum of their update sequences' counts (a
+    cluster's `N-…` sequence counts the updates of one copy of each shard)."""
+    total = 0
+    for db in databases:
+        seq = server.request("GET", localcouch.db_path(db)).json()["update_seq"]
+        total += int(str(seq).split("-", 1)[0])
+    return total
 
 
 def raw_write_rate(bench: Bench, couch: localcouch.CouchCluster, name: str, instances: int) -> float:

@@ -70,6 +70,7 @@ class Consumer:
         self._address = 0  # the number of the broker address to try first
         # A plain flag, not an Event: stop() runs in a signal handler, where taking a lock can deadlock.
         self._stop_requested = False
+        self._draining = False  # stopping: what is delivered is handed back, not started (see _drain)
         self.consuming = False
         self.drained = True  # False when a shutdown left an event still running
         self._empty_at: float | None = None  # when the main queue was last seen empty (Unix time)
@@ -220,17 +221,27 @@ class Consumer:
             self._subscribe(session)
 
     def _drain(self, session: Session) -> None:
-        """Stop taking messages; let in-flight ones finish for a while, then hand the rest back."""
+        """Stop taking messages; let the running ones finish for a while, then hand the rest back.
+
+        The partitions' consumers are cancelled last: while this worker is their active consumer the broker
+        activates no other, so the next worker in line never writes an organization beside a batch still
+        running here (a rolling restart is one writer per organization too). What was delivered but not
+        started is handed back unchanged once they are cancelled.
+        """
         self._notifier.stopping()
+        self._draining = True
+        intake = session.consumers.pop(self._settings.queue, None)
+        if intake is not None:
+            session.channel.basic_cancel(intake)
+        deadline = time.monotonic() + self._settings.shutdown_timeout
+        while _running(session) and time.monotonic() < deadline:
+            session.connection.process_data_events(time_limit=0.2)
         if session.consumers:
             self._unsubscribe(session)
-        while session.parked:  # paused: back to the queue as they came, not requeued (a requeue counts)
-            self._finish(session, session.parked.pop(0), Pause(self.paused or "couchdb"), {}, 0.0)
-        deadline = time.monotonic() + self._settings.shutdown_timeout
-        while session.in_flight and time.monotonic() < deadline:
-            for key in list(session.gathering):  # received already: started, each once its previous batch ends
-                self._start(session, key)
-            session.connection.process_data_events(time_limit=0.2)
+        for key in list(session.gathering):
+            session.parked.extend(session.gathering.pop(key)[0])
+        while session.parked:  # back to the queue as they came, not requeued (a requeue counts)
+            self._finish(session, session.parked.pop(0), Pause(self.paused or "stopping"), {}, 0.0)
         for tag in list(session.in_flight):
             # basic.nack with requeue: "this consumer cannot take it now", not a failed attempt.
             session.channel.basic_nack(tag, multiple=False, requeue=True)
@@ -247,7 +258,7 @@ class Consumer:
             self._last_published = max(self._last_published, float(properties.timestamp))
         session.in_flight[delivery.tag] = delivery
         self._metrics.in_flight.inc()
-        if self.paused is not None:  # sent before the broker took the cancel: handed back with the others
+        if self.paused is not None or self._draining:  # handed back with the others once the consumers are cancelled
             session.parked.append(delivery)
             return
         if self._route is not None and queue == self._settings.queue:
@@ -389,3 +400,12 @@ class Consumer:
         del session.in_flight[delivery.tag]
         self._metrics.in_flight.dec()
         record(self._metrics, delivery, decision, fields, seconds)
+
+
+def _running(session: Session) -> bool:
+    """Whether a message is being handled or forwarded: in flight, and neither gathered nor waiting to be
+    handed back."""
+    waiting = {delivery.tag for deliveries, _ in session.gathering.values() for delivery in deliveries}
+    waiting |= {delivery.tag for delivery in session.parked}
+    waiting |= {delivery.tag for deliveries in session.releasing.values() for delivery in deliveries}
+    return any(tag not in waiting for tag in session.in_flight)
