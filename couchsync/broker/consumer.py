@@ -61,7 +61,8 @@ class Consumer:
         self._running: set[str] = set()
         self._running_lock = threading.Lock()
         self._pausing = Pausing(health, settings.pause_probe, metrics)
-        self._batching = batching if settings.batch > 1 else None
+        # Batches of one with `--batch 1` too: an organization's messages still run one at a time.
+        self._batching = batching
         self._metrics = metrics
         self._notifier = notifier or Notifier(None)
         self._pool = ThreadPoolExecutor(settings.prefetch, thread_name_prefix="couchsync-event")
