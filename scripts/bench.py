@@ -555,7 +555,12 @@ def workers_rate(bench: Bench, couch: localcouch.CouchCluster, rabbit: Any, org:
         publish(exchange, messages, rabbit.nodes[0].amqp_port)
         wait_for(lambda: sum(localbroker.events_handled(port) for port in ports) >= events, 3600)
         seconds = time.perf_counter() - started
-        return events / seconds, (updates(couch.first, databases) - before) / seconds
+        # The copies read may trail the nodes the workers wrote through: counted once they stop moving.
+        after, previous = updates(couch.first, databases), -1
+        while after != previous:
+            time.sleep(3)
+            previous, after = after, updates(couch.first, databases)
+        return events / seconds, (after - before) / seconds
 
 
 def updates(server: localcouch.LocalCouch, databases: list[str]) -> int:
