@@ -222,12 +222,13 @@ class Consumer:
             self._subscribe(session)
 
     def _drain(self, session: Session) -> None:
-        """Stop taking messages; let the running ones finish for a while, then hand the rest back.
+        """Stop taking messages; let those received finish for a while, then hand the rest back.
 
-        The partitions' consumers are cancelled last: while this worker is their active consumer the broker
-        activates no other, so the next worker in line never writes an organization beside a batch still
-        running here (a rolling restart is one writer per organization too). What was delivered but not
-        started is handed back unchanged once they are cancelled.
+        The batches being gathered start (each once its organization's previous batch ends) and run to
+        their end. The partitions' consumers are cancelled last: while this worker is their active consumer
+        the broker activates no other, so the next worker in line never writes an organization beside a
+        batch still running here (a rolling restart is one writer per organization too). What is
+        delivered after the stop began is handed back unchanged once they are cancelled.
         """
         self._notifier.stopping()
         self._draining = True
@@ -236,6 +237,8 @@ class Consumer:
             session.channel.basic_cancel(intake)
         deadline = time.monotonic() + self._settings.shutdown_timeout
         while _running(session) and time.monotonic() < deadline:
+            for key in list(session.gathering):
+                self._start(session, key)
             session.connection.process_data_events(time_limit=0.2)
         if session.consumers:
             self._unsubscribe(session)
@@ -404,9 +407,8 @@ class Consumer:
 
 
 def _running(session: Session) -> bool:
-    """Whether a message is being handled or forwarded: in flight, and neither gathered nor waiting to be
-    handed back."""
-    waiting = {delivery.tag for deliveries, _ in session.gathering.values() for delivery in deliveries}
-    waiting |= {delivery.tag for delivery in session.parked}
+    """Whether a message is being handled, forwarded or gathered: in flight, and not waiting to be handed
+    back."""
+    waiting = {delivery.tag for delivery in session.parked}
     waiting |= {delivery.tag for deliveries in session.releasing.values() for delivery in deliveries}
     return any(tag not in waiting for tag in session.in_flight)
