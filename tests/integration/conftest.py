@@ -282,8 +282,12 @@ class Broker:
         connection = pika.BlockingConnection(self.parameters)
         channel = connection.channel()
         settings = self.settings
+        # Every partition a command may have declared, its default count included (a command run without
+        # the test's COUCHSYNC_PARTITIONS): the machine's broker must not collect a test's quorum queues.
+        partitions = [f"{settings.queue}.p{number:03d}"
+                      for number in range(max(settings.partitions, config.DEFAULT_PARTITIONS))]
         for queue in (settings.queue, settings.retry_queue, settings.dead_letter_queue, f"{settings.queue}.held",
-                      *settings.partition_queues):
+                      *partitions):
             channel.queue_delete(queue)
         for exchange in (self.exchange, self.auth_exchange, settings.dead_letter_exchange):
             channel.exchange_delete(exchange)
