@@ -18,7 +18,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from couchsync.broker.delivery import (
     ATTEMPT, DEAD_AT, MAX_ROUTING_KEY, REASON, ROUTING_KEY, count_header, message_digest)
-from couchsync.broker.topology import connect, declare
+from couchsync.broker.topology import connect, declare, peek
 from couchsync.config import AmqpSettings
 from couchsync.events import SECRET_FIELDS
 
@@ -107,14 +107,8 @@ def _masked_text(text: str) -> str:
 def _read_dead_letters(channel: BlockingChannel, settings: AmqpSettings,
                        limit: int) -> list[tuple[int, DeadMessage, pika.BasicProperties]]:
     """Up to `limit` dead letters, left unacknowledged: closing the channel puts them back, in order."""
-    found = []
-    for _ in range(limit):
-        method, properties, body = channel.basic_get(settings.dead_letter_queue, auto_ack=False)
-        if method is None:
-            break
-        found.append((method.delivery_tag, DeadMessage.of(method, properties, body, queue=settings.queue),
-                      properties))
-    return found
+    return [(method.delivery_tag, DeadMessage.of(method, properties, body, queue=settings.queue), properties)
+            for method, properties, body in peek(channel, settings.dead_letter_queue, limit)]
 
 
 def list_dead_letters(settings: AmqpSettings, limit: int = 1000) -> list[DeadMessage]:

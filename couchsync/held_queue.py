@@ -22,7 +22,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from couchsync.broker.delivery import DEAD_AT, REASON, ROUTING_KEY, message_digest
-from couchsync.broker.topology import connect, declare
+from couchsync.broker.topology import connect, declare, peek
 from couchsync.config import AmqpSettings
 from couchsync.errors import BrokerUnavailable, ConfigError
 
@@ -148,13 +148,8 @@ def _close(connection: pika.BlockingConnection) -> None:
 def _read(channel: BlockingChannel, settings: AmqpSettings,
           limit: int) -> list[tuple[int, HeldMessage, pika.BasicProperties]]:
     """Up to `limit` held messages, left unacknowledged: closing the channel puts them back, in order."""
-    found = []
-    for _ in range(limit):
-        method, properties, body = channel.basic_get(held_queue(settings), auto_ack=False)
-        if method is None:
-            break
-        found.append((method.delivery_tag, HeldMessage.of(properties, body), properties))
-    return found
+    return [(method.delivery_tag, HeldMessage.of(properties, body), properties)
+            for method, properties, body in peek(channel, held_queue(settings), limit)]
 
 
 def list_held(settings: AmqpSettings, limit: int = MAX_HELD) -> list[HeldMessage]:

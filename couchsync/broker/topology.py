@@ -12,6 +12,7 @@ Topology, declared idempotently on every connection (names from `AmqpSettings`):
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -101,3 +102,15 @@ def connect(settings: AmqpSettings, first: int = 0) -> tuple[BlockingConnection,
         except pika.exceptions.AMQPError as exc:
             failures.append(f"{redact(url)}: {type(exc).__name__}")
     raise BrokerUnavailable(f"broker unreachable ({'; '.join(failures)})")
+
+
+def peek(channel: BlockingChannel, queue: str, limit: int) -> list[tuple[Any, pika.BasicProperties, bytes]]:
+    """Up to `limit` messages of the queue (method, properties, body), left unacknowledged: closing the
+    channel puts them back, in order (how `dlq` and `hold` read their queues without taking from them)."""
+    found = []
+    for _ in range(limit):
+        method, properties, body = channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            break
+        found.append((method, properties, body))
+    return found
