@@ -17,7 +17,7 @@ from couchsync.broker.delivery import Delivery
 from couchsync.broker.session import Session
 from couchsync.config import AmqpSettings
 from couchsync.metrics import Metrics
-from couchsync.partitions import to_release
+from couchsync.partitions import share, to_release
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class PartitionShare:
                 hand_back(delivery)
             session.consumers[queue] = session.channel.basic_consume(queue, on_message)
             logger.info("released partition %d to the next worker (share %d of %d partitions among %d workers)",
-                        number, -(-self._settings.partitions // max(1, self.workers)), self._settings.partitions,
+                        number, share(self._settings.partitions, self.workers), self._settings.partitions,
                         self.workers)
             self.log_held(session)
 
