@@ -220,6 +220,26 @@ class CouchGateway:
         except NotFound:
             return None
 
+    def update_seq(self, db: str) -> str | None:
+        """Where the database's changes feed stands now (an opaque sequence), or None when it does not exist."""
+        info = self.database_info(db)
+        return None if info is None else str(info.get("update_seq"))
+
+    def changed_since(self, db: str, since: str, doc_ids: Sequence[str]) -> dict[str, str | None]:
+        """Of these documents, those changed since the sequence `since`: their winning revision now (None:
+        deleted). A cluster may replay changes from before `since`: more documents, never fewer.
+
+        Raises:
+            NotFound: the database does not exist.
+        """
+        if not doc_ids:
+            return {}
+        with translate_errors(db):
+            result = self._service.post_changes(db, doc_ids=list(doc_ids), filter="_doc_ids",
+                                                since=since).get_result()
+        return {row["id"]: None if row.get("deleted") else row["changes"][0]["rev"]
+                for row in result.get("results") or () if row.get("changes")}
+
     def holds_documents(self, db: str) -> bool:
         """Whether the database holds a live document other than design documents (False when missing)."""
         count = self.doc_count(db)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 KEPT = re.compile("([\u037e\u1fef\u212a])")  # what NFC would make ASCII: kept, NFC around them
 ASCII_SPACE = " \t\n\r\x0b\x0c"
@@ -30,6 +31,15 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 def person_key(email: str) -> str:
     """The key of the person an email address names (see the module's rule)."""
+    if email.isascii():
+        # Nearly every address: NFC and IDNA leave ASCII as it is, so the rule is lower-casing. A hot path:
+        # a bootstrap asks each person's membership of every group, so this runs people x groups times.
+        return email.strip(ASCII_SPACE).lower()
+    return _non_ascii_key(email)
+
+
+@lru_cache(maxsize=4096)
+def _non_ascii_key(email: str) -> str:
     text = nfc(email.strip(ASCII_SPACE))
     local, at, domain = text.rpartition("@")
     if not at:

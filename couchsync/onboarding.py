@@ -101,11 +101,15 @@ class DirectoryCopy:
         report = CopyReport(target.domain)
         owner = owner_email or self._reader.owner_email(target)
         members = list(members)
+        # Before any state is read: each page's check for states moved under its writes reads only the
+        # changes since (see `StateStore.moved`).
+        since = self._states.checkpoint()
         groups = _Groups(self._states, organization_id)
         if progress is not None:
             progress("total", len(groups.stored) + self._states.count_people(organization_id) + len(members))
         for page in _batches(groups.stored.values(), self._page_size):
-            plan_page = partial(self._plan_groups, organization_id, target, [s.state.state_id for s in page], groups)
+            plan_page = partial(self._plan_groups, organization_id, target, [s.state.state_id for s in page], groups,
+                                since)
             self._run(target, plan_page, plan_page(1), dry_run, report, keep_items)
             report.groups += len(page)
             if progress is not None:
@@ -116,8 +120,8 @@ class DirectoryCopy:
         # copy starts, has nothing to find: its pages are planned over nothing, and only a page that
         # meets a 409 (a person met twice, a worker's contact) is planned again over what its ids find.
         new = not self._couch.holds_documents(target.database(CONTACTS))
-        for count, planner, plan in _planned_ahead(self._contact_steps(organization_id, members, target, owner,
-                                                                       groups, new)):
+        steps = self._contact_steps(organization_id, members, target, owner, groups, new, since)
+        for count, planner, plan in _planned_ahead(steps):
             self._run(target, planner, plan, dry_run, report, keep_items)
             report.contacts += count
             if progress is not None:
@@ -135,11 +139,11 @@ class DirectoryCopy:
         return written.writes
 
     def _plan_groups(self, organization_id: str, target: Instance, state_ids: Sequence[str], groups: _Groups,
-                     attempt: int) -> Plan:
+                     since: str | None, attempt: int) -> Plan:
         page = [groups.stored[state_id] for state_id in state_ids] if attempt == 1 else groups.reread(state_ids)
         current = self._reader.documents(target, GROUPS, [stored.state.group_id for stored in page], organization_id)
         plan = plan_group_copies([stored.state for stored in page], current)
-        return replace(plan, basis=tuple((stored.state.state_id, stored.rev) for stored in page))
+        return replace(plan, basis=tuple((stored.state.state_id, stored.rev) for stored in page), since=since)
 
     def _people(self, organization_id: str, members: Sequence[Person]) -> Iterator[list[_Entry]]:
         """The state's people page by page (with their revisions), then the members (from their settings)."""
@@ -149,15 +153,16 @@ class DirectoryCopy:
             yield [(person, None) for person in batch]
 
     def _contact_steps(self, organization_id: str, members: Sequence[Person], target: Instance, owner: str | None,
-                       groups: _Groups, new: bool) -> Iterator[tuple[int, Planner, Callable[[], Plan]]]:
+                       groups: _Groups, new: bool,
+                       since: str | None) -> Iterator[tuple[int, Planner, Callable[[], Plan]]]:
         """(size, planner, first plan) of each page of people."""
         for number, page in enumerate(_read_ahead(self._people(organization_id, members))):
-            plan = partial(self._plan_people, organization_id, groups, target, owner, page)
+            plan = partial(self._plan_people, organization_id, groups, target, owner, page, since)
             lookup = _IDS if new else _STALE if number else _FRESH
             yield len(page), partial(plan, lookup), partial(plan, _NONE if new else lookup, 1)
 
     def _plan_people(self, organization_id: str, groups: _Groups, target: Instance, owner: str | None,
-                     page: Sequence[_Entry], lookup: str, attempt: int) -> Plan:
+                     page: Sequence[_Entry], since: str | None, lookup: str, attempt: int) -> Plan:
         if attempt > 1:  # a conflict, or the states moved: read them again
             groups.refresh()
             page = self._reread(page)
@@ -171,7 +176,7 @@ class DirectoryCopy:
         view = InstanceView(target.domain, owner, contacts=tuple(found.values()))
         plan = plan_contact_copies(people, view, groups.states())
         basis = [(person.state.state_id, rev) for person, rev in page if rev is not None] + groups.basis()
-        return replace(plan, basis=tuple(basis))
+        return replace(plan, basis=tuple(basis), since=since)
 
     def _reread(self, page: Sequence[_Entry]) -> list[_Entry]:
         fresh = self._states.read([person.state.state_id for person, rev in page if rev is not None])

@@ -52,12 +52,14 @@ class Plan:
 
     `basis`: the state documents (id, revision) the plan was projected from. Reads are not a snapshot:
     a projection written over a newer one would undo it, so the writer projects again when the state
-    moved under its writes (see `writer.PlanWriter`).
+    moved under its writes (see `writer.PlanWriter`). `since`: the state database's sequence before the
+    basis was read, when known (then only what changed since is compared).
     """
 
     writes: tuple[Write, ...] = ()
     refusals: tuple[Refusal, ...] = ()
     basis: tuple[tuple[str, str], ...] = ()
+    since: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,12 +261,16 @@ def related(contact: Doc, groups: Mapping[str, GroupState]) -> Doc:
     whose existence the state does not record (see `GroupState.relation`).
     """
     email = str(managed_tag(contact).get("email") or "")
+    key = person_key(email)
     current = {gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX)}
-    wanted = {gid for gid, state in groups.items() if state.is_member(email)}
-    for group_id in sorted((current | wanted) & set(groups)):
+    # Only the groups related already and those whose state names the person can change the contact: a
+    # dict lookup per group finds them (a bootstrap relates people x groups; the whole rule for each is slow).
+    named = {gid for gid, state in groups.items() if key in state.members}
+    for group_id in sorted((current | named) & groups.keys()):
         state = groups[group_id]
-        if state.known or group_id not in wanted and state.membership(email) is False:
-            contact = _related_to(contact, group_id, group_id in wanted)
+        wanted = state.is_member(email)
+        if state.known or not wanted and state.membership(email) is False:
+            contact = _related_to(contact, group_id, wanted)
     return contact
 
 

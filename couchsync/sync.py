@@ -185,8 +185,15 @@ class Synchronizer:
         if applied:
             projection = _GroupProjection(self, organization_id, [event.group_id for event in applied],
                                           lambda states: group_changes(applied, states))
-            reports = tuple(self._pool.map(
-                lambda instance: self._converge(instance, projection.planner(instance)), instances))
+            reports = tuple(self._pool.map(lambda instance: self._converge(
+                instance, projection.planner(instance), basis_checked_after=True), instances))
+            # Whether the states moved under the writes (another writer merged meanwhile) is asked once for
+            # the batch, not once per instance: when they did, every instance is projected again afresh.
+            if self.states.moved(projection.basis):
+                projection.refresh()
+                again = self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
+                                       instances)
+                reports = tuple(map(_followed_by, reports, again))
         routing_key = events[0].routing_key if len(events) == 1 else f"batch of {len(events)}"
         subject = ",".join(dict.fromkeys(event.group_id for event in events))
         report = self._report(routing_key, organization_id, subject, reports, started)
@@ -421,10 +428,10 @@ class Synchronizer:
         except UnknownOrganization:
             return f"domain:{event.organization_domain}"
 
-    def _converge(self, instance: Instance, planner: Planner) -> InstanceReport:
+    def _converge(self, instance: Instance, planner: Planner, *, basis_checked_after: bool = False) -> InstanceReport:
         """Bring one instance to the planner's plan; a failure is reported, not raised."""
         try:
-            written = self.writer.converge(instance, planner)
+            written = self.writer.converge(instance, planner, basis_checked_after=basis_checked_after)
         except CouchsyncError as exc:
             logger.warning("failed in %s: %s", instance.domain, exc)
             return InstanceReport(instance.domain, error=str(exc), retryable=exc.retryable)
@@ -457,6 +464,15 @@ class _GroupProjection:
         self._organization_id = organization_id
         self._external_ids = list(dict.fromkeys(external_ids))
         self._changes = changes
+        self._snapshot = self.read()
+
+    @property
+    def basis(self) -> tuple[tuple[str, str], ...]:
+        """The states the first plans are projected from."""
+        return self._snapshot.basis
+
+    def refresh(self) -> None:
+        """Read the states again: the first plans from now on are projected from them."""
         self._snapshot = self.read()
 
     def read(self) -> _Snapshot:
@@ -495,6 +511,13 @@ class _GroupProjection:
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_changes(changes, people, view)
         return replace(plan, basis=snapshot.basis)
+
+
+def _followed_by(first: InstanceReport, second: InstanceReport) -> InstanceReport:
+    """An instance converged twice (the states moved under the first): the writes of both, the outcome
+    (refusals, error) of the second."""
+    return replace(second, writes=first.writes + second.writes, attempts=first.attempts + second.attempts,
+                   requests=first.requests + second.requests)
 
 
 def _joined_reports(domain: str, reports: Sequence[InstanceReport]) -> InstanceReport:

@@ -57,8 +57,11 @@ class PlanWriter:
         self._max_attempts = max_attempts
         self._settling = settling or Settling(0)
 
-    def converge(self, instance: Instance, planner: Planner, *, first: Plan | None = None) -> Written:
+    def converge(self, instance: Instance, planner: Planner, *, first: Plan | None = None,
+                 basis_checked_after: bool = False) -> Written:
         """Plan, write, and plan again while a write conflicts; `first`: the first plan, made already.
+        `basis_checked_after`: the caller checks once, after every instance, whether the states moved
+        under the writes (and converges again if they did) instead of a check per instance.
 
         Raises:
             DocumentConflict: still conflicting after the last attempt.
@@ -76,7 +79,8 @@ class PlanWriter:
             if not any(result.conflict for result in results):
                 _raise_unexpected(instance, results)
                 # Nothing written changes nothing: a stale projection is only harmful once written.
-                if not any(result.ok for result in results) or not self._states.moved(plan.basis):
+                if (not any(result.ok for result in results) or basis_checked_after
+                        or not self._states.moved(plan.basis, plan.since)):
                     refusals = [refusal.reason for refusal in plan.refusals]
                     # Once per document: a losing leaf left undeleted repeats its document's refusal.
                     refusals += dict.fromkeys(f"CouchDB refused {r.doc_id}: {r.reason}" for r in results

@@ -10,7 +10,7 @@ import pytest
 
 import directory
 from couchsync.couch import CouchGateway
-from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of
+from couchsync.documents import CONTACTS, GROUPS, TAG, group_ids_of, managed_group_id
 from couchsync.errors import AmbiguousOrganization, CouchUnavailable, UnknownOrganization
 from couchsync.events import parse_event
 
@@ -170,6 +170,41 @@ def test_a_bootstrap_cut_short_is_finished_by_the_next_run(acme, monkeypatch):
     copied = by_email(acme, NEW)
     assert {email: copied[email] for email in reference} == reference
     assert without_rev(acme.docs(NEW, GROUPS)) == without_rev(acme.docs(ORG, GROUPS))
+
+
+class DeletionMeanwhile(CouchGateway):
+    """Lets a group's deletion be applied everywhere just before the copy's first page of contacts is written."""
+
+    def __init__(self, settings, world: World, deletion) -> None:
+        super().__init__(settings)
+        self.world, self.deletion, self.applied = world, deletion, False
+
+    def bulk_write(self, db, docs, **kwargs):
+        if db == self.world.db(NEW, CONTACTS) and not self.applied:
+            self.applied = True
+            with self.world.synchronizer() as other:
+                assert other.apply(self.deletion).failures == []
+        return super().bulk_write(db, docs, **kwargs)
+
+
+def test_a_page_planned_before_a_deletion_is_planned_again_when_the_states_moved_under_it(acme, monkeypatch):
+    """The copy plans its page of contacts from the states, group 0 among them; then group 0 is deleted
+    everywhere (the new instance has no contact yet: only the group goes), then the page is written. No
+    409 stops it (the contacts are new), so the copy must see that the states it planned from moved,
+    and plan again: no contact is left related to the deleted group."""
+    deletion = parse_event("b2b.group.deleted", json.dumps({
+        "timestamp": "2026-06-16T12:00:00Z", "organizationId": "acme", "id": "g0"}))
+    with acme.synchronizer() as sync:
+        meanwhile = DeletionMeanwhile(acme.couch_settings(), acme, deletion)
+        acme.gateways.append(meanwhile)
+        monkeypatch.setattr(sync.writer, "_couch", meanwhile)
+        assert sync.bootstrap(NEW).refusals == []
+    assert meanwhile.applied
+    deleted = managed_group_id("acme", "g0")
+    assert deleted not in acme.docs(NEW, GROUPS)
+    copied = by_email(acme, NEW)
+    assert [email for email, doc in copied.items() if deleted in group_ids_of(doc)] == []
+    assert group_ids_of(copied["m00@acme.com"]) == [managed_group_id("acme", "g1")]
 
 
 def bootstrap_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
