@@ -107,26 +107,36 @@ class DirectoryCopy:
         groups = _Groups(self._states, organization_id)
         if progress is not None:
             progress("total", len(groups.stored) + self._states.count_people(organization_id) + len(members))
-        for page in _batches(groups.stored.values(), self._page_size):
-            plan_page = partial(self._plan_groups, organization_id, target, [s.state.state_id for s in page], groups,
-                                since)
-            self._run(target, plan_page, plan_page(1), dry_run, report, keep_items)
-            report.groups += len(page)
-            if progress is not None:
-                progress("groups", len(page))
         # How a page finds the contacts it may match. The first page's lookup brings the view up to date;
         # later pages read it as it is, sparing the indexing of each page just written (the contacts
         # couchsync creates are found by their ids instead). A new instance, with no contact when the
         # copy starts, has nothing to find: its pages are planned over nothing, and only a page that
         # meets a 409 (a person met twice, a worker's contact) is planned again over what its ids find.
         new = not self._couch.holds_documents(target.database(CONTACTS))
-        steps = self._contact_steps(organization_id, members, target, owner, groups, new, since)
-        for count, planner, plan in _planned_ahead(steps):
-            self._run(target, planner, plan, dry_run, report, keep_items)
-            report.contacts += count
-            if progress is not None:
-                progress("contacts", count)
+        # The groups are written first, so that every relationship a contact gets points to a group that
+        # exists; meanwhile the first page of people is read and planned.
+        with ThreadPoolExecutor(1, thread_name_prefix="couchsync-groups") as pool:
+            groups_copied = pool.submit(self._copy_groups, organization_id, target, groups, since, dry_run, report,
+                                        keep_items, progress)
+            steps = self._contact_steps(organization_id, members, target, owner, groups, new, since)
+            for count, planner, plan in _planned_ahead(steps):
+                groups_copied.result()
+                self._run(target, planner, plan, dry_run, report, keep_items)
+                report.contacts += count
+                if progress is not None:
+                    progress("contacts", count)
+            groups_copied.result()  # no people at all
         return report
+
+    def _copy_groups(self, organization_id: str, target: Instance, groups: _Groups, since: str | None,
+                     dry_run: bool, report: CopyReport, keep_items: bool, progress: Progress | None) -> None:
+        for page in _batches(groups.listed(), self._page_size):
+            plan_page = partial(self._plan_groups, organization_id, target, [s.state.state_id for s in page], groups,
+                                since)
+            self._run(target, plan_page, plan_page(1), dry_run, report, keep_items)
+            report.groups += len(page)
+            if progress is not None:
+                progress("groups", len(page))
 
     def _run(self, target: Instance, planner: Planner, plan: Plan, dry_run: bool, report: CopyReport,
              keep_items: bool) -> int:
@@ -216,6 +226,11 @@ class _Groups:
                 if isinstance(stored.state, GroupState):
                     self.stored[state_id] = Stored(stored.state, stored.rev)
             return [self.stored[state_id] for state_id in state_ids if state_id in self.stored]
+
+    def listed(self) -> list[Stored[GroupState]]:
+        """The group states as they are now (a copy: re-plans on other threads refresh them)."""
+        with self._lock:
+            return list(self.stored.values())
 
     def states(self) -> dict[str, GroupState]:
         with self._lock:
