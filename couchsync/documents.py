@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -119,13 +119,17 @@ def group_ids_of(contact: Doc) -> list[str]:
 
 def with_group(contact: Doc, group_id: str, member: bool) -> Doc:
     """A copy of the contact with its relationship to one group added or removed; others kept."""
+    return with_groups(contact, {group_id: member})
+
+
+def with_groups(contact: Doc, changes: Mapping[str, bool]) -> Doc:
+    """A copy of the contact with its relationships to these groups added (True) or removed; others kept."""
     relationships = dict(contact.get("relationships") or {})
     groups = dict(relationships.get("groups") or {})
     data = [item for item in groups.get("data") or []
-            if not (isinstance(item, dict) and item.get("_id") == group_id)]
+            if not (isinstance(item, dict) and isinstance(item.get("_id"), str) and item["_id"] in changes)]
     ours = [item for item in data if _is_managed_group_ref(item)]
-    if member:
-        ours.append({"_id": group_id, "_type": GROUPS})
+    ours += [{"_id": group_id, "_type": GROUPS} for group_id, member in changes.items() if member]
     # The user's own relationships first, as they were; managed groups after, sorted, so that the
     # list is the same whatever order the memberships arrived in.
     groups["data"] = [item for item in data if not _is_managed_group_ref(item)] + sorted(ours, key=lambda i: i["_id"])

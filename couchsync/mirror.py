@@ -24,7 +24,7 @@ from couchsync.documents import (
     managed_tag, with_group)
 from couchsync.events import Member
 from couchsync.plan import (
-    InstanceView, Plan, Refusal, Write, changed, is_own_contact, plan_group, profile_contact, put, related)
+    InstanceView, Plan, Refusal, Write, changed, is_own_contact, named_by, plan_group, profile_contact, put, related)
 from couchsync.state import SEED_STAMP, GroupState, PersonState
 
 MISSING, DIFFERENT, EXTRA = "missing", "different", "extra"
@@ -113,6 +113,7 @@ def plan_contact_copies(people: Iterable[Person], view: InstanceView, groups: Ma
     """
     existing = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
     planned = ContactIndex(existing.values())
+    named = named_by(groups)
     touched: dict[str, Doc] = {}
     refusals: list[Refusal] = []
     for person in people:
@@ -125,7 +126,7 @@ def plan_contact_copies(people: Iterable[Person], view: InstanceView, groups: Ma
             refusals.append(refusal)
         if doc is None:
             continue
-        doc = related(doc, groups)
+        doc = related(doc, groups, named)
         planned.put(doc)
         touched[doc["_id"]] = doc
     writes = [write for doc_id, doc in touched.items()

@@ -16,7 +16,7 @@ from typing import Any
 from couchsync.documents import (
     CONFLICTS, CONTACTS, GROUPS, MANAGED_GROUP_PREFIX, SORT_INDEX, TAG, ContactIndex, Doc, cozy_hosts_of, cozy_url,
     group_ids_of, host_of, is_live, is_managed, losing_deletions, managed_contact_id, managed_tag, match_contact,
-    managed_group_id, with_group, without_conflicts)
+    managed_group_id, with_group, with_groups, without_conflicts)
 from couchsync.events import GroupEvent, GroupEventKind, Member
 from couchsync.identity import person_key
 from couchsync.state import GroupState, PersonState
@@ -254,24 +254,35 @@ def plan_profile(person: PersonState, groups: Mapping[str, GroupState], view: In
     return Plan(tuple(put(CONTACTS, doc, old, "update contact" if old else "create contact")))
 
 
-def related(contact: Doc, groups: Mapping[str, GroupState]) -> Doc:
+def related(contact: Doc, groups: Mapping[str, GroupState], named: Mapping[str, set[str]] | None = None) -> Doc:
     """The contact with its relationships to the managed groups the states know as they say.
 
     A relationship to a managed group no state here knows is left as it is, and so is one to a group
-    whose existence the state does not record (see `GroupState.relation`).
+    whose existence the state does not record (see `GroupState.relation`). `named`: `named_by(groups)`,
+    when the caller relates many contacts to the same groups.
     """
     email = str(managed_tag(contact).get("email") or "")
     key = person_key(email)
     current = {gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX)}
-    # Only the groups related already and those whose state names the person can change the contact: a
-    # dict lookup per group finds them (a bootstrap relates people x groups; the whole rule for each is slow).
-    named = {gid for gid, state in groups.items() if key in state.members}
-    for group_id in sorted((current | named) & groups.keys()):
+    # Only the groups related already and those whose state names the person can change the contact.
+    candidates = (named.get(key, set()) if named is not None
+                  else {gid for gid, state in groups.items() if key in state.members})
+    changes: dict[str, bool] = {}
+    for group_id in (current | candidates) & groups.keys():
         state = groups[group_id]
         wanted = state.is_member(email)
-        if state.known or not wanted and state.membership(email) is False:
-            contact = _related_to(contact, group_id, wanted)
-    return contact
+        if (state.known or not wanted and state.membership(email) is False) and (group_id in current) != wanted:
+            changes[group_id] = wanted
+    return with_groups(contact, changes) if changes else contact
+
+
+def named_by(groups: Mapping[str, GroupState]) -> dict[str, set[str]]:
+    """The groups (by managed id) whose states name each person (by key), as a member or not."""
+    named: dict[str, set[str]] = {}
+    for group_id, state in groups.items():
+        for key in state.members:
+            named.setdefault(key, set()).add(group_id)
+    return named
 
 
 def is_owner(email: str | None, workplace_fqdn: str | None, view: InstanceView) -> bool:

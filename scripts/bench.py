@@ -26,7 +26,8 @@ protected databases, so do they (the server validates every write alike).
 7. bigevent  `couchsync apply` of one group.created of 10,000 members to 3 instances (wall time; CPU and
              peak RSS in the note); baseline: the same documents read + written raw per database.
 8. burst     500 member.added (5 groups x 100 people) for one organization of 200 instances through the
-             worker, batched (the default) against --batch 1: wall time and `_bulk_docs` requests to instances.
+             worker; baseline: a raw client writing the documents the burst leaves (one `_bulk_docs` per
+             database): wall time and `_bulk_docs` requests to instances.
 9. workers   1,000 events over 20 organizations (40 instances) through 1, 2 and 3 workers sharing partitions, each
              on its own node of a three-node CouchDB cluster and a three-node RabbitMQ cluster (started for
              the case, from the release): events per second, and the document writes to the instances per
@@ -34,7 +35,9 @@ protected databases, so do they (the server validates every write alike).
              nodes) measured in the same run.
 
 Each figure is the median of --runs runs (min and max beside it); couchsync and its baseline alternate,
-so that a server warming up or slowing down weighs on both alike.
+so that a server warming up or slowing down weighs on both alike. On Apache CouchDB each figure also
+shows, from the server's own counters, the requests each side made and the seconds couchjs spent
+validating their writes and indexing views for them.
 """
 
 from __future__ import annotations
@@ -75,9 +78,23 @@ CONCURRENCY = config.DEFAULT_CONCURRENCY
 RAW, LOOKUP = "raw", "lookup"  # the fan-out baselines, each writing into databases of its own
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What the server did for a measured action, from its own counters (`/_node/_local/_stats`)."""
+
+    requests: int
+    validation: float  # seconds in couchjs running validate_doc_update
+    indexing: float  # seconds in couchjs mapping documents into view indexes
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.requests - other.requests, self.validation - other.validation,
+                    self.indexing - other.indexing)
+
+
 @dataclass
 class Figure:
-    """One measured case: couchsync's samples, its baseline's, in the same unit."""
+    """One measured case: couchsync's samples, its baseline's, in the same unit, and the server's cost of
+    each sample (where the server counts it: Apache CouchDB)."""
 
     case: str
     unit: str
@@ -86,6 +103,8 @@ class Figure:
     baseline_name: str = ""
     target: float | None = None  # the ratio to stay under
     note: str = ""
+    couchsync_costs: list[Cost] = field(default_factory=list)
+    baseline_costs: list[Cost] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -97,10 +116,16 @@ class Figure:
         def stats(samples: list[float]) -> dict[str, float] | None:
             return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                     "runs": len(samples)} if samples else None
+
+        def costs(measured: list[Cost]) -> dict[str, float] | None:
+            return {"requests": statistics.median(c.requests for c in measured),
+                    "validation_seconds": statistics.median(c.validation for c in measured),
+                    "indexing_seconds": statistics.median(c.indexing for c in measured)} if measured else None
         return {"case": self.case, "unit": self.unit, "couchsync": stats(self.couchsync),
                 "baseline": stats(self.baseline), "baseline_name": self.baseline_name, "ratio": self.ratio,
                 "target": self.target, "met": None if self.ratio is None or self.target is None
-                else self.ratio <= self.target, "note": self.note}
+                else self.ratio <= self.target, "note": self.note,
+                "server": {"couchsync": costs(self.couchsync_costs), "baseline": costs(self.baseline_costs)}}
 
 
 class Bench:
@@ -113,6 +138,24 @@ class Bench:
         self.session = requests.Session()
         self.session.auth = server.sync
         self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=CONCURRENCY))
+
+    def cost(self) -> Cost | None:
+        """The server's counters now; None where it keeps none (PouchDB Server)."""
+        if self.server.kind == "pouchdb-server":
+            return None
+        stats = self.server.request("GET", "/_node/_local/_stats/couchdb").json()
+        times = stats["query_server"]["time"]
+        return Cost(int(stats["httpd"]["requests"]["value"]), times["ddoc_vdu"]["value"] / 1e6,
+                    times["map"]["value"] / 1e6)
+
+    def measure(self, samples: list[float], costs: list[Cost], action: Callable[[], object]) -> None:
+        """Time the action into `samples` and what the server did for it into `costs` (nothing else runs
+        against the server meanwhile: couchsync and its baselines take turns)."""
+        before = self.cost()
+        samples.append(timed(action))
+        after = self.cost()
+        if before is not None and after is not None:
+            costs.append(after - before)
 
     def prefix(self, domain: str) -> str:
         return f"{self.tag}-{domain}"
@@ -257,17 +300,19 @@ def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) ->
             else:
                 routing = ("b2b.group.created", dict(name=f"Group {run}", members=people))
             group = "warm" if case == "fanout" else f"g{run}"
-            figure.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, group, people, RAW)))
-            looked_up.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, group, people, LOOKUP)))
+            bench.measure(figure.baseline, figure.baseline_costs,
+                          lambda: baseline_fan_out(bench, domains, org, group, people, RAW))
+            bench.measure(looked_up.baseline, looked_up.baseline_costs,
+                          lambda: baseline_fan_out(bench, domains, org, group, people, LOOKUP))
             report = None
 
             def apply() -> None:
                 nonlocal report
                 report = sync.apply(event(routing[0], org, group, run + 1, **routing[1]))
-            figure.couchsync.append(timed(apply))
+            bench.measure(figure.couchsync, figure.couchsync_costs, apply)
             assert report is not None and not report.failures and report.writes >= instances * members, \
                 report.fields() if report else None
-    looked_up.couchsync = figure.couchsync
+    looked_up.couchsync, looked_up.couchsync_costs = figure.couchsync, figure.couchsync_costs
     return [figure, looked_up]
 
 
@@ -314,13 +359,14 @@ def bootstrap(bench: Bench, runs: int, contacts: int, groups: int) -> list[Figur
         for run in range(runs):
             raw, mine = f"raw{run}.{org}.example", f"new{run}.{org}.example"
             bench.add_instances([raw, mine], org)
-            copy.baseline.append(timed(lambda: baseline_copy(bench, source, raw, org)))
-            copy.couchsync.append(timed(lambda: sync.bootstrap(mine)))
+            bench.measure(copy.baseline, copy.baseline_costs, lambda: baseline_copy(bench, source, raw, org))
+            bench.measure(copy.couchsync, copy.couchsync_costs, lambda: sync.bootstrap(mine))
             if honours_selector:
                 replicated = f"rep{run}.{org}.example"
                 bench.add_instances([replicated], org)
-                replicate.baseline.append(timed(lambda: baseline_replicate(bench, source, replicated, org)))
-                replicate.couchsync = copy.couchsync
+                bench.measure(replicate.baseline, replicate.baseline_costs,
+                              lambda: baseline_replicate(bench, source, replicated, org))
+                replicate.couchsync, replicate.couchsync_costs = copy.couchsync, copy.couchsync_costs
     return [copy, replicate]
 
 
@@ -405,7 +451,7 @@ def planning(runs: int, sizes: tuple[int, ...]) -> list[Figure]:
 def big_event(bench: Bench, runs: int, members: int, instances: int) -> Figure:
     """`couchsync apply` of one group.created with `members` people to `instances` instances."""
     figure = Figure("bigevent", "seconds", baseline_name="raw read + write per database, same concurrency, "
-                    "into databases protected alike",
+                    "into databases protected alike", target=1.5,
                     note=f"one group.created of {members:,} members to {instances} instances")
     usages = []
     for run in range(runs):
@@ -418,10 +464,12 @@ def big_event(bench: Bench, runs: int, members: int, instances: int) -> Figure:
         line = json.dumps({"routingKey": "b2b.group.created", "body": {
             "timestamp": "2026-06-16T10:00:00Z", "organizationId": org, "id": "all", "name": "All",
             "members": people}})
-        figure.baseline.append(timed(lambda: baseline_fan_out(bench, domains, org, "all", people, RAW)))
-        usage = child_usage([sys.executable, "-m", "couchsync", "apply", "-"], bench.cli_env(), line.encode())
-        figure.couchsync.append(usage[0])
-        usages.append(usage)
+        bench.measure(figure.baseline, figure.baseline_costs,
+                      lambda: baseline_fan_out(bench, domains, org, "all", people, RAW))
+        walls: list[float] = []
+        bench.measure(walls, figure.couchsync_costs, lambda: usages.append(
+            child_usage([sys.executable, "-m", "couchsync", "apply", "-"], bench.cli_env(), line.encode())))
+        figure.couchsync.append(usages[-1][0])  # the command's own wall time, without the measuring parent's
     figure.note += "; couchsync CPU {:.1f} s, peak RSS {:.0f} MB (medians)".format(
         statistics.median(u[1] for u in usages), statistics.median(u[2] for u in usages))
     return figure
@@ -451,36 +499,79 @@ def worker_throughput(bench: Bench, runs: int, events: int, instances: int) -> F
 
 
 def burst(bench: Bench, runs: int, instances: int, groups: int, people: int) -> list[Figure]:
-    """`groups` x `people` member.added for one organization, through the worker: batched (the default)
-    against one by one (--batch 1), in the same run: wall time and `_bulk_docs` requests to instances."""
+    """`groups` x `people` member.added for one organization, through the worker (batched, the default),
+    against a raw client writing the documents the burst leaves: per instance one `_bulk_docs` of the groups
+    and one of the contacts, into databases protected alike (the empty groups there beforehand, as the
+    worker's creations leave them, their revisions known). Wall time, and `_bulk_docs` requests to instances."""
     note = f"{groups * people} member.added ({groups} groups x {people} people), {instances} instances"
-    seconds = Figure("burst", "seconds", baseline_name="the same worker with --batch 1", target=1 / 5, note=note)
-    writes = Figure("burst instance-writes", "requests", baseline_name="the same worker with --batch 1",
-                    target=1 / 10, note=note + "; `_bulk_docs` requests to instance databases")
+    raw = "a raw client writing the final documents, one _bulk_docs per database, protected alike"
+    seconds = Figure("burst", "seconds", baseline_name=raw, target=2, note=note)
+    writes = Figure("burst instance-writes", "requests", baseline_name=raw,
+                    note=note + "; `_bulk_docs` requests to instance databases")
     for run in range(runs):
-        for batch, samples in ((None, seconds.couchsync), ("1", seconds.baseline)):
-            org = f"{bench.tag}b{run}{'one' if batch else 'batch'}"
-            domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
-            bench.add_instances(domains, org)
-            bench.deploy(domains)
-            with running_worker(bench, org, **({"COUCHSYNC_BATCH": batch} if batch else {})) as (port, exchange):
-                publish(exchange, [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org,
-                                                          "id": f"g{g}", "name": f"Group {g}", "members": []})
-                                   for g in range(groups)])
-                wait_for(lambda: localbroker.events_handled(port) >= groups, 600)
-                before = localbroker.metric_total(port, "couchsync_bulk_writes_total")
-                added = [("b2b.group.member.added", {
-                    "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
-                    "id": f"g{i % groups}", "members": [member(org, i)]}) for i in range(groups * people)]
-                started = time.perf_counter()
+        org = f"{bench.tag}b{run}"
+        domains = [f"{org}.example"] + [f"i{n}.{org}.example" for n in range(instances - 1)]
+        bench.add_instances(domains, org)
+        bench.deploy(domains)
+        bench.add_baselines(domains, RAW, protected=True)
+        added = [("b2b.group.member.added", {
+            "timestamp": f"2026-06-16T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "organizationId": org,
+            "id": f"g{i % groups}", "members": [member(org, i)]}) for i in range(groups * people)]
+        with running_worker(bench, org) as (port, exchange):
+            publish(exchange, [("b2b.group.created", {"timestamp": "2026-06-16T09:00:00Z", "organizationId": org,
+                                                      "id": f"g{g}", "name": f"Group {g}", "members": []})
+                               for g in range(groups)])
+            wait_for(lambda: localbroker.events_handled(port) >= groups, 600)
+            before = localbroker.metric_total(port, "couchsync_bulk_writes_total")
+
+            def apply() -> None:
                 publish(exchange, added)
-                # One by one, each event is a fan-out: 500 events x 200 instances take over an hour on 2 cores.
-                wait_for(lambda: localbroker.events_handled(port) >= groups + len(added),
-                         max(3600, 0.1 * len(added) * instances))
-                samples.append(time.perf_counter() - started)
-                (writes.couchsync if samples is seconds.couchsync else writes.baseline).append(
-                    localbroker.metric_total(port, "couchsync_bulk_writes_total") - before)
+                wait_for(lambda: localbroker.events_handled(port) >= groups + len(added), 3600)
+            bench.measure(seconds.couchsync, seconds.couchsync_costs, apply)
+            writes.couchsync.append(localbroker.metric_total(port, "couchsync_bulk_writes_total") - before)
+        final = baseline_burst_documents(org, groups, [member(org, i) for i in range(groups * people)])
+        revs = baseline_seed_groups(bench, domains, final[0])
+        bench.measure(seconds.baseline, seconds.baseline_costs, lambda: baseline_burst(bench, domains, final, revs))
+        writes.baseline.append(2 * len(domains))
     return [seconds, writes]
+
+
+def baseline_burst_documents(org: str, groups: int,
+                             people: list[dict[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The groups and contacts a burst leaves in each instance: person i in group i % groups."""
+    members = {g: [person for i, person in enumerate(people) if i % groups == g] for g in range(groups)}
+    group_docs = [{"_id": managed_group_id(org, f"g{g}"), "name": f"Group {g}", "members": members[g]}
+                  for g in range(groups)]
+    contacts = [{"_id": managed_contact_id(org, person["email"]),
+                 "fullname": f"{person['firstName']} {person['lastName']}",
+                 "email": [{"address": person["email"], "primary": True}],
+                 "cozy": [{"url": f"https://{person['workplaceFqdn']}", "primary": True}],
+                 "relationships": {"groups": {"data": [{"_id": managed_group_id(org, f"g{i % groups}")}]}}}
+                for i, person in enumerate(people)]
+    return group_docs, contacts
+
+
+def baseline_seed_groups(bench: Bench, domains: list[str], groups: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The empty groups written into the baseline's databases (unmeasured): their revisions by instance."""
+    def seed(domain: str) -> dict[str, str]:
+        empty = [{"_id": doc["_id"], "name": doc["name"]} for doc in groups]
+        response = bench.session.post(bench.url(bench.db(domain, GROUPS, RAW), "_bulk_docs"), json={"docs": empty},
+                                      timeout=60)
+        response.raise_for_status()
+        return {row["id"]: row["rev"] for row in response.json()}
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        return dict(zip(domains, pool.map(seed, domains)))
+
+
+def baseline_burst(bench: Bench, domains: list[str], final: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+                   revs: dict[str, dict[str, str]]) -> None:
+    groups, contacts = final
+
+    def one(domain: str) -> None:
+        bench.write(bench.db(domain, GROUPS, RAW), groups, revs[domain])
+        bench.write(bench.db(domain, CONTACTS, RAW), contacts, {})
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(one, domains))
 
 
 def scale_out(runs: int, instances: int, events: int) -> list[Figure]:
@@ -652,6 +743,15 @@ def print_table(figures: list[Figure]) -> None:
         print(f"{figure.case:<24} {figure.unit:<9} {cell(figure.couchsync):<30} {cell(figure.baseline):<30} "
               f"{ratio:>6} {target:>7}")
         print(f"{'':<24} {figure.note}; baseline: {figure.baseline_name or '-'}")
+        if figure.couchsync_costs and figure.baseline_costs:
+            def median(costs: list[Cost], value: Callable[[Cost], float]) -> float:
+                return statistics.median(value(cost) for cost in costs)
+            mine, theirs = figure.couchsync_costs, figure.baseline_costs
+            print(f"{'':<24} server, couchsync vs baseline: requests {median(mine, lambda c: c.requests):.0f} vs "
+                  f"{median(theirs, lambda c: c.requests):.0f}; couchjs validation "
+                  f"{median(mine, lambda c: c.validation):.2f} s vs {median(theirs, lambda c: c.validation):.2f} s; "
+                  f"view indexing {median(mine, lambda c: c.indexing):.2f} s vs "
+                  f"{median(theirs, lambda c: c.indexing):.2f} s")
 
 
 def main() -> int:
