@@ -30,7 +30,7 @@ from couchsync.onboarding import CopyReport, DirectoryCopy, Progress, managed_se
 from couchsync.memory import MISSING, PURGED, RECREATED
 from couchsync.plan import GroupChange, InstanceView, Plan, group_changes, plan_group_changes, plan_profile
 from couchsync.reader import InstanceReader
-from couchsync.state import GroupState, PersonState, group_state_id, person_state_id, seed
+from couchsync.state import GroupState, PersonState, State, group_state_id, person_state_id, seed
 from couchsync.settle import Repair, Settling, joined_repairs, repairs_of, unsettled
 from couchsync.state_store import SeedCheck, StateStore, Stored
 from couchsync.writer import Planner, PlanWriter
@@ -179,17 +179,19 @@ class Synchronizer:
         started = time.monotonic()
         organization_id = events[0].organization_id
         instances = self.instances_of(organization_id)
-        failed = self.states.merge_events(events, self._settings.state_horizon).failed
+        since = self.states.checkpoint()  # before the merge reads the states the projection starts from
+        merged = self.states.merge_events(events, self._settings.state_horizon)
+        failed = merged.failed
         applied = [event for position, event in enumerate(events) if position not in failed]
         reports: tuple[InstanceReport, ...] = ()
         if applied:
             projection = _GroupProjection(self, organization_id, [event.group_id for event in applied],
-                                          lambda states: group_changes(applied, states))
+                                          lambda states: group_changes(applied, states), merged.states, since)
             reports = tuple(self._pool.map(lambda instance: self._converge(
                 instance, projection.planner(instance), basis_checked_after=True), instances))
             # Whether the states moved under the writes (another writer merged meanwhile) is asked once for
             # the batch, not once per instance: when they did, every instance is projected again afresh.
-            if self.states.moved(projection.basis):
+            if self.states.moved(projection.basis, projection.since):
                 projection.refresh()
                 again = self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
                                        instances)
@@ -396,7 +398,7 @@ class Synchronizer:
                      if repair.domain is None or instance.domain == repair.domain]
         # Each group as a whole: its document, everyone it remembers, every contact related to it.
         groups = _GroupProjection(self, org, sorted(repair.groups), lambda states: [
-            GroupChange(state, frozenset(state.members), related=True) for state in states.values()]) \
+            GroupChange(state, frozenset(state.members), related=True) for state in states.values()], {}, None) \
             if repair.groups else None
         people = [person_state_id(org, email) for email in sorted(repair.emails)]
 
@@ -446,6 +448,7 @@ class _Snapshot:
     groups: dict[str, Stored[GroupState]]  # by managed group id
     people: dict[str, Stored[PersonState]]  # by lower-case email
     changes: tuple[GroupChange, ...]  # what the groups ask of each instance
+    since: str | None  # the state database's checkpoint before these states were read
 
     @property
     def basis(self) -> tuple[tuple[str, str], ...]:
@@ -459,27 +462,38 @@ class _GroupProjection:
     `changes` says, from the groups' states, what each group asks of an instance."""
 
     def __init__(self, sync: Synchronizer, organization_id: str, external_ids: Sequence[str],
-                 changes: Callable[[Mapping[str, GroupState]], list[GroupChange]]) -> None:
+                 changes: Callable[[Mapping[str, GroupState]], list[GroupChange]],
+                 merged: Mapping[str, Stored[State]], since: str | None) -> None:
+        """`merged`: states as a merge just wrote them (not read again; none: every state is read), `since`
+        a checkpoint taken before that merge read them."""
         self._sync = sync
         self._organization_id = organization_id
         self._external_ids = list(dict.fromkeys(external_ids))
         self._changes = changes
-        self._snapshot = self.read()
+        self._snapshot = self.read(merged, since)
 
     @property
     def basis(self) -> tuple[tuple[str, str], ...]:
         """The states the first plans are projected from."""
         return self._snapshot.basis
 
+    @property
+    def since(self) -> str | None:
+        return self._snapshot.since
+
     def refresh(self) -> None:
         """Read the states again: the first plans from now on are projected from them."""
         self._snapshot = self.read()
 
-    def read(self) -> _Snapshot:
-        """The groups' states and the profiles of everyone their changes name, read afresh."""
+    def read(self, known: Mapping[str, Stored[State]] | None = None, since: str | None = None) -> _Snapshot:
+        """The groups' states and the profiles of everyone their changes name, read afresh but for those
+        `known` (with `since`, a checkpoint taken before they were read)."""
+        known = known or {}
+        if not known:
+            since = self._sync.states.checkpoint()
         org = self._organization_id
         state_ids = [group_state_id(org, external_id) for external_id in self._external_ids]
-        found = self._sync.states.read(state_ids)
+        found = self._known_or_read(state_ids, known)
         groups: dict[str, Stored[GroupState]] = {}
         for external_id, state_id in zip(self._external_ids, state_ids):
             stored = found.get(state_id)
@@ -490,9 +504,13 @@ class _GroupProjection:
                 groups[empty.group_id] = Stored(empty, "")
         changes = self._changes({group_id: stored.state for group_id, stored in groups.items()})
         ids = {person_state_id(org, email): email for change in changes for email in change.named}
-        people = {ids[state_id]: stored for state_id, stored in self._sync.states.read(list(ids)).items()}
+        people = {ids[state_id]: stored for state_id, stored in self._known_or_read(list(ids), known).items()}
         return _Snapshot(groups, {email: Stored(stored.state, stored.rev) for email, stored in people.items()
-                                  if isinstance(stored.state, PersonState)}, tuple(changes))
+                                  if isinstance(stored.state, PersonState)}, tuple(changes), since)
+
+    def _known_or_read(self, state_ids: Sequence[str], known: Mapping[str, Stored[State]]) -> dict[str, Stored[State]]:
+        found = {state_id: known[state_id] for state_id in state_ids if state_id in known}
+        return {**found, **self._sync.states.read([state_id for state_id in state_ids if state_id not in known])}
 
     def planner(self, instance: Instance) -> Planner:
         """Plans for one instance: the first from the state the merge left, later ones from a fresh read."""
@@ -510,7 +528,7 @@ class _GroupProjection:
         view = InstanceView(instance.domain, groups=groups) if not lookup else InstanceView(
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_changes(changes, people, view)
-        return replace(plan, basis=snapshot.basis)
+        return replace(plan, basis=snapshot.basis, since=snapshot.since)
 
 
 def _followed_by(first: InstanceReport, second: InstanceReport) -> InstanceReport:

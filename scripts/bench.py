@@ -152,12 +152,33 @@ class Bench:
 
     def measure(self, samples: list[float], costs: list[Cost], action: Callable[[], object]) -> None:
         """Time the action into `samples` and what the server did for it into `costs` (nothing else runs
-        against the server meanwhile: couchsync and its baselines take turns)."""
+        against the server meanwhile: couchsync and its baselines take turns).
+
+        CouchDB indexes views in the background after writes (`ken`): each side starts once the server has
+        finished what the one before left it, and is charged (in `costs`, not in time) for what it left.
+        """
+        self.quiet()
         before = self.cost()
         samples.append(timed(action))
+        self.quiet()
         after = self.cost()
         if before is not None and after is not None:
             costs.append(after - before)
+
+    def quiet(self, timeout: float = 900) -> None:
+        """Wait until the server has indexed nothing for a second (its `_active_tasks`)."""
+        if self.server.kind == "pouchdb-server":
+            return
+        deadline, idle_since = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            tasks = self.server.request("GET", "/_active_tasks").json()
+            if any(task.get("type") == "indexer" for task in tasks):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= 1:
+                return
+            time.sleep(0.2)
 
     def prefix(self, domain: str) -> str:
         return f"{self.tag}-{domain}"
