@@ -157,19 +157,23 @@ class ContactLookup:
 
     `people` are (email, Cozy host) pairs. Each person's own contact (the id couchsync derives) is read
     by its id; candidates are looked up by email and host only for those who have none yet (see
-    `reader.InstanceReader.find`).
+    `reader.InstanceReader.find`). `strangers`: emails of people the state never knew before, whose
+    own contact is not read (couchsync never made one; a document there anyway meets a 409 on create,
+    and the next plan, made without strangers, reads it).
     """
 
     organization_id: str
     people: tuple[tuple[str, str | None], ...] = ()
     group_ids: tuple[str, ...] = ()
+    strangers: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.people or self.group_ids)
 
     def own_ids(self) -> list[str]:
         """The ids couchsync gives these people's contacts."""
-        return [managed_contact_id(self.organization_id, email) for email, _ in self.people]
+        return [managed_contact_id(self.organization_id, email) for email, _ in self.people
+                if email not in self.strangers]
 
     def others(self, found: Iterable[str]) -> list[tuple[str, str | None]]:
         """The people whose own contact is not among these ids."""

@@ -4,7 +4,8 @@
 It follows CouchDB's `_db_updates` feed (the sync identity is a server admin): a database that is
 `created` gets the protection and the lookup view within a second or two; a database that is `updated`
 has its design documents checked (a HEAD each, compared with the revisions last seen good) and put back
-when one was deleted or changed. An instance whose protection was put back is reconciled at once
+when one was deleted or changed; the feed is polled at most once a second, so a database written many
+times in a second is checked once. An instance whose protection was put back is reconciled at once
 (`on_restored`): what another admin wrote in the gap is undone within seconds, not at the next run.
 The feed's sequence is kept in `_local/couchsync-db-updates` of couchsync's own state database, so a
 restarted worker resumes where it stopped and sees what happened meanwhile.
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 SINCE_DOC = "couchsync-db-updates"  # `_local/` in the state database: never replicated, never validated
 CREATED, UPDATED, SWEPT = "created", "updated", "swept"
 POLL_SECONDS = 10.0       # one longpoll of the feed; it returns at once when something happened
+GATHER_SECONDS = 1.0      # at least this between two polls: a database written often is checked once a second
 SAVE_EVERY = 5.0          # seconds between two saves of the sequence (a replay of a few seconds is harmless)
 FALLBACK_SWEEP = 300.0    # seconds between sweeps when the server has no feed
 RESTART_SECONDS = 30.0    # after an unexpected error
@@ -149,9 +151,14 @@ class ProtectionGuard:
         if self._metrics is not None:
             self._metrics.protection_feed.set(1)
         next_sweep = time.monotonic() + self._sweep_interval
-        saved_at = time.monotonic()
+        saved_at = polled_at = time.monotonic()
         failures = 0
         while not self._stopping.is_set():
+            # The feed lists each database once however often it was written since: waiting a little
+            # between polls gathers a busy second's writes into one check of each database.
+            if self._stopping.wait(max(0.0, GATHER_SECONDS - (time.monotonic() - polled_at))):
+                break
+            polled_at = time.monotonic()
             try:
                 events, last = self._couch.db_updates(since, timeout=self._poll_seconds)
             except CouchsyncError as exc:

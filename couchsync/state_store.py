@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Generic, TypeVar
 
@@ -54,12 +54,14 @@ class Merged:
 
     states: dict[str, Stored[State]]
     failed: dict[int, CouchsyncError]
+    created: frozenset[str] = frozenset()  # the states no document held before: people new to the state
 
 
 @dataclass(frozen=True, slots=True)
 class _Converged:
     done: dict[str, Stored[State]]
     refused: dict[str, WriteResult]  # documents refused for a reason of their own
+    created: set[str] = field(default_factory=set)  # written where no document was
 
 
 class StateStore:
@@ -82,12 +84,15 @@ class StateStore:
             DocumentConflict: still conflicting after the last attempt.
             CouchError: the database refused a write for another reason.
         """
+        return _written(self._merge(contributions))
+
+    def _merge(self, contributions: Iterable[State]) -> _Converged:
         pending: dict[str, State] = {}
         for state in contributions:  # several events of a batch may touch one state: joined first
             known = pending.get(state.state_id)
             pending[state.state_id] = state if known is None else _join(known, state)
-        return _written(self._converge({state_id: functools.partial(_join, contribution=state)
-                                        for state_id, state in pending.items()}))
+        return self._converge({state_id: functools.partial(_join, contribution=state)
+                               for state_id, state in pending.items()})
 
     def read(self, state_ids: Sequence[str]) -> dict[str, Stored[State]]:
         """The stored states with these ids (absent: none), their conflicts joined and resolved."""
@@ -116,9 +121,9 @@ class StateStore:
             return admission.state
         groups = self._converge({state_id: functools.partial(admitted, state_id) for state_id in by_group})
         failed = self._failures(events, by_group, admissions, groups.refused)
-        people = self.merge(state for position, event in enumerate(events) if position not in failed
-                            for state in profiles(event))
-        return Merged({**groups.done, **people}, failed)
+        people = self._merge(state for position, event in enumerate(events) if position not in failed
+                             for state in profiles(event))
+        return Merged({**groups.done, **_written(people)}, failed, frozenset(people.created))
 
     def _failures(self, events: Sequence[GroupEvent], by_group: dict[str, list[int]],
                   admissions: dict[str, Admission], refused: dict[str, WriteResult]) -> dict[int, CouchsyncError]:
@@ -195,6 +200,8 @@ class StateStore:
             else:
                 outcome.done[doc["_id"]] = Stored(joins[doc["_id"]][0], result.rev)
                 written.append(doc["_id"])
+                if not joins[doc["_id"]][1]:
+                    outcome.created.add(doc["_id"])
         self._settling.written(None, STATE, written)
         # Only once the join that holds them is written: deleted beside a join that then conflicted, what a
         # losing leaf alone held (another worker's acknowledged event) would be lost.

@@ -186,7 +186,8 @@ class Synchronizer:
         reports: tuple[InstanceReport, ...] = ()
         if applied:
             projection = _GroupProjection(self, organization_id, [event.group_id for event in applied],
-                                          lambda states: group_changes(applied, states), merged.states, since)
+                                          lambda states: group_changes(applied, states), merged.states, since,
+                                          merged.created)
             reports = tuple(self._pool.map(lambda instance: self._converge(
                 instance, projection.planner(instance), basis_checked_after=True), instances))
             # Whether the states moved under the writes (another writer merged meanwhile) is asked once for
@@ -463,14 +464,16 @@ class _GroupProjection:
 
     def __init__(self, sync: Synchronizer, organization_id: str, external_ids: Sequence[str],
                  changes: Callable[[Mapping[str, GroupState]], list[GroupChange]],
-                 merged: Mapping[str, Stored[State]], since: str | None) -> None:
+                 merged: Mapping[str, Stored[State]], since: str | None, created: frozenset[str] = frozenset()) -> None:
         """`merged`: states as a merge just wrote them (not read again; none: every state is read), `since`
-        a checkpoint taken before that merge read them."""
+        a checkpoint taken before that merge read them, `created` the states it wrote where none was
+        (people new to the state: the first plans do not read their own contacts, see `ContactLookup`)."""
         self._sync = sync
         self._organization_id = organization_id
         self._external_ids = list(dict.fromkeys(external_ids))
         self._changes = changes
         self._snapshot = self.read(merged, since)
+        self._created = created
 
     @property
     def basis(self) -> tuple[tuple[str, str], ...]:
@@ -484,6 +487,7 @@ class _GroupProjection:
     def refresh(self) -> None:
         """Read the states again: the first plans from now on are projected from them."""
         self._snapshot = self.read()
+        self._created = frozenset()
 
     def read(self, known: Mapping[str, Stored[State]] | None = None, since: str | None = None) -> _Snapshot:
         """The groups' states and the profiles of everyone their changes name, read afresh but for those
@@ -514,9 +518,13 @@ class _GroupProjection:
 
     def planner(self, instance: Instance) -> Planner:
         """Plans for one instance: the first from the state the merge left, later ones from a fresh read."""
-        return lambda attempt: self._plan(instance, self._snapshot if attempt == 1 else self.read())
+        def plan(attempt: int) -> Plan:
+            if attempt == 1:
+                return self._plan(instance, self._snapshot, self._created)
+            return self._plan(instance, self.read(), frozenset())  # a 409: strangers' own contacts read too
+        return plan
 
-    def _plan(self, instance: Instance, snapshot: _Snapshot) -> Plan:
+    def _plan(self, instance: Instance, snapshot: _Snapshot, created: frozenset[str]) -> Plan:
         org, reader = self._organization_id, self._sync.reader
         groups = reader.documents(instance, GROUPS, list(snapshot.groups), org)
         changes = snapshot.changes
@@ -524,7 +532,8 @@ class _GroupProjection:
         people = {email: stored.state for email, stored in snapshot.people.items()}
         lookup = ContactLookup(org, tuple((email, people[email].member.workplace_fqdn if email in people else None)
                                           for email in named),
-                               tuple(change.state.group_id for change in changes if change.related))
+                               tuple(change.state.group_id for change in changes if change.related),
+                               frozenset(email for email in named if person_state_id(org, email) in created))
         view = InstanceView(instance.domain, groups=groups) if not lookup else InstanceView(
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_changes(changes, people, view)

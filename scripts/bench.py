@@ -47,6 +47,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -75,6 +77,7 @@ from couchsync.state import GroupState, PersonState
 from couchsync.sync import Synchronizer
 
 CONCURRENCY = config.DEFAULT_CONCURRENCY
+PROFILE_RATE = 50  # py-spy's samples per second with --profile: light enough not to slow what it records
 RAW, LOOKUP = "raw", "lookup"  # the fan-out baselines, each writing into databases of its own
 
 
@@ -133,8 +136,9 @@ class Figure:
 class Bench:
     """An organization world on the server, named apart from everything else."""
 
-    def __init__(self, server: localcouch.LocalCouch) -> None:
+    def __init__(self, server: localcouch.LocalCouch, profile: Path | None = None) -> None:
         self.server = server
+        self.profile = profile  # where py-spy's recordings of couchsync's runs go (--profile)
         self.tag = f"bench{secrets.token_hex(3)}"
         self.global_db = f"{self.tag}-global/instances"
         self.session = requests.Session()
@@ -150,20 +154,42 @@ class Bench:
         return Cost(int(stats["httpd"]["requests"]["value"]), times["ddoc_vdu"]["value"] / 1e6,
                     times["map"]["value"] / 1e6, time.process_time())
 
-    def measure(self, samples: list[float], costs: list[Cost], action: Callable[[], object]) -> None:
+    def measure(self, samples: list[float], costs: list[Cost], action: Callable[[], object],
+                profile: str | None = None) -> None:
         """Time the action into `samples` and what the server did for it into `costs` (nothing else runs
-        against the server meanwhile: couchsync and its baselines take turns).
+        against the server meanwhile: couchsync and its baselines take turns). `profile`: the case's name,
+        when couchsync is what runs; with --profile, py-spy records it (see scripts/profile_split.py).
 
         CouchDB indexes views in the background after writes (`ken`): each side starts once the server has
         finished what the one before left it, and is charged (in `costs`, not in time) for what it left.
         """
         self.quiet()
         before = self.cost()
-        samples.append(timed(action))
+        with self.recording(profile):
+            samples.append(timed(action))
         self.quiet()
         after = self.cost()
         if before is not None and after is not None:
             costs.append(after - before)
+
+    @contextmanager
+    def recording(self, name: str | None) -> Iterator[None]:
+        """py-spy recording this process and its children (the worker, `couchsync apply`) meanwhile, into
+        --profile's folder; nothing without --profile or a name."""
+        if self.profile is None or name is None:
+            yield
+            return
+        self.profile.mkdir(parents=True, exist_ok=True)
+        output = self.profile / f"{name}-{len(list(self.profile.glob(f'{name}-*.txt'))) + 1}.txt"
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--subprocesses", "--idle",
+                                "--threads", "--nonblocking", "--rate", str(PROFILE_RATE), "--format", "raw",
+                                "-o", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)  # attached before the action starts
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
 
     def quiet(self, timeout: float = 900) -> None:
         """Wait until the server has indexed nothing for a second (its `_active_tasks`)."""
@@ -334,7 +360,7 @@ def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) ->
             def apply() -> None:
                 nonlocal report
                 report = sync.apply(event(routing[0], org, group, run + 1, **routing[1]))
-            bench.measure(figure.couchsync, figure.couchsync_costs, apply)
+            bench.measure(figure.couchsync, figure.couchsync_costs, apply, profile=case)
             assert report is not None and not report.failures and report.writes >= instances * members, \
                 report.fields() if report else None
     looked_up.couchsync, looked_up.couchsync_costs = figure.couchsync, figure.couchsync_costs
@@ -385,7 +411,7 @@ def bootstrap(bench: Bench, runs: int, contacts: int, groups: int) -> list[Figur
             raw, mine = f"raw{run}.{org}.example", f"new{run}.{org}.example"
             bench.add_instances([raw, mine], org)
             bench.measure(copy.baseline, copy.baseline_costs, lambda: baseline_copy(bench, source, raw, org))
-            bench.measure(copy.couchsync, copy.couchsync_costs, lambda: sync.bootstrap(mine))
+            bench.measure(copy.couchsync, copy.couchsync_costs, lambda: sync.bootstrap(mine), profile="bootstrap")
             if honours_selector:
                 replicated = f"rep{run}.{org}.example"
                 bench.add_instances([replicated], org)
@@ -492,7 +518,7 @@ def big_event(bench: Bench, runs: int, members: int, instances: int) -> Figure:
         bench.measure(figure.baseline, figure.baseline_costs,
                       lambda: baseline_fan_out(bench, domains, org, "all", people, RAW))
         walls: list[float] = []
-        bench.measure(walls, figure.couchsync_costs, lambda: usages.append(
+        bench.measure(walls, figure.couchsync_costs, profile="bigevent", action=lambda: usages.append(
             child_usage([sys.executable, "-m", "couchsync", "apply", "-"], bench.cli_env(), line.encode())))
         figure.couchsync.append(usages[-1][0])  # the command's own wall time, without the measuring parent's
     figure.note += "; couchsync CPU {:.1f} s, peak RSS {:.0f} MB (medians)".format(
@@ -552,7 +578,7 @@ def burst(bench: Bench, runs: int, instances: int, groups: int, people: int) -> 
             def apply() -> None:
                 publish(exchange, added)
                 wait_for(lambda: localbroker.events_handled(port) >= groups + len(added), 3600)
-            bench.measure(seconds.couchsync, seconds.couchsync_costs, apply)
+            bench.measure(seconds.couchsync, seconds.couchsync_costs, apply, profile="burst")
             writes.couchsync.append(localbroker.metric_total(port, "couchsync_bulk_writes_total") - before)
         final = baseline_burst_documents(org, groups, [member(org, i) for i in range(groups * people)])
         revs = baseline_seed_groups(bench, domains, final[0])
@@ -786,6 +812,8 @@ def main() -> int:
     parser.add_argument("--only", default="fanout,groups,bootstrap,worker,rss,planning,bigevent,burst,workers")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--scale", type=float, default=1.0, help="size factor (0.1 for a quick look)")
+    parser.add_argument("--profile", type=Path, help="a folder: py-spy records each couchsync run there "
+                        f"(at {PROFILE_RATE} Hz; split them with scripts/profile_split.py --rate {PROFILE_RATE})")
     args = parser.parse_args()
     cases = set(args.only.split(","))
 
@@ -795,7 +823,7 @@ def main() -> int:
     server = localcouch.server(discover=True)
     figures: list[Figure] = []
     try:
-        bench = Bench(server)
+        bench = Bench(server, args.profile)
         print(f"bench: {server.label} at {server.url}, {args.runs} runs per figure", file=sys.stderr)
         measures: dict[str, Callable[[], list[Figure]]] = {
             "fanout": lambda: fan_out(bench, args.runs, n(1000), 1, "fanout"),

@@ -1,13 +1,12 @@
 """Where couchsync's time goes, from a py-spy recording of a benchmark (the README's profile table).
 
-    py-spy record --idle --threads --rate 200 --format raw -o prof.txt -- \
-        python3 scripts/bench.py --only bootstrap --runs 1
-    python3 scripts/profile_split.py prof.txt --rate 200
+    scripts/bench --only bootstrap --runs 1 --profile prof     # py-spy records each couchsync run
+    python3 scripts/profile_split.py prof/bootstrap-*.txt --rate 50
 
 Only the samples of threads running couchsync's code count (the baselines' are left out). Each is put
 under the activity of the innermost couchsync module on its stack that says what it is for: the state
-database, reading instances (and the global database), writing instances, planning; each split into
-time waiting for CouchDB's answer (the thread in a socket read) and Python's own time. Threads waiting
+database, reading instances (and the global database), writing instances, planning, the broker; each
+split into time waiting for the server's answer (the thread in a socket read) and Python's own time. Threads waiting
 for other threads (a pool's queue, a future) are counted apart: they overlap the others' time.
 The server's share (couchjs validation, view indexing, requests) is in `scripts/bench`'s own output.
 """
@@ -26,8 +25,11 @@ ACTIVITIES = (  # (module, activity): the innermost of these on a stack decides
     ("couchsync/plan.py", "planning"),
     ("couchsync/mirror.py", "planning"),
     ("couchsync/onboarding.py", "planning"),
+    ("couchsync/sync.py", "finding the instances, seed check"),
+    ("couchsync/broker/", "broker"),
 )
-SOCKET_READS = ("readinto (socket.py", "recv_into", "do_poll (urllib3", "_read_status", "getresponse")
+SOCKET_READS = ("readinto (socket.py", "recv_into", "do_poll (urllib3", "_read_status", "getresponse", "select (",
+                "poll (")
 WAITS = ("wait (threading.py", "_worker (concurrent/futures/thread.py", "result (concurrent/futures", "get (queue.py")
 
 
@@ -42,7 +44,7 @@ def activity(frames: list[str]) -> str | None:
         for module, name in ACTIVITIES:
             if module in frame:
                 waiting = any(read in leaf for read in SOCKET_READS)
-                return f"{name}: {'waiting for CouchDB' if waiting else 'Python'}"
+                return f"{name}: {'waiting for the server' if waiting else 'Python'}"
     return "other couchsync code"
 
 
@@ -61,19 +63,21 @@ def split(lines: list[str]) -> Counter[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recording")
+    parser.add_argument("recordings", nargs="+", help="py-spy raw recordings, added up")
     parser.add_argument("--rate", type=int, default=100, help="py-spy's --rate (samples per second)")
     args = parser.parse_args()
-    with open(args.recording, encoding="utf-8") as recording:
-        samples = split(recording.readlines())
+    samples: Counter[str] = Counter()
+    for path in args.recordings:
+        with open(path, encoding="utf-8") as recording:
+            samples += split(recording.readlines())
     working = sum(count for name, count in samples.items() if name != "waiting for other threads")
     if not working:
         print("no sample ran couchsync code", file=sys.stderr)
         return 1
-    print(f"{'activity':<40} {'thread-seconds':>14} {'share':>6}")
+    print(f"{'activity':<58} {'thread-seconds':>14} {'share':>6}")
     for name, count in sorted(samples.items()):
         share = f"{count / working:.0%}" if name != "waiting for other threads" else "-"
-        print(f"{name:<40} {count / args.rate:>14.2f} {share:>6}")
+        print(f"{name:<58} {count / args.rate:>14.2f} {share:>6}")
     return 0
 
 

@@ -184,6 +184,22 @@ def test_an_unmanaged_group_with_the_managed_id_is_left_byte_for_byte_and_report
     assert_directory(acme, "alice.acme.twake.app", GROUP, [expected_contact("bob", [ENGINEERING])])
 
 
+def test_a_squat_at_the_id_of_someone_new_to_the_state_is_found_by_its_409_and_left_byte_for_byte(acme, sync):
+    # Bob is new to the state, so the first plan does not read his contact's id (couchsync never made one);
+    # the unmanaged document there has no email for the view to find. Creating over it meets a 409, and the
+    # plan made again reads the id: the squat is left as it is and reported, everyone else gets Bob.
+    carol = "carol.acme.twake.app"
+    bob = managed_contact_id("acme", "bob@acme.com")
+    acme.put(carol, CONTACTS, {"_id": bob, "fullname": "x"})
+    before = acme.raw(carol, CONTACTS, bob)
+    report = sync.apply(created("bob"))
+    assert acme.raw(carol, CONTACTS, bob) == before
+    assert [(d, f"unmanaged document has the managed contact id {bob}" in reason) for d, reason in report.refusals] \
+        == [(carol, True)]
+    assert report.failures == []
+    assert_directory(acme, "alice.acme.twake.app", GROUP, [expected_contact("bob", [ENGINEERING])])
+
+
 def test_a_personal_contact_with_a_members_email_is_left_byte_for_byte_and_reported(acme, sync):
     carol = "carol.acme.twake.app"
     acme.put(carol, CONTACTS, {"_id": "bob-personal", "fullname": "Bobby", "email": [{"address": "Bob@acme.com"}]})
