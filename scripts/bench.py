@@ -47,6 +47,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -815,6 +816,8 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="a folder: py-spy records each couchsync run there "
                         f"(at {PROFILE_RATE} Hz; split them with scripts/profile_split.py --rate {PROFILE_RATE})")
     args = parser.parse_args()
+    if args.profile is not None and shutil.which("py-spy") is None:
+        parser.error("--profile records with py-spy: pip install py-spy")
     cases = set(args.only.split(","))
 
     def n(value: int) -> int:
