@@ -6,6 +6,8 @@ import pika
 import pika.exceptions
 import requests
 
+from couchsync import config
+
 QUEUE_SUFFIXES = ("b2b.group", "b2b.group.retry", "b2b.group.dead")
 
 
@@ -39,7 +41,9 @@ def remove(queue_prefix: str, *exchanges: str) -> None:
     except pika.exceptions.AMQPError:
         return
     channel = connection.channel()
-    for suffix in QUEUE_SUFFIXES:
+    # The partition queues and the hold queue too: the machine's broker must not collect quorum queues.
+    partitions = [f"b2b.group.p{number:03d}" for number in range(config.DEFAULT_PARTITIONS)]
+    for suffix in (*QUEUE_SUFFIXES, "b2b.group.held", *partitions):
         channel.queue_delete(queue_prefix + suffix)
     for exchange in (*exchanges, queue_prefix + "dlx"):
         channel.exchange_delete(exchange)
