@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,11 @@ from couchsync.errors import (
 logger = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
-BULK_CHUNK = 1000  # documents per `_bulk_docs` request
+# Documents per `_bulk_docs` request. Each request ends in a commit that wakes CouchDB's background indexer,
+# which then competes with the next request for the server: 1,000 made a 5,000-member event's writes 1.5x
+# slower than one request each. 2,500 contacts took 5.5 s with three instances written at once on a 2-core
+# server, well within DEFAULT_TIMEOUT (30 s).
+BULK_CHUNK = 2500
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,17 +425,22 @@ class CouchGateway:
             if bookmark is None:
                 skip += len(docs)
 
-    def bulk_write(self, db: str, docs: Sequence[Doc], *, create_database: bool = True) -> list[WriteResult]:
+    def bulk_write(self, db: str, docs: Sequence[Doc], *, create_database: bool = True,
+                   in_flight: int = 1) -> list[WriteResult]:
         """Write documents in `_bulk_docs` of at most BULK_CHUNK each; one result per document, in order.
 
         A missing database is created first when `create_database` (the sync identity is an admin).
         Chunks keep each request well within the read timeout whatever an event's size. A document over
-        the server's `max_document_size` is reported as its own error, `document_too_large`.
+        the server's `max_document_size` is reported as its own error, `document_too_large`. `in_flight`
+        chunks are sent at once (CouchDB validates each request in its own couchjs process): for one
+        writer alone on a big database; the instances' writes are already concurrent, one per instance.
         """
-        results: list[WriteResult] = []
-        for start in range(0, len(docs), BULK_CHUNK):
-            results += self._bulk_apart(db, docs[start:start + BULK_CHUNK], create_database)
-        return results
+        chunks = [docs[start:start + BULK_CHUNK] for start in range(0, len(docs), BULK_CHUNK)]
+        if in_flight <= 1 or len(chunks) <= 1:
+            return [result for chunk in chunks for result in self._bulk_apart(db, chunk, create_database)]
+        with ThreadPoolExecutor(min(in_flight, len(chunks)), thread_name_prefix="couchsync-bulk") as pool:
+            written = list(pool.map(lambda chunk: self._bulk_apart(db, chunk, create_database), chunks))
+        return [result for chunk in written for result in chunk]
 
     def _bulk_apart(self, db: str, docs: Sequence[Doc], create_database: bool) -> list[WriteResult]:
         """`_bulk`, halving a request that CouchDB refuses whole (413: one document is over
