@@ -105,15 +105,17 @@ def people_keys(people: Iterable[Person]) -> list[list[str]]:
     return lookup_keys([member.email for member in members], [host_of(member.workplace_fqdn) for member in members])
 
 
-def plan_contact_copies(people: Iterable[Person], view: InstanceView, groups: Mapping[str, GroupState]) -> Plan:
+def plan_contact_copies(people: Iterable[Person], view: InstanceView, groups: Mapping[str, GroupState],
+                        named: Mapping[str, tuple[str, ...]] | None = None) -> Plan:
     """The writes that give the instance a managed contact for each person, as the state has them.
 
     `view.contacts` holds the instance's contacts looked up by the people's emails and hosts;
-    `groups` every group state of the organization, by managed group id.
+    `groups` every group state of the organization, by managed group id; `named`: `named_by(groups)`,
+    when the caller plans many pages from the same groups.
     """
     existing = {doc["_id"]: doc for doc in view.contacts if is_live(doc)}
     planned = ContactIndex(existing.values())
-    named = named_by(groups)
+    named = named_by(groups) if named is None else named
     touched: dict[str, Doc] = {}
     refusals: list[Refusal] = []
     for person in people:

@@ -26,7 +26,7 @@ from couchsync.couch import CouchGateway
 from couchsync.documents import CONTACTS, GROUPS, TAG, Doc, managed_contact_id
 from couchsync.instances import Instance, InstanceDirectory
 from couchsync.mirror import Person, people_keys, person_of_settings, plan_contact_copies, plan_group_copies
-from couchsync.plan import InstanceView, Plan, Write
+from couchsync.plan import InstanceView, Plan, Write, named_by
 from couchsync.reader import InstanceReader
 from couchsync.state import GroupState, PersonState
 from couchsync.state_store import StateStore, Stored
@@ -184,7 +184,7 @@ class DirectoryCopy:
             derived = [managed_contact_id(organization_id, person.state.email) for person in people]
             found.update(self._reader.documents(target, CONTACTS, derived, organization_id))
         view = InstanceView(target.domain, owner, contacts=tuple(found.values()))
-        plan = plan_contact_copies(people, view, groups.states())
+        plan = plan_contact_copies(people, view, *groups.states())
         basis = [(person.state.state_id, rev) for person, rev in page if rev is not None] + groups.basis()
         return replace(plan, basis=tuple(basis), since=since)
 
@@ -212,12 +212,14 @@ class _Groups:
         self._organization_id = organization_id
         self._lock = threading.Lock()  # the plan-ahead thread and re-plans on the caller's
         self.stored: dict[str, Stored[GroupState]] = {}
+        # Built once for every page until the states change: one entry per person of the organization.
+        self._named: dict[str, tuple[str, ...]] | None = None
         self.refresh()
 
     def refresh(self) -> None:
         stored = {s.state.state_id: s for s in self._states.groups(self._organization_id)}
         with self._lock:
-            self.stored = stored
+            self.stored, self._named = stored, None
 
     def reread(self, state_ids: Sequence[str]) -> list[Stored[GroupState]]:
         fresh = self._states.read(state_ids)
@@ -225,6 +227,7 @@ class _Groups:
             for state_id, stored in fresh.items():
                 if isinstance(stored.state, GroupState):
                     self.stored[state_id] = Stored(stored.state, stored.rev)
+                    self._named = None
             return [self.stored[state_id] for state_id in state_ids if state_id in self.stored]
 
     def listed(self) -> list[Stored[GroupState]]:
@@ -232,9 +235,13 @@ class _Groups:
         with self._lock:
             return list(self.stored.values())
 
-    def states(self) -> dict[str, GroupState]:
+    def states(self) -> tuple[dict[str, GroupState], dict[str, tuple[str, ...]]]:
+        """The group states by managed id, and who each names (`named_by`), of the same moment."""
         with self._lock:
-            return {stored.state.group_id: stored.state for stored in self.stored.values()}
+            states = {stored.state.group_id: stored.state for stored in self.stored.values()}
+            if self._named is None:
+                self._named = named_by(states)
+            return states, self._named
 
     def basis(self) -> list[tuple[str, str]]:
         with self._lock:

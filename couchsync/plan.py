@@ -254,7 +254,8 @@ def plan_profile(person: PersonState, groups: Mapping[str, GroupState], view: In
     return Plan(tuple(put(CONTACTS, doc, old, "update contact" if old else "create contact")))
 
 
-def related(contact: Doc, groups: Mapping[str, GroupState], named: Mapping[str, set[str]] | None = None) -> Doc:
+def related(contact: Doc, groups: Mapping[str, GroupState],
+            named: Mapping[str, tuple[str, ...]] | None = None) -> Doc:
     """The contact with its relationships to the managed groups the states know as they say.
 
     A relationship to a managed group no state here knows is left as it is, and so is one to a group
@@ -265,7 +266,7 @@ def related(contact: Doc, groups: Mapping[str, GroupState], named: Mapping[str, 
     key = person_key(email)
     current = {gid for gid in group_ids_of(contact) if gid.startswith(MANAGED_GROUP_PREFIX)}
     # Only the groups related already and those whose state names the person can change the contact.
-    candidates = (named.get(key, set()) if named is not None
+    candidates = (set(named.get(key, ())) if named is not None
                   else {gid for gid, state in groups.items() if key in state.members})
     changes: dict[str, bool] = {}
     for group_id in (current | candidates) & groups.keys():
@@ -276,12 +277,15 @@ def related(contact: Doc, groups: Mapping[str, GroupState], named: Mapping[str, 
     return with_groups(contact, changes) if changes else contact
 
 
-def named_by(groups: Mapping[str, GroupState]) -> dict[str, set[str]]:
-    """The groups (by managed id) whose states name each person (by key), as a member or not."""
-    named: dict[str, set[str]] = {}
+def named_by(groups: Mapping[str, GroupState]) -> dict[str, tuple[str, ...]]:
+    """The groups (by managed id) whose states name each person (by key), as a member or not.
+
+    Tuples, not sets: one entry per person of the organization, and most are named by one group (a tuple
+    of one is a fifth of an empty set's size)."""
+    named: dict[str, tuple[str, ...]] = {}
     for group_id, state in groups.items():
         for key in state.members:
-            named.setdefault(key, set()).add(group_id)
+            named[key] = named.get(key, ()) + (group_id,)
     return named
 
 
