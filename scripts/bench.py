@@ -70,10 +70,10 @@ from couchsync import config, design_docs
 from couchsync.couch import CouchGateway
 from couchsync.design_docs import LOOKUP_DDOC, LOOKUP_VIEW
 from couchsync.documents import (
-    CONTACTS, GROUPS, SETTINGS, database_name, lookup_keys, managed_contact_id, managed_group_id)
-from couchsync.events import parse_event
+    CONTACTS, GROUPS, SETTINGS, database_name, lookup_keys, managed_group_id, with_groups)
+from couchsync.events import Member, parse_event
 from couchsync.instances import InstanceDirectory
-from couchsync.plan import InstanceView, plan_group_event
+from couchsync.plan import InstanceView, group_doc, plan_group_event, upsert_contact
 from couchsync.state import GroupState, PersonState
 from couchsync.sync import Synchronizer
 
@@ -370,17 +370,13 @@ def fan_out(bench: Bench, runs: int, instances: int, members: int, case: str) ->
 
 def baseline_fan_out(bench: Bench, domains: list[str], org: str, group: str, people: list[dict[str, str]],
                      baseline: str) -> None:
-    """The same documents, written the plainest way into the baseline's databases: per instance, read +
-    write the group, then read (by id, or through the lookup view by email and host) + write the contacts."""
-    group_id = managed_group_id(org, group)
+    """The same documents (see `final_contact`), written the plainest way into the baseline's databases: per
+    instance, read + write the group, then read (by id, or through the lookup view by email and host) + write
+    the contacts."""
+    contacts = [final_contact(org, person, group) for person in people]
 
     def one(domain: str) -> None:
-        bench.read_write(bench.db(domain, GROUPS, baseline), [{"_id": group_id, "name": group, "members": people}])
-        contacts = [{"_id": managed_contact_id(org, person["email"]),
-                     "fullname": f"{person['firstName']} {person['lastName']}",
-                     "email": [{"address": person["email"], "primary": True}],
-                     "cozy": [{"url": f"https://{person['workplaceFqdn']}", "primary": True}],
-                     "relationships": {"groups": {"data": [{"_id": group_id}]}}} for person in people]
+        bench.read_write(bench.db(domain, GROUPS, baseline), [final_group(org, group)])
         db = bench.db(domain, CONTACTS, baseline)
         if baseline == LOOKUP:
             bench.look_up_write(db, contacts, lookup_keys([p["email"] for p in people],
@@ -591,16 +587,23 @@ def burst(bench: Bench, runs: int, instances: int, groups: int, people: int) -> 
 def baseline_burst_documents(org: str, groups: int,
                              people: list[dict[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The groups and contacts a burst leaves in each instance: person i in group i % groups."""
-    members = {g: [person for i, person in enumerate(people) if i % groups == g] for g in range(groups)}
-    group_docs = [{"_id": managed_group_id(org, f"g{g}"), "name": f"Group {g}", "members": members[g]}
-                  for g in range(groups)]
-    contacts = [{"_id": managed_contact_id(org, person["email"]),
-                 "fullname": f"{person['firstName']} {person['lastName']}",
-                 "email": [{"address": person["email"], "primary": True}],
-                 "cozy": [{"url": f"https://{person['workplaceFqdn']}", "primary": True}],
-                 "relationships": {"groups": {"data": [{"_id": managed_group_id(org, f"g{i % groups}")}]}}}
-                for i, person in enumerate(people)]
+    group_docs = [final_group(org, f"g{g}", f"Group {g}") for g in range(groups)]
+    contacts = [final_contact(org, person, f"g{i % groups}") for i, person in enumerate(people)]
     return group_docs, contacts
+
+
+def final_group(org: str, group: str, name: str | None = None) -> dict[str, Any]:
+    """The managed group document couchsync writes, built by its own function: the baselines write what
+    couchsync writes, so that the server validates and indexes the same documents for both."""
+    values = {"name": name or group, "createdAt": "2026-06-16T10:00:00Z"}
+    return group_doc(GroupState(org, group, alive=True, values=values), None)
+
+
+def final_contact(org: str, person: dict[str, str], group: str) -> dict[str, Any]:
+    """The managed contact couchsync writes for a member of one group, built by its own functions."""
+    profile = Member(person["email"], first_name=person["firstName"], last_name=person["lastName"],
+                     workplace_fqdn=person["workplaceFqdn"])
+    return with_groups(upsert_contact(None, profile, org), {managed_group_id(org, group): True})
 
 
 def baseline_seed_groups(bench: Bench, domains: list[str], groups: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
