@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -355,13 +356,18 @@ class CouchGateway:
                         include_docs=include_docs, conflicts=include_docs or None).get_result()["rows"]
             except NotFound:
                 return  # no database yet: nothing in it
-            if include_docs:
-                yield from (row["doc"] for row in rows if row.get("doc"))
-            else:
-                yield from ({"_id": row["id"], "_rev": row["value"]["rev"]} for row in rows)
-            if len(rows) < page_size:
+            size, after = len(rows), rows[-1]["id"] if rows else None
+            # Each row let go of as it is handed out, the page's list with it: a consumer that keeps what it
+            # makes of the documents (states) does not keep their parsed JSON, several times larger, too.
+            pending, rows = deque(rows), []
+            while pending:
+                row = pending.popleft()
+                if not include_docs:
+                    yield {"_id": row["id"], "_rev": row["value"]["rev"]}
+                elif row.get("doc"):
+                    yield row["doc"]
+            if size < page_size:
                 return
-            after = rows[-1]["id"]
 
     def view(self, db: str, ddoc: str, view: str, keys: Sequence[Any], *, stale: bool = False) -> list[Doc]:
         """The distinct documents a view emits for these keys (with `_conflicts`); none when the database is missing.

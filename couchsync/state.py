@@ -191,8 +191,12 @@ class GroupState:
     def from_doc(cls, doc: Doc) -> GroupState:
         """The state a state document holds (members written under the earlier identity rule re-keyed)."""
         members: dict[str, tuple[str, bool]] = {}
+        # One (stamp, present) object for the members an event or a seed stamped alike: a group's
+        # memberships are most of a directory's state in memory.
+        entries: dict[tuple[str, bool], tuple[str, bool]] = {}
         for email, entry in (doc.get("members") or {}).items():
-            key, value = person_key(email), (str(entry[0]), bool(entry[1]))
+            value = (str(entry[0]), bool(entry[1]))
+            key, value = person_key(email), entries.setdefault(value, value)
             if _newer(value[0], members, key, 0):  # two old spellings of one person: the newer wins
                 members[key] = value
         return cls(str(doc["organizationId"]), str(doc["externalId"]), alive=doc.get("alive") is True,
