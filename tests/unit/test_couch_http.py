@@ -1,13 +1,14 @@
 """HTTP edge cases of the gateway, with `responses`: the error mapping and the retry counts."""
 
 import json
+import time
 
 import pytest
 import requests
 import responses
 
 from couchsync.config import CouchSettings, Secret
-from couchsync.couch import CouchGateway
+from couchsync.couch import BULK_CHUNK, CouchGateway
 from couchsync.errors import AccessDenied, CouchUnavailable, DocumentConflict, NotFound
 
 URL = "http://couch.test:5984"
@@ -101,6 +102,19 @@ def test_bulk_write_gives_one_result_per_document_conflicts_and_refusals_include
     assert [(r.doc_id, r.ok, r.conflict) for r in results] == [("a", True, False), ("b", False, True),
                                                                ("c", False, False)]
     assert results[2].error == "forbidden"
+
+
+@responses.activate
+def test_chunks_written_at_once_give_their_results_in_document_order(couch):
+    def answer(request):
+        time.sleep(0.05 if json.loads(request.body)["docs"][0]["_id"] == "d00000" else 0)  # the first ends last
+        rows = [{"id": doc["_id"], "rev": "1-x"} for doc in json.loads(request.body)["docs"]]
+        return 201, {}, json.dumps(rows)
+    responses.add_callback(responses.POST, f"{DB_PATH}/_bulk_docs", callback=answer, content_type="application/json")
+    docs = [{"_id": f"d{n:05d}"} for n in range(2 * BULK_CHUNK + 1)]
+    results = couch.bulk_write(DB, docs, in_flight=2)
+    assert [result.doc_id for result in results] == [doc["_id"] for doc in docs]
+    assert len(responses.calls) == 3 and all(result.ok for result in results)
 
 
 @responses.activate
