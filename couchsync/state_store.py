@@ -40,8 +40,8 @@ SERVER_ERRORS = frozenset({"unknown_error", "internal_server_error", "timeout", 
 # `_bulk_docs` chunks of one merge sent at once (they hold different documents): a big event's thousands
 # of person states were otherwise written one chunk after the other, CouchDB validating one at a time.
 STATE_WRITES_IN_FLIGHT = 2
-# Group states read at once: each holds every membership of its group, so a page of them is as large as
-# the directory (10,000 people in 200 groups: 7.6 MB of parsed JSON when one page held them all).
+# Group states read at once: each holds every membership of its group, so a page of 1,000 of them could be
+# as large as the whole directory; a smaller page bounds what is parsed at once.
 GROUP_PAGE = 50
 
 
