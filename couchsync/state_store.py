@@ -64,6 +64,15 @@ class Merged:
 
 
 @dataclass(frozen=True, slots=True)
+class Changes:
+    """States changed since a checkpoint, their winning revision when read (None: deleted), and the sequence
+    those changes reach: a later read asks from there."""
+
+    revisions: dict[str, str | None]
+    reach: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Converged:
     done: dict[str, Stored[State]]
     refused: dict[str, WriteResult]  # documents refused for a reason of their own
@@ -263,22 +272,38 @@ class StateStore:
         checked against the changes since (`moved`)."""
         return self._couch.update_seq(self.db)
 
-    def moved(self, basis: Sequence[tuple[str, str]], since: str | None = None) -> bool:
+    def changes(self, state_ids: Sequence[str], since: str | None) -> Changes | None:
+        """The changes of these states since a checkpoint, read now, for a later `moved` to ask only for what
+        came after (a big event's merge writes thousands of states: they are read while its projection
+        writes, not after it). None without a checkpoint, or when they could not be read: `moved` then
+        reads every change itself.
+        """
+        if since is None or not state_ids:
+            return None
+        try:
+            return Changes(*self._couch.changed_since(self.db, since, state_ids))
+        except CouchsyncError as exc:
+            logger.debug("changes of the state read later, at once: %s", exc)
+            return None
+
+    def moved(self, basis: Sequence[tuple[str, str]], since: str | None = None, seen: Changes | None = None) -> bool:
         """Whether any of these states has another revision than the one a projection was made from.
 
         Winning revisions only: a conflict the cluster makes without changing the winner is joined at the
         next read of that state. `since`: a checkpoint taken before the basis was read. Then only the
-        states changed since are compared, read from the changes feed; else each state's revision is
-        asked (`_all_docs`, which CouchDB opens key by key: half a second for a bootstrap page's thousand).
+        states changed since are compared, read from the changes feed (from where `seen`, the `changes` of
+        these same states since that checkpoint, reached); else each state's revision is asked
+        (`_all_docs`, which CouchDB opens key by key: half a second for a bootstrap page's thousand).
         """
         if not basis:
             return False
         ids = [state_id for state_id, _ in basis]
         if since is not None:
             try:
-                changed = self._couch.changed_since(self.db, since, ids)
+                changed, _ = self._couch.changed_since(self.db, seen.reach if seen else since, ids)
             except NotFound:
                 return True  # the state database is gone: whatever was read of it is no basis any more
+            changed = {**seen.revisions, **changed} if seen else changed
             return any(state_id in changed and changed[state_id] != rev for state_id, rev in basis)
         current = self._couch.revisions(self.db, ids)
         return any(current.get(state_id) != rev for state_id, rev in basis)

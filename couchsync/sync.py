@@ -188,11 +188,15 @@ class Synchronizer:
             projection = _GroupProjection(self, organization_id, [event.group_id for event in applied],
                                           lambda states: group_changes(applied, states), merged.states, since,
                                           merged.created)
+            basis = projection.basis
+            # The changes up to now (the merge's own writes: thousands for a big event) are read while the
+            # instances are written; the check after them then reads only what came later.
+            seen = self._pool.submit(self.states.changes, [state_id for state_id, _ in basis], projection.since)
             reports = tuple(self._pool.map(lambda instance: self._converge(
                 instance, projection.planner(instance), basis_checked_after=True), instances))
             # Whether the states moved under the writes (another writer merged meanwhile) is asked once for
             # the batch, not once per instance: when they did, every instance is projected again afresh.
-            if self.states.moved(projection.basis, projection.since):
+            if self.states.moved(basis, projection.since, seen.result()):
                 projection.refresh()
                 again = self._pool.map(lambda instance: self._converge(instance, projection.planner(instance)),
                                        instances)

@@ -269,10 +269,13 @@ class Bench:
                                               pool_size=CONCURRENCY))
 
     def synchronizer(self, gateway: CouchGateway) -> Synchronizer:
+        """As the commands make it: the state database, made by whichever case comes first, protected (its
+        writes validated as in production, `couchsync apply`'s included)."""
         design = design_docs.load()
         settings = config.load_sync(global_db=self.global_db, concurrency=CONCURRENCY)
+        identity = config.load_identity([self.server.sync[0]])
         return Synchronizer(gateway, InstanceDirectory(gateway, self.global_db, indexes=design.global_indexes),
-                            design, settings)
+                            design, settings, state_target=design.state_target(settings.state_db, identity))
 
     def cli_env(self) -> dict[str, str]:
         user, password = self.server.sync

@@ -624,6 +624,23 @@ def test_a_losing_leaf_is_deleted_only_once_the_join_that_holds_it_is_written(ac
     assert conflicts_of(acme, acme.state_db, sales_state) == []
 
 
+def test_the_check_after_the_writes_counts_moves_before_and_after_the_changes_read_while_writing(acme, sync):
+    # An event's projection reads the state's changes while it writes the instances, then only the later
+    # ones: a move either read saw makes it project again, the merge's own write does not.
+    assert not sync.apply(event("b2b.group.created", 31, id="sales", name="Sales", members=[])).failures
+    sales = group_state_id("acme", "sales")
+    states = StateStore(acme.gateway(), acme.state_db)
+    before = states.read([sales])[sales]
+    since = states.checkpoint()
+    written = states.merge(contribution(event("b2b.group.member.added", 32, id="sales", members=[PEOPLE["bob"]])))
+    seen = states.changes([sales], since)
+    assert seen is not None and seen.revisions == {sales: written[sales].rev}
+    assert not states.moved([(sales, written[sales].rev)], since, seen)
+    assert states.moved([(sales, before.rev)], since, seen)  # moved before the read: only that read saw it
+    states.merge(contribution(event("b2b.group.member.added", 33, id="sales", members=[PEOPLE["alice"]])))
+    assert states.moved([(sales, written[sales].rev)], since, seen)  # moved after it: read from where it reached
+
+
 def test_a_contact_keeps_its_losing_leaves_while_its_chosen_one_is_not_written(acme, monkeypatch):
     # The instance-side twin of the state's rule: a losing leaf deleted beside a write that conflicted takes
     # with it what only it held (Bob in Sales, lost by another node's projection), and nothing repairs it.

@@ -1,3 +1,5 @@
+from urllib.parse import urlsplit
+
 import pytest
 
 from couchsync.documents import (
@@ -35,6 +37,16 @@ def test_hosts_of_urls_and_bare_names():
     assert host_of("https://Bob.Acme.twake.app:443/apps") == "bob.acme.twake.app"
     assert host_of("bob.acme.twake.app") == "bob.acme.twake.app"
     assert host_of("  ") is None
+
+
+@pytest.mark.parametrize("text", [
+    "Bob.Acme.twake.app", "https://Bob.Acme.twake.app/apps?x#y", "HTTPS://a.b", "//a.b/c", "a.b/c", "a.b?q", "a.b#f",
+    ".a.1#://", "1a://host", "ab:c://d", "a:b://c", "https://a/b://c", "https://a\tb/", "https://ab/\n",
+    "https://user@host/", "https://[::1]/", "host:8080", "https://bücher.example/", "a%41.b", "https://", "-.-"])
+def test_hosts_read_without_urlsplit_are_the_ones_urlsplit_reads(text):
+    # host_of reads a plain host itself (a big event asks for thousands); urlsplit is the reference.
+    parsed = urlsplit(text if "://" in text else f"//{text}")
+    assert host_of(text) == (parsed.hostname.lower() if parsed.hostname else None)
 
 
 def contact(doc_id, *emails, external=False, managed_org=None, urls=()):
