@@ -60,7 +60,7 @@ class Merged:
 
     states: dict[str, Stored[State]]
     failed: dict[int, CouchsyncError]
-    created: frozenset[str] = frozenset()  # the states no document held before: people new to the state
+    created: frozenset[str] = frozenset()  # the states no document held before: groups and people new to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +138,7 @@ class StateStore:
         failed = self._failures(events, by_group, admissions, groups.refused)
         people = self._merge(state for position, event in enumerate(events) if position not in failed
                              for state in profiles(event))
-        return Merged({**groups.done, **_written(people)}, failed, frozenset(people.created))
+        return Merged({**groups.done, **_written(people)}, failed, frozenset(groups.created | people.created))
 
     def _failures(self, events: Sequence[GroupEvent], by_group: dict[str, list[int]],
                   admissions: dict[str, Admission], refused: dict[str, WriteResult]) -> dict[int, CouchsyncError]:

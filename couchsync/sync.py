@@ -471,7 +471,9 @@ class _GroupProjection:
                  merged: Mapping[str, Stored[State]], since: str | None, created: frozenset[str] = frozenset()) -> None:
         """`merged`: states as a merge just wrote them (not read again; none: every state is read), `since`
         a checkpoint taken before that merge read them, `created` the states it wrote where none was
-        (people new to the state: the first plans do not read their own contacts, see `ContactLookup`)."""
+        (groups and people new to the state: the first plans read neither their group documents nor their
+        own contacts, which couchsync never made; one someone else made is met by a 409, and the plan made
+        again reads it, see `ContactLookup`)."""
         self._sync = sync
         self._organization_id = organization_id
         self._external_ids = list(dict.fromkeys(external_ids))
@@ -530,7 +532,8 @@ class _GroupProjection:
 
     def _plan(self, instance: Instance, snapshot: _Snapshot, created: frozenset[str]) -> Plan:
         org, reader = self._organization_id, self._sync.reader
-        groups = reader.documents(instance, GROUPS, list(snapshot.groups), org)
+        groups = reader.documents(instance, GROUPS, [group_id for group_id, stored in snapshot.groups.items()
+                                                     if stored.state.state_id not in created], org)
         changes = snapshot.changes
         named = sorted(set().union(*(change.named for change in changes)))
         people = {email: stored.state for email, stored in snapshot.people.items()}

@@ -201,6 +201,37 @@ def test_a_squat_at_the_id_of_someone_new_to_the_state_is_found_by_its_409_and_l
     assert_directory(acme, "alice.acme.twake.app", GROUP, [expected_contact("bob", [ENGINEERING])])
 
 
+def test_a_group_new_to_the_state_is_written_unread_and_a_squat_at_its_id_is_found_by_its_409(acme):
+    # The group's state is new, so no instance holds a group couchsync made: the first plans do not read its
+    # id. The unmanaged document at it in Carol's instance meets the creation with a 409; the plan made again
+    # reads it, leaves it as it is and reports it. Only there was the group read.
+    from couchsync import config, design_docs
+    from couchsync.sync import Synchronizer
+
+    carol = "carol.acme.twake.app"
+    assert acme.gateway().bulk_write(acme.db(carol, GROUPS), [{"_id": ENGINEERING, "name": "x"}])[0].ok
+    before = acme.raw(carol, GROUPS, ENGINEERING)
+
+    class Reads(CouchGateway):
+        read: list[str] = []
+
+        def leaves(self, db, doc_ids):
+            if ENGINEERING in doc_ids:
+                self.read.append(db)
+            return super().leaves(db, doc_ids)
+
+    with Reads(acme.couch_settings()) as couch:
+        settings = config.load_sync(global_db=acme.global_db, state_db=acme.state_db)
+        with Synchronizer(couch, InstanceDirectory(couch, acme.global_db), design_docs.load(), settings) as sync:
+            report = sync.apply(created("bob"))
+    assert acme.raw(carol, GROUPS, ENGINEERING) == before
+    assert [(d, "an unmanaged document has the managed group id" in reason) for d, reason in report.refusals] \
+        == [(carol, True)]
+    assert report.failures == []
+    assert Reads.read == [acme.db(carol, GROUPS)]
+    assert_directory(acme, "alice.acme.twake.app", GROUP, [expected_contact("bob", [ENGINEERING])])
+
+
 def test_a_personal_contact_with_a_members_email_is_left_byte_for_byte_and_reported(acme, sync):
     carol = "carol.acme.twake.app"
     acme.put(carol, CONTACTS, {"_id": "bob-personal", "fullname": "Bobby", "email": [{"address": "Bob@acme.com"}]})
