@@ -35,6 +35,8 @@ Doc = dict[str, Any]
 # written at once (2-core server, one run each): 19-20 s in chunks of 2,500, 14.5-15 s in chunks of 5,000, 14 s
 # in one request; a chunk of 5,000 took about 7 s, well within DEFAULT_TIMEOUT (30 s).
 BULK_CHUNK = 5000
+# The smallest chunk a write sent `in_flight` chunks at once is split into: below, one request is cheaper.
+SHARED_CHUNK_MIN = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,8 +444,12 @@ class CouchGateway:
         the server's `max_document_size` is reported as its own error, `document_too_large`. `in_flight`
         chunks are sent at once (CouchDB validates each request in its own couchjs process): for one
         writer alone on a big database; the instances' writes are already concurrent, one per instance.
+        Fewer documents than `in_flight` chunks would hold are shared between `in_flight` chunks (of at least
+        SHARED_CHUNK_MIN documents), so that they are still validated in parallel.
         """
-        chunks = [docs[start:start + BULK_CHUNK] for start in range(0, len(docs), BULK_CHUNK)]
+        count = max(-(-len(docs) // BULK_CHUNK), min(in_flight, len(docs) // SHARED_CHUNK_MIN))
+        size = -(-len(docs) // count) if count else BULK_CHUNK
+        chunks = [docs[start:start + size] for start in range(0, len(docs), size)]
         if in_flight <= 1 or len(chunks) <= 1:
             return [result for chunk in chunks for result in self._bulk_apart(db, chunk, create_database)]
         with ThreadPoolExecutor(min(in_flight, len(chunks)), thread_name_prefix="couchsync-bulk") as pool:

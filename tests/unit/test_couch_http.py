@@ -8,7 +8,7 @@ import requests
 import responses
 
 from couchsync.config import CouchSettings, Secret
-from couchsync.couch import BULK_CHUNK, CouchGateway
+from couchsync.couch import BULK_CHUNK, SHARED_CHUNK_MIN, CouchGateway
 from couchsync.errors import AccessDenied, CouchUnavailable, DocumentConflict, NotFound
 
 URL = "http://couch.test:5984"
@@ -115,6 +115,26 @@ def test_chunks_written_at_once_give_their_results_in_document_order(couch):
     results = couch.bulk_write(DB, docs, in_flight=2)
     assert [result.doc_id for result in results] == [doc["_id"] for doc in docs]
     assert len(responses.calls) == 3 and all(result.ok for result in results)
+
+
+@responses.activate
+def test_documents_written_in_flight_are_shared_between_chunks_sent_at_once(couch):
+    sizes: list[int] = []
+
+    def answer(request):
+        docs = json.loads(request.body)["docs"]
+        sizes.append(len(docs))
+        return 201, {}, json.dumps([{"id": doc["_id"], "rev": "1-x"} for doc in docs])
+    responses.add_callback(responses.POST, f"{DB_PATH}/_bulk_docs", callback=answer, content_type="application/json")
+    docs = [{"_id": f"d{n:05d}"} for n in range(3 * SHARED_CHUNK_MIN)]
+    assert all(result.ok for result in couch.bulk_write(DB, docs, in_flight=2))
+    assert sorted(sizes) == [3 * SHARED_CHUNK_MIN // 2] * 2  # fewer than a whole chunk, still two at once
+    sizes.clear()
+    couch.bulk_write(DB, docs[:SHARED_CHUNK_MIN + 1], in_flight=2)
+    assert sizes == [SHARED_CHUNK_MIN + 1]  # halves would be under the smallest chunk worth a request
+    sizes.clear()
+    couch.bulk_write(DB, docs)
+    assert sizes == [3 * SHARED_CHUNK_MIN]
 
 
 @responses.activate
