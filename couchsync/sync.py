@@ -471,9 +471,9 @@ class _GroupProjection:
                  merged: Mapping[str, Stored[State]], since: str | None, created: frozenset[str] = frozenset()) -> None:
         """`merged`: states as a merge just wrote them (not read again; none: every state is read), `since`
         a checkpoint taken before that merge read them, `created` the states it wrote where none was
-        (groups and people new to the state: the first plans read neither their group documents nor their
-        own contacts, which couchsync never made; one someone else made is met by a 409, and the plan made
-        again reads it, see `ContactLookup`)."""
+        (groups and people new to the state: the first plans read neither the documents of those groups it
+        knows alive nor the people's own contacts, which couchsync never made; one someone else made is met
+        by a 409, and the plan made again reads it, see `_written_unread` and `ContactLookup`)."""
         self._sync = sync
         self._organization_id = organization_id
         self._external_ids = list(dict.fromkeys(external_ids))
@@ -533,7 +533,7 @@ class _GroupProjection:
     def _plan(self, instance: Instance, snapshot: _Snapshot, created: frozenset[str]) -> Plan:
         org, reader = self._organization_id, self._sync.reader
         groups = reader.documents(instance, GROUPS, [group_id for group_id, stored in snapshot.groups.items()
-                                                     if stored.state.state_id not in created], org)
+                                                     if not _written_unread(stored.state, created)], org)
         changes = snapshot.changes
         named = sorted(set().union(*(change.named for change in changes)))
         people = {email: stored.state for email, stored in snapshot.people.items()}
@@ -545,6 +545,15 @@ class _GroupProjection:
             instance.domain, reader.owner_email(instance), groups, tuple(reader.find(instance, lookup)))
         plan = plan_group_changes(changes, people, view)
         return replace(plan, basis=snapshot.basis, since=snapshot.since)
+
+
+def _written_unread(state: GroupState, created: frozenset[str]) -> bool:
+    """Whether a first plan writes the group's document without reading it: a group new to the state that
+    the state knows alive. Its document is written everywhere, so one that someone else made is met by a
+    409 (and read by the plan made again); a group the state does not know alive is read, since where its
+    document is present decides whether members are related to it (`GroupState.relation`), and a deletion
+    must find it."""
+    return state.state_id in created and state.known and state.alive
 
 
 def _followed_by(first: InstanceReport, second: InstanceReport) -> InstanceReport:

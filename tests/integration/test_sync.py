@@ -232,6 +232,18 @@ def test_a_group_new_to_the_state_is_written_unread_and_a_squat_at_its_id_is_fou
     assert_directory(acme, "alice.acme.twake.app", GROUP, [expected_contact("bob", [ENGINEERING])])
 
 
+def test_a_group_the_new_state_does_not_know_alive_is_read_and_related_where_its_document_is(acme, sync):
+    # An addition names a group the state has no record of (its creation still to come, or a directory
+    # written before the state, here in Carol's instance only). Its state is new but says nothing of the
+    # group's existence: its document is read, and Bob is related to it where it is, as the state rules.
+    carol = "carol.acme.twake.app"
+    assert acme.gateway().bulk_write(acme.db(carol, GROUPS), [dict(GROUP)])[0].ok
+    assert not sync.apply(event("b2b.group.member.added", 31, members=[PEOPLE["bob"]])).failures
+    bob = managed_contact_id("acme", "bob@acme.com")
+    assert group_ids(acme.docs(carol, CONTACTS)[bob]) == {ENGINEERING}
+    assert group_ids(acme.docs("alice.acme.twake.app", CONTACTS)[bob]) == set()
+
+
 def test_a_personal_contact_with_a_members_email_is_left_byte_for_byte_and_reported(acme, sync):
     carol = "carol.acme.twake.app"
     acme.put(carol, CONTACTS, {"_id": "bob-personal", "fullname": "Bobby", "email": [{"address": "Bob@acme.com"}]})
