@@ -444,8 +444,8 @@ class CouchGateway:
         the server's `max_document_size` is reported as its own error, `document_too_large`. `in_flight`
         chunks are sent at once (CouchDB validates each request in its own couchjs process): for one
         writer alone on a big database; the instances' writes are already concurrent, one per instance.
-        Fewer documents than `in_flight` chunks would hold are shared between `in_flight` chunks (of at least
-        SHARED_CHUNK_MIN documents), so that they are still validated in parallel.
+        Fewer documents than `in_flight` chunks would hold are shared between `in_flight` equal chunks (of
+        about SHARED_CHUNK_MIN documents or more), so that they are still validated in parallel.
         """
         count = max(-(-len(docs) // BULK_CHUNK), min(in_flight, len(docs) // SHARED_CHUNK_MIN))
         size = -(-len(docs) // count) if count else BULK_CHUNK

@@ -754,20 +754,19 @@ def running_worker(bench: Bench, org: str, broker_port: int = 5672, **env: str) 
     exchange, prefix = f"{org}.b2b", f"{org}.couchsync."
     port = localports.free_port()
     # Its log is kept, to read when a run hangs (a burst once waited for 7 of its 255 events, never handled).
-    log = open(Path(tempfile.gettempdir()) / f"{org}-worker.log", "w")  # noqa: SIM115 (closed below)
-    worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)],
-                              env={**bench.cli_env(), "COUCHSYNC_EXCHANGE": exchange,
-                                   "COUCHSYNC_AUTH_EXCHANGE": f"{org}.auth", "COUCHSYNC_QUEUE_PREFIX": prefix, **env},
-                              stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_for(lambda: localbroker.consuming(port), 60)  # before, a publish could find no queue bound
-        yield port, exchange
-    finally:
-        worker.terminate()
-        worker.wait(60)
-        log.close()
-        if broker_port == 5672:
-            localbroker.remove(prefix, exchange, f"{org}.auth")
+    with open(Path(tempfile.gettempdir()) / f"{org}-worker.log", "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "couchsync", "worker", "--metrics-port", str(port)],
+                                  env={**bench.cli_env(), "COUCHSYNC_EXCHANGE": exchange, "COUCHSYNC_AUTH_EXCHANGE":
+                                       f"{org}.auth", "COUCHSYNC_QUEUE_PREFIX": prefix, **env},
+                                  stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for(lambda: localbroker.consuming(port), 60)  # before, a publish could find no queue bound
+            yield port, exchange
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            if broker_port == 5672:
+                localbroker.remove(prefix, exchange, f"{org}.auth")
 
 
 def publish(exchange: str, messages: list[tuple[str, dict[str, Any]]], port: int = 5672) -> None:

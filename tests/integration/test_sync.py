@@ -670,18 +670,28 @@ def test_a_losing_leaf_is_deleted_only_once_the_join_that_holds_it_is_written(ac
 def test_the_check_after_the_writes_counts_moves_before_and_after_the_changes_read_while_writing(acme, sync):
     # An event's projection reads the state's changes while it writes the instances, then only the later
     # ones: a move either read saw makes it project again, the merge's own write does not.
+    class Asked(CouchGateway):
+        since: list[str] = []
+
+        def changed_since(self, db, since, doc_ids):
+            self.since.append(since)
+            return super().changed_since(db, since, doc_ids)
+
     assert not sync.apply(event("b2b.group.created", 31, id="sales", name="Sales", members=[])).failures
     sales = group_state_id("acme", "sales")
-    states = StateStore(acme.gateway(), acme.state_db)
-    before = states.read([sales])[sales]
-    since = states.checkpoint()
-    written = states.merge(contribution(event("b2b.group.member.added", 32, id="sales", members=[PEOPLE["bob"]])))
-    seen = states.changes([sales], since)
-    assert seen is not None and seen.revisions == {sales: written[sales].rev}
-    assert not states.moved([(sales, written[sales].rev)], since, seen)
-    assert states.moved([(sales, before.rev)], since, seen)  # moved before the read: only that read saw it
-    states.merge(contribution(event("b2b.group.member.added", 33, id="sales", members=[PEOPLE["alice"]])))
-    assert states.moved([(sales, written[sales].rev)], since, seen)  # moved after it: read from where it reached
+    with Asked(acme.couch_settings()) as couch:
+        states = StateStore(couch, acme.state_db)
+        before = states.read([sales])[sales]
+        since = states.checkpoint()
+        written = states.merge(contribution(event("b2b.group.member.added", 32, id="sales",
+                                                  members=[PEOPLE["bob"]])))
+        seen = states.changes([sales], since)
+        assert seen is not None and seen.revisions == {sales: written[sales].rev} and seen.reach != since
+        assert not states.moved([(sales, written[sales].rev)], since, seen)
+        assert Asked.since == [since, seen.reach]  # the check after the writes reads only what came later
+        assert states.moved([(sales, before.rev)], since, seen)  # moved before the read: only that read saw it
+        states.merge(contribution(event("b2b.group.member.added", 33, id="sales", members=[PEOPLE["alice"]])))
+        assert states.moved([(sales, written[sales].rev)], since, seen)  # moved after it: read from its reach
 
 
 def test_a_contact_keeps_its_losing_leaves_while_its_chosen_one_is_not_written(acme, monkeypatch):

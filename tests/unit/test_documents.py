@@ -41,7 +41,8 @@ def test_hosts_of_urls_and_bare_names():
 
 @pytest.mark.parametrize("text", [
     "Bob.Acme.twake.app", "https://Bob.Acme.twake.app/apps?x#y", "HTTPS://a.b", "//a.b/c", "a.b/c", "a.b?q", "a.b#f",
-    ".a.1#://", "1a://host", "ab:c://d", "a:b://c", "https://a/b://c", "https://a\tb/", "https://ab/\n",
+    ".a.1#://", "1a://host", "ab:c://d", "a:b://c", "https://a/b://c", "https://a\tb/", "https://ab/\nx",
+    "https://a.b:8080/", "HTTPS://A.B.",
     "https://user@host/", "https://[::1]/", "host:8080", "https://bücher.example/", "a%41.b", "https://", "-.-"])
 def test_hosts_read_without_urlsplit_are_the_ones_urlsplit_reads(text):
     # host_of reads a plain host itself (a big event asks for thousands); urlsplit is the reference.
